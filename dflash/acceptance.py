@@ -1,0 +1,126 @@
+"""Acceptance rules for verifying a drafted block. Pure functions: probabilities in, random numbers in.
+
+Every sampling rule here is a pair (accept_probability, residual):
+  * draft token x_j, drawn from the draft's distribution q_j, is accepted with accept_probability(p_j, q_j, x_j);
+  * on the first rejection, the committed token is drawn from residual(p_j, q_j, x_j);
+  * if every draft token is accepted, a bonus token is drawn from the target's next distribution.
+Random numbers are arguments (uniforms in [0, 1)), so tests can place them exactly and enumerate outcomes.
+Greedy decoding is the deterministic special case: accept iff the draft equals the target's argmax.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def probabilities(logits: Tensor, temperature: float) -> Tensor:
+    """Target/draft distribution at a temperature, in float64 so the acceptance math is not the noise floor."""
+    return torch.softmax(logits.double() / temperature, dim=-1)
+
+
+def sample_from(probs: Tensor, uniform: float) -> int:
+    """Inverse-CDF sample: the smallest index whose cumulative probability exceeds `uniform`.
+
+    Never returns a zero-probability index, even when rounding leaves the last cumulative value below `uniform`.
+    """
+    cdf = torch.cumsum(probs, dim=-1)
+    index = int(torch.searchsorted(cdf, torch.tensor([uniform], dtype=cdf.dtype, device=cdf.device), right=True))
+    if index >= probs.numel():  # rounding left the total mass just below `uniform`: take the last token with mass
+        index = int(torch.nonzero(probs > 0).flatten()[-1])
+    return index
+
+
+def _normalized(weights: Tensor, fallback: Tensor) -> Tensor:
+    total = weights.sum()
+    return weights / total if total > 0 else fallback
+
+
+# --- rule: standard speculative sampling (Leviathan et al. / Chen et al.) -------------------------------------
+
+def speculative_accept_probability(p: Tensor, q: Tensor, tokens: Tensor) -> Tensor:
+    """min(1, p(x)/q(x)) per position. A token with q(x) = 0 cannot have been proposed; it gets p(x) > 0."""
+    p_x = p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    q_x = q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    ratio = torch.where(q_x > 0, p_x / torch.where(q_x > 0, q_x, torch.ones_like(q_x)), (p_x > 0).to(p.dtype))
+    return ratio.clamp(max=1.0)
+
+
+def speculative_residual(p: Tensor, q: Tensor, token: int) -> Tensor:
+    """norm(max(0, p - q)). When p == q no rejection can happen; p is returned so the value is still a law."""
+    return _normalized((p - q).clamp(min=0.0), p)
+
+
+# --- rule: the upstream DFlash rule: accept iff the draft equals an independent target sample ------------------
+
+def match_accept_probability(p: Tensor, q: Tensor, tokens: Tensor) -> Tensor:
+    return p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def match_residual(p: Tensor, q: Tensor, token: int) -> Tensor:
+    """The target sample conditioned on not being the rejected draft token."""
+    without = p.clone()
+    without[token] = 0.0
+    return _normalized(without, p)
+
+
+@dataclass(frozen=True)
+class SamplingRule:
+    name: str
+    accept_probability: Callable[[Tensor, Tensor, Tensor], Tensor]
+    residual: Callable[[Tensor, Tensor, int], Tensor]
+
+
+SAMPLING_RULES = {
+    "speculative": SamplingRule("speculative", speculative_accept_probability, speculative_residual),
+    "match": SamplingRule("match", match_accept_probability, match_residual),
+}
+
+
+def greedy_accept(draft_tokens: Tensor, target_logits: Tensor) -> tuple[int, int]:
+    """Longest prefix of `draft_tokens` [k] equal to the target argmax; returns (accepted, next token).
+
+    target_logits [k+1, V]: row j is the target's prediction for the position of draft token j (row k: bonus).
+    """
+    target_tokens = target_logits.argmax(dim=-1)
+    k = draft_tokens.numel()
+    accepted = int(torch.cumprod((draft_tokens == target_tokens[:k]).to(torch.int64), dim=0).sum()) if k else 0
+    return accepted, int(target_tokens[accepted])
+
+
+def sampling_accept(draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor, accept_uniforms: Tensor,
+                    final_uniform: float, rule: SamplingRule) -> tuple[int, int]:
+    """Verify k drafted tokens under a sampling rule; returns (accepted, next token).
+
+    draft_tokens [k]; draft_probs [k, V] (the law each draft token was drawn from); target_probs [k+1, V];
+    accept_uniforms [k]; final_uniform draws the residual (on rejection) or the bonus token (all accepted).
+    """
+    k = draft_tokens.numel()
+    if k:
+        accept = accept_uniforms < rule.accept_probability(target_probs[:k], draft_probs, draft_tokens)
+        accepted = int(torch.cumprod(accept.to(torch.int64), dim=0).sum())
+    else:
+        accepted = 0
+    if accepted == k:
+        return k, sample_from(target_probs[k], final_uniform)
+    j = accepted
+    return j, sample_from(rule.residual(target_probs[j], draft_probs[j], int(draft_tokens[j])), final_uniform)
+
+
+def multiround_accept(proposals: list[int], proposal_probs: list[Tensor], target_probs: Tensor,
+                      accept_uniforms: list[float], final_uniform: float) -> tuple[int, int | None]:
+    """Exact multi-round speculative sampling at one position; returns (token, index of accepted round or None).
+
+    Round r proposes x_r ~ q_r; accept with min(1, p_r(x_r)/q_r(x_r)); on rejection p_{r+1} = norm(max(0, p_r - q_r)).
+    After the last round the token is drawn from the final residual. The committed token is distributed as p_1.
+    """
+    residual = target_probs
+    for round_index, (token, q) in enumerate(zip(proposals, proposal_probs)):
+        accept_probability = speculative_accept_probability(residual[None], q[None], torch.tensor([token]))[0]
+        if accept_uniforms[round_index] < accept_probability:
+            return token, round_index
+        residual = speculative_residual(residual, q, token)
+    return sample_from(residual, final_uniform), None

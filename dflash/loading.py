@@ -1,0 +1,87 @@
+"""Resolve model names to weights on disk and load them. Never downloads: weights come from the package, a
+local directory, or the local Hugging Face cache."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DFlashError
+from .model import DFlashDraftModel
+
+PACKAGE_MODELS = Path(__file__).parent / "models"
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    name: str
+    target: str  # package-relative directory or hub id
+    draft: str
+    description: str
+
+    def location(self, which: str) -> str:
+        ref = getattr(self, which)
+        return str(PACKAGE_MODELS / ref) if ref.startswith("tiny/") else ref
+
+
+KNOWN_MODELS = {
+    m.name: m for m in [
+        KnownModel("tiny", "tiny/target", "tiny/draft",
+                   "embedded tiny Qwen3 target + DFlash draft (block size 16), built by `dflash train tiny`"),
+        KnownModel("qwen3-4b", "Qwen/Qwen3-4B", "z-lab/Qwen3-4B-DFlash-b16", "Qwen3-4B with the z-lab DFlash draft"),
+        KnownModel("qwen3-8b", "Qwen/Qwen3-8B", "z-lab/Qwen3-8B-DFlash-b16", "Qwen3-8B with the z-lab DFlash draft"),
+    ]
+}
+
+
+def resolve(name_or_path: str, which: str) -> Path:
+    """A directory holding the weights: known name, local directory, or a hub id already in the local cache."""
+    if name_or_path in KNOWN_MODELS:
+        name_or_path = KNOWN_MODELS[name_or_path].location(which)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise DFlashError(f"{path} is a directory without config.json; point to a Hugging Face model directory.")
+        return path
+    if name_or_path.count("/") != 1 or path.exists():
+        raise DFlashError(f"Unknown {which} model {name_or_path!r}: not a known name ({', '.join(KNOWN_MODELS)}), "
+                          "not a local directory, and not a hub id of the form owner/name.")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(name_or_path, local_files_only=True))
+    except Exception as error:  # the hub client raises several types for "not in the cache"
+        raise DFlashError(
+            f"The {which} model {name_or_path!r} is not available offline (not in the local Hugging Face cache; "
+            f"{type(error).__name__}). This project never downloads at run time. On a machine with network access "
+            f"run `hf download {name_or_path}` (it fills the cache under $HF_HOME) and copy the cache here, or "
+            "pass the path of a local directory with config.json and safetensors weights.") from None
+
+
+def _dtype(dtype, device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    try:
+        return getattr(torch, dtype)
+    except AttributeError:
+        raise DFlashError(f"Unknown dtype {dtype!r}; use float32, bfloat16 or float16.") from None
+
+
+def load_target(name_or_path: str, *, device: str = "cpu", dtype=None):
+    """A Hugging Face causal LM (Qwen3, Llama, ...) in eval mode."""
+    from transformers import AutoModelForCausalLM
+    path = resolve(name_or_path, "target")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(dtype, device), local_files_only=True)
+    return model.to(device).eval()
+
+
+def load_draft(name_or_path: str, *, device: str = "cpu", dtype=None) -> DFlashDraftModel:
+    """A DFlash draft in the z-lab checkpoint format."""
+    return DFlashDraftModel.from_pretrained(resolve(name_or_path, "draft"), dtype=_dtype(dtype, device), device=device)
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(resolve(name_or_path, "target")), local_files_only=True)

@@ -1,0 +1,201 @@
+"""The DFlash draft model: a small Qwen3-style block denoiser conditioned on target hidden states.
+
+It has no embedding table and no LM head: it borrows the target's. One forward pass predicts a whole block
+`[anchor, MASK, ..., MASK]`; the block attends non-causally to itself and to context keys/values computed from
+fused target features of all committed positions before the anchor. Checkpoints use the z-lab format
+(`config.json` with `block_size`, `num_target_layers`, `dflash_config`; safetensors keys `fc`, `hidden_norm`,
+`layers.*`, `norm`) so the public `z-lab/*-DFlash-*` drafts load unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+from transformers import Qwen3Config
+from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
+
+from .errors import DFlashError
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+def build_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
+    """Default taps: the middle layer for a 1-layer draft, else evenly spaced over [1, L-3] (z-lab rule)."""
+    if num_draft_layers == 1:
+        return [num_target_layers // 2]
+    start, end = 1, num_target_layers - 3
+    return [round(start + i * (end - start) / (num_draft_layers - 1)) for i in range(num_draft_layers)]
+
+
+def extract_context_feature(hidden_states: tuple[torch.Tensor, ...], layer_ids: list[int]) -> torch.Tensor:
+    """Concatenate the outputs of decoder layers `layer_ids` (hidden_states[0] is the embedding output)."""
+    return torch.cat([hidden_states[i + 1] for i in layer_ids], dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE; x [B, heads, T, d], cos/sin [B, T, d]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class DFlashAttention(nn.Module):
+    def __init__(self, config: Qwen3Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = Qwen3RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = Qwen3RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def forward(self, x, context, cos, sin, cache=None, attention_mask=None):
+        batch, q_len, _ = x.shape
+        c_len = context.shape[1]
+        query = self.q_norm(self.q_proj(x).view(batch, q_len, self.num_heads, self.head_dim)).transpose(1, 2)
+        kv_input = torch.cat([context, x], dim=1)  # context keys first, then the block's own keys
+        key = self.k_proj(kv_input).view(batch, c_len + q_len, self.num_kv_heads, self.head_dim)
+        key = self.k_norm(key).transpose(1, 2)
+        value = self.v_proj(kv_input).view(batch, c_len + q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        query = _rope(query, cos[:, c_len:], sin[:, c_len:])  # queries are block positions only
+        key = _rope(key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        groups = self.num_heads // self.num_kv_heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        # No mask at inference: the block sees every cached context position and itself, bidirectionally.
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, q_len, -1))
+
+
+class DFlashDecoderLayer(nn.Module):
+    def __init__(self, config: Qwen3Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = DFlashAttention(config, layer_idx)
+        self.mlp = Qwen3MLP(config)
+        self.input_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, h, context, cos, sin, cache=None, attention_mask=None):
+        # The fused context is shared by all layers and is not passed through input_layernorm.
+        h = h + self.self_attn(self.input_layernorm(h), context, cos, sin, cache, attention_mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DFlashDraftModel(nn.Module):
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.config = config
+        dflash_config = getattr(config, "dflash_config", None) or {}
+        self.num_target_layers = int(config.num_target_layers)
+        self.target_layer_ids = list(dflash_config.get("target_layer_ids") or
+                                     build_target_layer_ids(self.num_target_layers, config.num_hidden_layers))
+        self.mask_token_id = dflash_config.get("mask_token_id")
+        self.block_size = int(config.block_size)
+        hidden = config.hidden_size
+        self.fc = nn.Linear(len(self.target_layer_ids) * hidden, hidden, bias=False)
+        self.hidden_norm = Qwen3RMSNorm(hidden, eps=config.rms_norm_eps)
+        self.layers = nn.ModuleList(DFlashDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Qwen3RMSNorm(hidden, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen3RotaryEmbedding(config=config)
+
+    def forward(self, noise_embedding, target_hidden, context_position_ids, block_position_ids,
+                past_key_values=None, attention_mask=None):
+        """Hidden states [B, q, H] for the block; the caller applies the target's LM head.
+
+        noise_embedding [B, q, H]: target embeddings of the block tokens; target_hidden [B, c, K*H]: raw
+        concatenated target features of the c context positions not yet in `past_key_values`;
+        *_position_ids [B, c] / [B, q]: absolute positions; attention_mask: optional bool
+        [B, 1, q, cached + c + q] (True = attend), used by training to keep each block to its own context.
+        """
+        context = self.hidden_norm(self.fc(target_hidden))
+        positions = torch.cat([context_position_ids, block_position_ids], dim=-1)
+        cos, sin = self.rotary_emb(noise_embedding, positions)
+        h = noise_embedding
+        for layer in self.layers:
+            h = layer(h, context, cos, sin, past_key_values, attention_mask)
+        return self.norm(h)
+
+    # --- z-lab checkpoint format -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None) -> "DFlashDraftModel":
+        path = Path(path)
+        config = load_draft_config(path)
+        weights = sorted(path.glob("*.safetensors"))
+        if not weights:
+            raise DFlashError(f"No *.safetensors weights in draft directory {path}. A DFlash draft directory "
+                              "holds config.json and model.safetensors (z-lab format).")
+        state = {}
+        for file in weights:
+            state.update(load_file(str(file)))
+        model = cls(config)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise DFlashError(f"Draft weights in {path} do not match the z-lab DFlash layout: missing "
+                              f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}.")
+        return model.to(device=device, dtype=dtype).eval()
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = self.config.to_dict()
+        config.update({
+            "architectures": ["DFlashDraftModel"],
+            "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
+            "model_type": "qwen3",
+            "block_size": self.block_size,
+            "num_target_layers": self.num_target_layers,
+            "dflash_config": {"target_layer_ids": self.target_layer_ids, "mask_token_id": self.mask_token_id},
+        })
+        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def load_draft_config(path: Path) -> Qwen3Config:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise DFlashError(f"No config.json in draft directory {path}.")
+    raw = json.loads(config_file.read_text())
+    for key in ("block_size", "num_target_layers"):
+        if key not in raw:
+            raise DFlashError(f"Draft config {config_file} has no '{key}'; it is not a DFlash draft checkpoint.")
+    return Qwen3Config.from_dict(raw)
+
+
+def make_draft_config(target_config, *, num_layers: int, block_size: int, mask_token_id: int,
+                      target_layer_ids: list[int] | None = None, **overrides) -> Qwen3Config:
+    """A draft config matching a target (hidden size, heads, RoPE, vocab) with the DFlash extra keys."""
+    text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    num_target_layers = text.num_hidden_layers
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    rope = getattr(text, "rope_parameters", None) or {"rope_type": "default",
+                                                      "rope_theta": getattr(text, "rope_theta", 10000.0)}
+    fields = dict(
+        hidden_size=text.hidden_size, num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads, head_dim=head_dim,
+        intermediate_size=text.intermediate_size, rms_norm_eps=text.rms_norm_eps, vocab_size=text.vocab_size,
+        max_position_embeddings=text.max_position_embeddings,
+        # both spellings: transformers 5.x reads rope_parameters, 4.57 reads rope_theta/rope_scaling
+        rope_parameters=dict(rope), rope_theta=rope.get("rope_theta", 10000.0),
+        num_hidden_layers=num_layers, attention_bias=False, tie_word_embeddings=False,
+        block_size=block_size, num_target_layers=num_target_layers,
+        dflash_config={"target_layer_ids": list(target_layer_ids or build_target_layer_ids(num_target_layers,
+                                                                                            num_layers)),
+                       "mask_token_id": mask_token_id},
+    )
+    fields.update(overrides)
+    return Qwen3Config(**fields)
