@@ -1,0 +1,44 @@
+"""Random small target/draft pairs for property tests (tests/ and the variants' lossless checks)."""
+from __future__ import annotations
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from .model import DFlashDraftModel, make_draft_config
+
+
+def random_target(seed: int, *, vocab_size: int = 48, hidden_size: int = 32, num_layers: int = 3,
+                  num_heads: int = 4, num_kv_heads: int = 2, dtype=torch.float64) -> Qwen3ForCausalLM:
+    """A randomly initialised Qwen3 target. float64 by default so block and one-token forwards agree far below
+    any realistic gap between the top two logits (greedy comparisons are then exact, not tie-prone)."""
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                         head_dim=hidden_size // num_heads, intermediate_size=2 * hidden_size,
+                         max_position_embeddings=512, tie_word_embeddings=False)
+    model = Qwen3ForCausalLM(config)
+    # Larger-than-default weights give peaked, input-dependent next-token distributions, like a trained model.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0.0, 0.3)
+    return model.to(dtype).eval()
+
+
+def random_draft(target, seed: int, *, num_layers: int = 1, block_size: int = 16, mask_token_id: int | None = None,
+                 target_layer_ids: list[int] | None = None, dtype=torch.float64) -> DFlashDraftModel:
+    torch.manual_seed(seed)
+    vocab = target.config.vocab_size
+    config = make_draft_config(target.config, num_layers=num_layers, block_size=block_size,
+                               mask_token_id=vocab - 1 if mask_token_id is None else mask_token_id,
+                               target_layer_ids=target_layer_ids)
+    return DFlashDraftModel(config).to(dtype).eval()
+
+
+def reference_greedy(target, prompt: list[int], max_new_tokens: int, stop_token_ids=()) -> list[int]:
+    """The target's own greedy decoding via transformers `generate` (independent of this project's loop)."""
+    input_ids = torch.tensor([prompt])
+    out = target.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                          max_new_tokens=max_new_tokens, eos_token_id=list(stop_token_ids) or None,
+                          pad_token_id=0, min_new_tokens=0)
+    return out[0, len(prompt):].tolist()
