@@ -138,11 +138,15 @@ class DFlashDraftModel(nn.Module):
         if not weights:
             raise DFlashError(f"No *.safetensors weights in draft directory {path}. A DFlash draft directory "
                               "holds config.json and model.safetensors (z-lab format).")
-        state = {}
-        for file in weights:
-            state.update(load_file(str(file)))
         model = cls(config)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            state = {}
+            for file in weights:
+                state.update(load_file(str(file)))
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except Exception as error:  # unreadable file or tensors of the wrong shape
+            raise DFlashError(f"Draft weights in {path} do not match the z-lab DFlash layout for its config.json: "
+                              f"{str(error).strip().splitlines()[-1]}") from None
         if missing or unexpected:
             raise DFlashError(f"Draft weights in {path} do not match the z-lab DFlash layout: missing "
                               f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}.")

@@ -1,0 +1,106 @@
+"""`dflash train tiny`: build the embedded tiny target + DFlash draft from scratch, deterministically.
+
+corpus -> BPE tokenizer -> Qwen3 target -> the target's greedy responses to training prompts
+(self-distillation) -> DFlash draft (dflash.train) -> measured quality -> manifest with sha256 of every file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from ..evaluation import greedy_quality
+from ..loading import PACKAGE_MODELS
+from ..train import DraftTrainingConfig, TrainingSequence, train_draft
+from .corpus import build_corpus
+from .target import distillation_prompts, greedy_continuations, train_target
+from .tokenizer import MASK_TOKEN, train_tokenizer
+
+SEED = 0
+FULL = dict(target_steps=300, distill_prompts=900, distill_tokens=96, draft_steps=1200)
+QUICK = dict(target_steps=4, distill_prompts=12, distill_tokens=24, draft_steps=4)
+QUALITY_BLOCK_SIZES = (2, 4, 8, 16)
+QUALITY_MAX_NEW_TOKENS = 64
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build_tiny_world(out_dir: str | None = None, *, quick: bool = False) -> dict:
+    budget = QUICK if quick else FULL
+    out = Path(out_dir) if out_dir else PACKAGE_MODELS / "tiny"
+    begin = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # reproducible kernels and no oversubscription on a shared 2-core machine
+    try:
+        corpus = build_corpus(seed=SEED)
+        tokenizer = train_tokenizer(corpus.train_texts)
+        target, target_stats = train_target(corpus, tokenizer, seed=SEED, steps=budget["target_steps"])
+
+        prompts = distillation_prompts(corpus, tokenizer, budget["distill_prompts"], seed=SEED + 1)
+        responses = greedy_continuations(target, tokenizer, prompts, budget["distill_tokens"])
+        sequences = []
+        for prompt, response in zip(prompts, responses):
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            sequences.append(TrainingSequence(torch.tensor(prompt_ids + response), len(prompt_ids)))
+        mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+        draft_config = DraftTrainingConfig(num_layers=2, block_size=16, steps=budget["draft_steps"], seed=SEED)
+        draft, draft_stats = train_draft(target, sequences, mask_token_id=mask_id, config=draft_config)
+
+        heldout_ids = {c: [tokenizer(p, add_special_tokens=False)["input_ids"] for p in ps]
+                       for c, ps in corpus.heldout.items()}
+        quality = greedy_quality(target, draft, heldout_ids, block_sizes=QUALITY_BLOCK_SIZES,
+                                 max_new_tokens=QUALITY_MAX_NEW_TOKENS, stop_token_ids=[tokenizer.eos_token_id])
+    finally:
+        torch.set_num_threads(threads)
+
+    # Write to a temporary directory first, then swap it in: a failed build never leaves half a model behind.
+    staging = Path(tempfile.mkdtemp(prefix="tiny-", dir=out.parent if out.parent.exists() else None))
+    target.save_pretrained(staging / "target")
+    tokenizer.save_pretrained(staging / "target")
+    draft.save_pretrained(staging / "draft")
+    (staging / "heldout.json").write_text(json.dumps(corpus.heldout, indent=2) + "\n")
+    manifest = {
+        "build_command": "dflash train tiny" + (" --quick" if quick else ""),
+        "seed": SEED,
+        "budget": budget,
+        "wall_s": round(time.perf_counter() - begin, 1),
+        "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
+                        "transformers": transformers.__version__, "machine": platform.machine(),
+                        "processor": platform.processor()},
+        "corpus": {
+            "description": "Python standard library source (training modules listed), generated arithmetic word "
+                           "problems with worked answers, chat pairs from stdlib docstrings, function tasks and "
+                           "facts; held-out prompts come from held-out modules, names, numbers, tasks and facts",
+            "train_documents": len(corpus.train_texts), "train_characters": corpus.num_chars(),
+            "train_modules": corpus.modules, "heldout_modules": corpus.heldout_modules,
+        },
+        "tokenizer": {"vocab_size": len(tokenizer), "mask_token": MASK_TOKEN, "mask_token_id": mask_id,
+                      "eos_token": tokenizer.eos_token},
+        "target": target_stats,
+        "distillation": {"prompts": len(prompts), "max_new_tokens": budget["distill_tokens"],
+                         "response_tokens": sum(len(r) for r in responses)},
+        "draft": {k: v for k, v in vars(draft_stats).items() if k != "losses"},
+        "quality": {"metric": "greedy acceptance length tau on held-out prompts", "max_new_tokens":
+                    QUALITY_MAX_NEW_TOKENS, "by_category_and_block_size": quality},
+    }
+    for path in [staging, *staging.rglob("*")]:  # mkdtemp and safetensors create private modes; ship readable files
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    manifest["files"] = {str(p.relative_to(staging)): {"sha256": sha256(p), "bytes": p.stat().st_size}
+                         for p in sorted(staging.rglob("*")) if p.is_file()}
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(staging), str(out))
+    print(json.dumps({"out": str(out), "wall_s": manifest["wall_s"], "mean_tau": quality["mean"]}, indent=2))
+    return manifest

@@ -1,0 +1,107 @@
+"""Bad input gets one clear error that says what was wrong and how to fix it (no deep traceback in the CLI)."""
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dflash import DFlashError, generate, load_draft, load_target
+from dflash.testing import random_draft, random_target
+
+
+@pytest.fixture(scope="module")
+def target():
+    return random_target(3, vocab_size=12, num_layers=3)
+
+
+def expect(message, call, *args, **kwargs):
+    with pytest.raises(DFlashError, match=message):
+        call(*args, **kwargs)
+
+
+def test_unknown_model_name():
+    expect("Unknown target model 'no-such-model'.*known name", load_target, "no-such-model")
+
+
+def test_hub_id_not_available_offline_fails_fast_and_says_how_to_provide_weights():
+    begin = time.perf_counter()
+    expect(r"not available offline.*hf download someone/not-cached.*local directory", load_target,
+           "someone/not-cached")
+    expect(r"draft model 'someone/not-cached-draft' is not available offline", load_draft, "someone/not-cached-draft")
+    assert time.perf_counter() - begin < 30  # never waits on a download
+
+
+def test_directory_without_config(tmp_path):
+    expect("without config.json", load_target, str(tmp_path))
+
+
+def test_draft_hidden_size_mismatch(target):
+    other = random_target(4, vocab_size=12, hidden_size=16, num_layers=3)
+    expect("hidden size 16 does not match the target's 32", generate, target, random_draft(other, 0), [1, 2],
+           max_new_tokens=4, block_size=4)
+
+
+def test_draft_vocab_mismatch(target):
+    other = random_target(4, vocab_size=20, num_layers=3)
+    expect("vocabulary size 20 does not match", generate, target, random_draft(other, 0), [1, 2], max_new_tokens=4,
+           block_size=4)
+
+
+def test_target_layer_ids_out_of_range(target):
+    draft = random_draft(target, 0, target_layer_ids=[1, 3])
+    expect(r"include \[3\], outside the target's 3 decoder layers", generate, target, draft, [1, 2],
+           max_new_tokens=4, block_size=4)
+
+
+@pytest.mark.parametrize("mask", [None, 12, -1])
+def test_missing_or_out_of_range_mask_token(target, mask):
+    draft = random_draft(target, 0)
+    draft.mask_token_id = mask
+    expect("mask_token_id .* missing or outside the vocabulary", generate, target, draft, [1, 2], max_new_tokens=4,
+           block_size=4)
+
+
+@pytest.mark.parametrize("block_size", [0, 17])
+def test_block_size_out_of_range(target, block_size):
+    expect(f"block_size must be between 1 and 16, got {block_size}", generate, target, random_draft(target, 0),
+           [1, 2], max_new_tokens=4, block_size=block_size)
+
+
+def test_block_size_above_one_without_draft(target):
+    expect("target-only decoding .* pass block_size=1", generate, target, None, [1, 2], max_new_tokens=4,
+           block_size=4)
+
+
+def test_negative_temperature(target):
+    expect("temperature must be >= 0", generate, target, None, [1, 2], max_new_tokens=4, temperature=-0.5)
+
+
+def test_empty_prompt(target):
+    expect("prompt is empty", generate, target, None, [], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("n", [0, -3])
+def test_max_new_tokens_below_one(target, n):
+    expect(f"max_new_tokens must be >= 1, got {n}", generate, target, None, [1], max_new_tokens=n)
+
+
+def test_unknown_acceptance_rule(target):
+    expect("Unknown acceptance rule 'magic'", generate, target, None, [1], max_new_tokens=2, temperature=1.0,
+           acceptance="magic")
+
+
+def test_corrupt_draft_weights(tmp_path, target):
+    draft = random_draft(target, 0)
+    draft.save_pretrained(tmp_path)
+    from safetensors.torch import save_file
+    save_file({"fc.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
+    expect("do not match the z-lab DFlash layout", load_draft, str(tmp_path))
+
+
+def test_cli_prints_one_paragraph_and_exits_2():
+    run = subprocess.run([sys.executable, "-m", "dflash.cli", "generate", "--target", "someone/not-cached",
+                          "--prompt", "hi"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.startswith("dflash: error: ") and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
