@@ -1,0 +1,291 @@
+"""Baseline files: `baselines/<profile>/<ablation>.json`, one per ablation and hardware/model profile.
+
+Layout (schema_version 1), keys sorted and indented so that git diffs stay readable:
+
+    {"schema_version": 1, "profile": "cpu-tiny", "ablation": "block_size",
+     "cases": [{"id": "bs=8",
+                "per_prompt_tau": [...],          # one per prompt, prompt order of the case (paired gate)
+                "counters": {...},                # raw counters (drafts, accepted, histogram, ...) so other
+                                                  # tau definitions can be derived later
+                "speedup_samples": [...],         # in-run variant/target-only ratios (may be empty)
+                "fingerprint": {"hardware", "torch", "transformers", "python", "git_sha", "profile", "seeds"},
+                "provenance": {...},              # how it was produced: date, command, note
+                "reference": {"tau": 6.5, "source": "DFlash paper, Table 1"}   # optional
+               }, ...]}
+
+`load_baselines` validates everything and raises `BaselineError` naming the file and every problem.
+`write_baselines` is the only writer: it validates, writes atomically and returns a readable diff. The
+caller decides when to call it (only on an explicit --update-baselines style flag).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from ..errors import DFlashError
+from .fileio import atomic_write_text
+
+SCHEMA_VERSION = 1
+FINGERPRINT_KEYS = ("hardware", "torch", "transformers", "python", "git_sha", "profile", "seeds")
+CASE_KEYS = ("id", "per_prompt_tau", "counters", "speedup_samples", "fingerprint", "provenance")
+
+
+class BaselineError(DFlashError):
+    """A baseline file is unreadable or does not fit the current run. The message names the file."""
+
+
+@dataclass(frozen=True)
+class BaselineCase:
+    id: str
+    per_prompt_tau: list[float]
+    counters: dict
+    speedup_samples: list[float]
+    fingerprint: dict
+    provenance: dict
+    reference: dict | None = None
+
+    @property
+    def tau_mean(self) -> float:
+        return sum(self.per_prompt_tau) / len(self.per_prompt_tau)
+
+    def to_json(self) -> dict:
+        data = {key: getattr(self, key) for key in CASE_KEYS}
+        if self.reference is not None:
+            data["reference"] = self.reference
+        return data
+
+
+@dataclass(frozen=True)
+class BaselineFile:
+    profile: str
+    ablation: str
+    cases: dict[str, BaselineCase] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def get(self, case_id: str) -> BaselineCase | None:
+        """None for a case without a baseline yet (report "no baseline", do not fail)."""
+        return self.cases.get(case_id)
+
+    def to_json(self) -> dict:
+        return {"schema_version": self.schema_version, "profile": self.profile, "ablation": self.ablation,
+                "cases": [self.cases[k].to_json() for k in sorted(self.cases)]}
+
+
+def baseline_path(root: str | os.PathLike, profile: str, ablation: str) -> Path:
+    return Path(root) / profile / f"{ablation}.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation: collect every problem, then raise once with all of them.
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_case(raw, where: str, problems: list[str], profile: str) -> None:
+    if not isinstance(raw, dict):
+        problems.append(f"{where} is not an object")
+        return
+    missing = [key for key in CASE_KEYS if key not in raw]
+    if missing:
+        problems.append(f"{where} is missing field(s) {', '.join(missing)}")
+    if "id" in raw and not (isinstance(raw["id"], str) and raw["id"]):
+        problems.append(f"{where}: id must be a non-empty string")
+    tau = raw.get("per_prompt_tau")
+    if tau is not None and not (isinstance(tau, list) and tau and all(_is_number(t) for t in tau)):
+        problems.append(f"{where}: per_prompt_tau must be a non-empty list of finite numbers")
+    samples = raw.get("speedup_samples")
+    if samples is not None and not (isinstance(samples, list) and all(_is_number(s) for s in samples)):
+        problems.append(f"{where}: speedup_samples must be a list of finite numbers")
+    for key in ("counters", "provenance"):
+        if key in raw and not isinstance(raw[key], dict):
+            problems.append(f"{where}: {key} must be an object")
+    _check_fingerprint(raw.get("fingerprint"), where, problems, profile)
+    reference = raw.get("reference")
+    if reference is not None and not (isinstance(reference, dict) and isinstance(reference.get("source"), str)
+                                      and reference["source"].strip()):
+        problems.append(f"{where}: reference must be an object with a non-empty 'source' string "
+                        "saying where the numbers come from")
+
+
+def _check_fingerprint(fingerprint, where: str, problems: list[str], profile: str) -> None:
+    if fingerprint is None:
+        return  # reported as a missing field already
+    if not isinstance(fingerprint, dict):
+        problems.append(f"{where}: fingerprint must be an object")
+        return
+    missing = [key for key in FINGERPRINT_KEYS if key not in fingerprint]
+    if missing:
+        problems.append(f"{where}: fingerprint is missing {', '.join(missing)}")
+    if "profile" in fingerprint and fingerprint["profile"] != profile:
+        problems.append(f"{where}: fingerprint profile {fingerprint['profile']!r} differs from the file's "
+                        f"profile {profile!r}")
+
+
+def _validate(data, path: Path, *, profile: str | None, ablation: str | None) -> list[str]:
+    """All problems with a parsed baseline document (empty list when valid)."""
+    if not isinstance(data, dict):
+        return ["the top level must be a JSON object"]
+    if data.get("schema_version") != SCHEMA_VERSION:
+        return [f"schema_version is {data.get('schema_version')!r}, this code reads version {SCHEMA_VERSION}; "
+                "re-record the baselines with --update-baselines"]
+    problems = [f"missing top-level field {key!r}" for key in ("profile", "ablation", "cases") if key not in data]
+    file_profile, file_ablation = data.get("profile"), data.get("ablation")
+    expected = {"profile": (profile, path.parent.name), "ablation": (ablation, path.stem)}
+    for key, actual in (("profile", file_profile), ("ablation", file_ablation)):
+        wanted, from_path = expected[key]
+        if wanted is not None and actual != wanted:
+            problems.append(f"{key} is {actual!r} but the current run expects {wanted!r}")
+        elif actual is not None and actual != from_path:
+            problems.append(f"{key} is {actual!r} but the file lies at <{key}>={from_path!r} "
+                            f"(layout baselines/<profile>/<ablation>.json)")
+    cases = data.get("cases", [])
+    if not isinstance(cases, list):
+        return problems + ["cases must be a list"]
+    seen: set[str] = set()
+    for index, raw in enumerate(cases):
+        case_id = raw.get("id") if isinstance(raw, dict) else None
+        where = f"case {case_id!r}" if isinstance(case_id, str) else f"case #{index}"
+        _check_case(raw, where, problems, file_profile)
+        if isinstance(case_id, str):
+            if case_id in seen:
+                problems.append(f"duplicate case id {case_id!r}")
+            seen.add(case_id)
+    return problems
+
+
+def _check_prompt_counts(cases: dict[str, BaselineCase], expected: int | Mapping[str, int]) -> list[str]:
+    problems = []
+    for case_id, case in sorted(cases.items()):
+        wanted = expected if isinstance(expected, int) else expected.get(case_id)
+        if wanted is not None and len(case.per_prompt_tau) != wanted:
+            problems.append(f"case {case_id!r} has {len(case.per_prompt_tau)} per-prompt taus but the current "
+                            f"case runs {wanted} prompts (prompt set changed? re-record with --update-baselines)")
+    return problems
+
+
+def _raise(path: Path, problems: list[str]) -> None:
+    raise BaselineError(f"Bad baseline file {path}: " + "; ".join(problems))
+
+
+def _from_json(data: dict) -> BaselineFile:
+    cases = {}
+    for raw in data["cases"]:
+        cases[raw["id"]] = BaselineCase(
+            id=raw["id"], per_prompt_tau=[float(t) for t in raw["per_prompt_tau"]], counters=raw["counters"],
+            speedup_samples=[float(s) for s in raw["speedup_samples"]], fingerprint=raw["fingerprint"],
+            provenance=raw["provenance"], reference=raw.get("reference"))
+    return BaselineFile(profile=data["profile"], ablation=data["ablation"], cases=cases,
+                        schema_version=data["schema_version"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+
+
+def load_baselines(path: str | os.PathLike, *, profile: str | None = None, ablation: str | None = None,
+                   n_prompts: int | Mapping[str, int] | None = None) -> BaselineFile:
+    """Read and validate a baseline file. profile/ablation default to the path layout
+    (baselines/<profile>/<ablation>.json); n_prompts (one count for all cases, or per case id) checks that
+    each per-prompt vector still matches the current case. Raises BaselineError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BaselineError(f"Baseline file {path} does not exist; record it with --update-baselines.") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise BaselineError(f"Bad baseline file {path}: invalid JSON at line {error.lineno}, column "
+                            f"{error.colno}: {error.msg}") from None
+    problems = _validate(data, path, profile=profile, ablation=ablation)
+    if problems:
+        _raise(path, problems)
+    baselines = _from_json(data)
+    if n_prompts is not None:
+        problems = _check_prompt_counts(baselines.cases, n_prompts)
+        if problems:
+            _raise(path, problems)
+    return baselines
+
+
+def write_baselines(path: str | os.PathLike, data: BaselineFile | dict) -> str:
+    """Validate `data` (a BaselineFile or its JSON dict), replace the file atomically (the old file stays
+    intact if anything fails) and return a human-readable summary of what changed."""
+    path = Path(path)
+    document = data.to_json() if isinstance(data, BaselineFile) else data
+    problems = _validate(document, path, profile=None, ablation=None)
+    if problems:
+        raise BaselineError(f"Refusing to write baseline file {path}: " + "; ".join(problems))
+    new = _from_json(document)
+    old: BaselineFile | None = None
+    note = ""
+    if path.exists():
+        try:
+            old = load_baselines(path)
+        except BaselineError as error:
+            note = f"replaced an unreadable file ({error})\n"
+    atomic_write_text(path, json.dumps(new.to_json(), indent=2, sort_keys=True) + "\n")
+    return note + diff_baselines(old, new, path)
+
+
+def diff_baselines(old: BaselineFile | None, new: BaselineFile, path: str | os.PathLike = "") -> str:
+    """Lines like `+ bs=16 (tau 7.47, n=30)`, `- bs=24`, `~ bs=8: tau mean 5.40 -> 5.32 (-1.5%)`."""
+    header = f"baselines {path}".rstrip()
+    if old is None:
+        lines = [f"+ {cid} (tau {c.tau_mean:.3f}, n={len(c.per_prompt_tau)})" for cid, c in sorted(new.cases.items())]
+        return "\n".join([f"{header}: new file with {len(new.cases)} case(s)", *lines])
+    lines = []
+    for cid in sorted(set(old.cases) | set(new.cases)):
+        before, after = old.cases.get(cid), new.cases.get(cid)
+        if before is None:
+            lines.append(f"+ {cid} (tau {after.tau_mean:.3f}, n={len(after.per_prompt_tau)})")
+        elif after is None:
+            lines.append(f"- {cid}")
+        elif before != after:
+            lines.append(f"~ {cid}: {_case_change(before, after)}")
+    if not lines:
+        return f"{header}: no changes"
+    return "\n".join([f"{header}: {len(lines)} case(s) changed", *lines])
+
+
+def _case_change(before: BaselineCase, after: BaselineCase) -> str:
+    old_mean, new_mean = before.tau_mean, after.tau_mean
+    rel = f" ({(new_mean - old_mean) / old_mean:+.1%})" if old_mean else ""
+    parts = [f"tau mean {old_mean:.3f} -> {new_mean:.3f}{rel}"]
+    if len(before.per_prompt_tau) != len(after.per_prompt_tau):
+        parts.append(f"n {len(before.per_prompt_tau)} -> {len(after.per_prompt_tau)}")
+    changed = [k for k in ("speedup_samples", "counters", "fingerprint", "provenance", "reference")
+               if getattr(before, k) != getattr(after, k)]
+    if changed:
+        parts.append("changed: " + ", ".join(changed))
+    return "; ".join(parts)
+
+
+def collect_fingerprint(profile: str, seeds, *, git_sha: str | None = None) -> dict:
+    """The current machine/software fingerprint (imports torch/transformers lazily: they are slow)."""
+    import torch
+    import transformers
+
+    if torch.cuda.is_available():
+        hardware = torch.cuda.get_device_name(0)
+    else:
+        hardware = f"cpu {platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores"
+    return {"hardware": hardware, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "git_sha": git_sha or _git_sha(), "profile": profile,
+            "seeds": seeds}
+
+
+def _git_sha() -> str:
+    try:
+        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip() or "unknown"

@@ -1,0 +1,345 @@
+"""Markdown summary of a run from its case records (plain dicts, as stored by results.ResultsFile).
+
+Case record layout (all keys but `id` optional):
+
+    {"id": "block_size/bs=8",              # unique case id
+     "experiment": "block_size",           # block_size | full_length | dynamic | profiling | any other name
+     "group": "AIME25, max_new_tokens=256",# one table per (experiment, group)
+     "params": {"block_size": 8},
+     "metrics": {...},                     # per experiment, below
+     "status": "done",                     # done | skipped | error (skipped: "not run", never "passed")
+     "reason": "...",                      # why skipped / what failed
+     "verdict": "pass",                    # overall; defaults to the worst of the gates' verdicts
+     "gates": [GateResult.to_dict(), ...]}
+
+Metrics read per experiment (lists are per prompt unless said otherwise):
+  block_size:  per_prompt_tau, speedup_samples
+  full_length: per_prompt_tau, tpot_s, ttft_s, tokens_per_s, output_tokens, exact_match (bools vs
+               target-only); params: block_size (1 = baseline) or mode, max_new_tokens
+  dynamic:     per_prompt_tau, block_usage {block size: cycles}, switches, transitions,
+               realized_tokens_per_s {block size: tokens/s}, speedup_vs_best_fixed; params: scheduler
+  profiling:   time_s {"draft": s, "verify": s, "other": s}, cycles, tau_by_bucket {"0-255": [per-cycle tau]}
+  anything else goes to a generic table (lists of numbers as mean [CI]).
+
+Every mean is shown with n and a 95% Student-t interval. If announced cases have no record (or there are
+no records at all) the summary starts with "INCOMPLETE: k of n cases".
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from ..errors import DFlashError
+from .fileio import atomic_write_text
+from .stats import mean_ci, worst_verdict
+
+TITLES = {"block_size": "Block-size sweep", "full_length": "Full-length runs",
+          "dynamic": "Dynamic block-size scheduling", "profiling": "Per-cycle profiling"}
+FINGERPRINT_ORDER = ("profile", "hardware", "torch", "transformers", "python", "git_sha", "seeds")
+DASH = "—"
+
+
+# --------------------------------------------------------------------------------------------------
+# Cell formatting
+
+
+def decimals(x: float) -> int:
+    """Decimals for a number of this size: 1 from 100 up, 2 from 1 up, else three significant digits
+    (tau 5.40, tokens/s 127.7, ratio 0.940, TPOT 0.00787)."""
+    if not math.isfinite(x) or abs(x) >= 100:
+        return 1
+    if abs(x) >= 1 or x == 0:
+        return 2
+    return 2 - math.floor(math.log10(abs(x)))
+
+
+def fmt(x: float | None, places: int | None = None) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return DASH
+    if isinstance(x, (bool, int)):
+        return str(x)
+    return f"{x:.{decimals(x) if places is None else places}f}"
+
+
+def mean_ci_cell(samples: Sequence[float] | None, scale: float = 1.0) -> str:
+    """"5.40 [5.21, 5.59]" (the interval uses the mean's decimals); "[n/a]" when n == 1; a dash when
+    there are no samples."""
+    if not samples:
+        return DASH
+    try:
+        mean, low, high = (v * scale for v in mean_ci(samples))
+    except DFlashError:  # NaN or non-numeric samples: show it, never lose the whole summary over one cell
+        return "invalid data"
+    places = decimals(mean)
+    interval = "n/a" if math.isnan(low) else f"{fmt(low, places)}, {fmt(high, places)}"
+    return f"{fmt(mean, places)} [{interval}]"
+
+
+def _range_cell(samples: Sequence[float]) -> str:
+    """"2.82 to 3.05"; a dash when empty, "invalid data" when not all numbers."""
+    if not samples:
+        return DASH
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in samples):
+        return "invalid data"
+    return f"{fmt(min(samples))} to {fmt(max(samples))}"
+
+
+def _ratio(k: int, n: int) -> str:
+    return f"{k}/{n} ({k / n:.1%})" if n else DASH
+
+
+def _p(gate: dict) -> str:
+    adjusted = gate.get("p_adjusted")
+    return f"p_adj={adjusted:.2g}" if adjusted is not None else f"p={gate.get('p_value', math.nan):.2g}"
+
+
+def overall_verdict(record: dict) -> str:
+    """skipped / error from the status, else the record's verdict, else the worst gate verdict."""
+    status = record.get("status", "done")
+    if status in ("skipped", "error"):
+        return status
+    gates = record.get("gates") or []
+    return record.get("verdict") or (worst_verdict([g["verdict"] for g in gates]) if gates else "no gate")
+
+
+def verdict_cell(record: dict) -> str:
+    """Overall verdict in capitals, with the reason of a skip/error or the details of every gate that did
+    not simply pass."""
+    verdict = overall_verdict(record)
+    if verdict in ("skipped", "error"):
+        reason = record.get("reason")
+        return f"{verdict.upper()}: {reason}" if reason else verdict.upper()
+    details = [f"{g.get('kind', 'gate')} {g.get('rel_change', math.nan):+.1%}, {_p(g)}"
+               for g in record.get("gates") or [] if g.get("verdict") != "pass"]
+    return verdict.upper() + (f" ({'; '.join(details)})" if details else "")
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeric: Sequence[bool] | None = None) -> str:
+    """Generic markdown table; numeric columns are right-aligned. Pipes inside cells are escaped."""
+    numeric = numeric or [False] * len(headers)
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---:" if right else "---" for right in numeric) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-experiment tables
+
+
+def _metrics(record: dict) -> dict:
+    return record.get("metrics") or {}
+
+
+def _params(record: dict) -> dict:
+    return record.get("params") or {}
+
+
+def _block_size(record: dict) -> float:
+    value = _params(record).get("block_size")
+    return value if isinstance(value, (int, float)) else math.inf
+
+
+def _is_baseline(record: dict) -> bool:
+    return _params(record).get("mode") == "baseline" or _params(record).get("block_size") == 1
+
+
+def block_size_table(records: list[dict]) -> str:
+    rows = []
+    for r in sorted(records, key=lambda r: (_block_size(r), r["id"])):
+        m = _metrics(r)
+        speedups, taus = m.get("speedup_samples") or [], m.get("per_prompt_tau") or []
+        spread = _range_cell(speedups)
+        rows.append([str(_params(r).get("block_size", r["id"])), str(len(taus)), str(len(speedups)),
+                     mean_ci_cell(speedups), spread, mean_ci_cell(taus), verdict_cell(r)])
+    headers = ["Block size", "Prompts (n)", "Speedup runs (n)", "Speedup mean [95% CI]", "Speedup range",
+               "Tau mean [95% CI]", "Verdict"]
+    return table(headers, rows, [True] * 6 + [False])
+
+
+def _mode(record: dict) -> str:
+    params = _params(record)
+    if params.get("mode"):
+        return str(params["mode"])
+    return "baseline (bs=1)" if _is_baseline(record) else f"bs={params.get('block_size', '?')}"
+
+
+def full_length_table(records: list[dict]) -> str:
+    base = next((r for r in records if _is_baseline(r) and _metrics(r).get("tpot_s")), None)
+    base_tpot = sum(_metrics(base)["tpot_s"]) / len(_metrics(base)["tpot_s"]) if base else None
+    rows = []
+    for r in sorted(records, key=lambda r: (not _is_baseline(r), _block_size(r), r["id"])):
+        m = _metrics(r)
+        outputs, cap = m.get("output_tokens") or [], _params(r).get("max_new_tokens")
+        hit_cap = _ratio(sum(o >= cap for o in outputs), len(outputs)) if outputs and cap else DASH
+        matches = m.get("exact_match")
+        exact = _ratio(sum(bool(x) for x in matches), len(matches)) if matches else DASH
+        tpot = m.get("tpot_s") or []
+        speedup = f"{base_tpot / (sum(tpot) / len(tpot)):.2f}x" if base_tpot and tpot and sum(tpot) > 0 else DASH
+        n = len(m.get("per_prompt_tau") or tpot or outputs)
+        rows.append([_mode(r), str(n), mean_ci_cell(tpot, 1000), mean_ci_cell(m.get("ttft_s"), 1000),
+                     mean_ci_cell(m.get("tokens_per_s")), mean_ci_cell(m.get("per_prompt_tau")),
+                     mean_ci_cell(outputs), hit_cap, exact, speedup, verdict_cell(r)])
+    headers = ["Mode", "n", "TPOT ms [95% CI]", "TTFT ms [95% CI]", "Tokens/s [95% CI]", "Tau [95% CI]",
+               "Avg output tokens [95% CI]", "Hit cap", "Exact match vs target-only", "TPOT speedup", "Verdict"]
+    return table(headers, rows, [False] + [True] * 9 + [False])
+
+
+def _by_block_size(mapping: dict, value: Callable[[float], str], order: str) -> str:
+    if not mapping:
+        return DASH
+    items = list(mapping.items())
+    if order == "share":
+        items.sort(key=lambda kv: (-kv[1], _numeric_key(kv[0])))
+    else:
+        items.sort(key=lambda kv: _numeric_key(kv[0]))
+    return ", ".join(f"{k}: {value(v)}" for k, v in items)
+
+
+def _numeric_key(text) -> tuple:
+    match = re.match(r"\s*(-?\d+(?:\.\d+)?)", str(text))
+    return (0, float(match.group(1)), str(text)) if match else (1, 0.0, str(text))
+
+
+def dynamic_table(records: list[dict]) -> str:
+    rows = []
+    for r in sorted(records, key=lambda r: (str(_params(r).get("scheduler", "")), r["id"])):
+        m = _metrics(r)
+        usage = m.get("block_usage") or {}
+        total = sum(usage.values())
+        shares = {k: v / total for k, v in usage.items()} if total else {}
+        switches, transitions = m.get("switches"), m.get("transitions")
+        switch_rate = (f"{switches / transitions:.1%} ({switches}/{transitions})"
+                       if switches is not None and transitions else DASH)
+        taus = m.get("per_prompt_tau") or []
+        rows.append([str(_params(r).get("scheduler", r["id"])), str(len(taus)), mean_ci_cell(taus),
+                     _by_block_size(shares, lambda s: f"{s:.1%}", "share"), switch_rate,
+                     _by_block_size(m.get("realized_tokens_per_s") or {}, fmt, "size"),
+                     mean_ci_cell(m.get("speedup_vs_best_fixed")), verdict_cell(r)])
+    headers = ["Scheduler", "n", "Tau [95% CI]", "Block usage (cycles)", "Switch rate",
+               "Realized tokens/s by block size", "Speedup vs best fixed [95% CI]", "Verdict"]
+    return table(headers, rows, [False, True, True, False, True, False, True, False])
+
+
+def profiling_tables(records: list[dict]) -> str:
+    shares, buckets = [], []
+    for r in sorted(records, key=lambda r: r["id"]):
+        m = _metrics(r)
+        times = m.get("time_s") or {}
+        total = sum(times.get(k, 0.0) for k in ("draft", "verify", "other"))
+        cycles = m.get("cycles")
+        share = [f"{times.get(k, 0.0) / total:.1%}" if total else DASH for k in ("draft", "verify", "other")]
+        per_cycle = f"{1000 * total / cycles:.2f}" if total and cycles else DASH
+        shares.append([r["id"], str(cycles if cycles is not None else DASH), *share, per_cycle, verdict_cell(r)])
+        for bucket, taus in sorted((m.get("tau_by_bucket") or {}).items(), key=lambda kv: _numeric_key(kv[0])):
+            buckets.append([r["id"], str(bucket), str(len(taus)), mean_ci_cell(taus)])
+    parts = [table(["Case", "Cycles", "Draft time", "Verify time", "Other time", "Mean cycle ms", "Verdict"],
+                   shares, [False] + [True] * 5 + [False])]
+    if buckets:
+        parts += ["Tau by token-index bucket (n = cycles):",
+                  table(["Case", "Token index", "n", "Tau [95% CI]"], buckets, [False, False, True, True])]
+    return "\n\n".join(parts)
+
+
+def _generic_value(value) -> str:
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                 for v in value):
+        return f"{mean_ci_cell(value)} (n={len(value)})"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_generic_value(v)}" for k, v in value.items()) or DASH
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return fmt(value)
+    return DASH if value is None else str(value)
+
+
+def generic_table(records: list[dict], skip: Sequence[str] = ("cycle_trace",)) -> str:
+    """Any other experiment: case id, every param and metric (union over the records), verdict."""
+    param_keys = sorted({k for r in records for k in _params(r)})
+    metric_keys = sorted({k for r in records for k in _metrics(r)} - set(skip))
+    rows = [[r["id"], *(_generic_value(_params(r).get(k)) for k in param_keys),
+             *(_generic_value(_metrics(r).get(k)) for k in metric_keys), verdict_cell(r)]
+            for r in sorted(records, key=lambda r: r["id"])]
+    return table(["Case", *param_keys, *metric_keys, "Verdict"], rows)
+
+
+RENDERERS = {"block_size": block_size_table, "full_length": full_length_table, "dynamic": dynamic_table,
+             "profiling": profiling_tables}
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary
+
+
+def _dedupe(records: Sequence[dict]) -> list[dict]:
+    """Last record per id wins (a resumed case), keeping first-seen order."""
+    latest: dict[str, dict] = {}
+    for record in records:
+        latest[record["id"]] = record
+    return list(latest.values())
+
+
+def _header(records: list[dict], fingerprint: dict, announced: Sequence[str] | None, title: str) -> list[str]:
+    lines = [f"# {title}", ""]
+    missing = [a for a in announced if a not in {r["id"] for r in records}] if announced is not None else []
+    if not records:
+        total = len(announced) if announced else 0
+        lines += [f"> **INCOMPLETE: 0 of {total} cases.** No case records: this is not a result.", ""]
+    elif missing:
+        shown = ", ".join(f"`{m}`" for m in missing[:10]) + (", ..." if len(missing) > 10 else "")
+        lines += [f"> **INCOMPLETE: {len(announced) - len(missing)} of {len(announced)} cases.** "
+                  f"Missing: {shown}.", ""]
+    keys = [k for k in FINGERPRINT_ORDER if k in fingerprint] + sorted(set(fingerprint) - set(FINGERPRINT_ORDER))
+    rows = [[k.replace("_", " "), str(fingerprint[k])] for k in keys]
+    prompts = sorted({len(_metrics(r).get("per_prompt_tau") or []) for r in records} - {0})
+    n = f"{len(records)} cases"
+    if prompts:
+        n += f", {prompts[0]}" + (f"-{prompts[-1]}" if len(prompts) > 1 else "") + " prompts per case"
+    rows.append(["cases (n)", n])
+    counts: dict[str, int] = {}
+    for record in records:
+        verdict = overall_verdict(record)
+        counts[verdict] = counts.get(verdict, 0) + 1
+    rows.append(["verdicts", ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or DASH])
+    lines += [table(["Run", ""], rows), "",
+              "Mean [95% CI]: Student-t interval over n samples (prompts unless a column says otherwise); "
+              "n/a when n = 1. Verdicts: regression fails; inconclusive, improvement and not gated are "
+              "reported only.", ""]
+    return lines
+
+
+def render_summary(records: Sequence[dict], fingerprint: dict, *, announced: Sequence[str] | None = None,
+                   title: str = "DFlash ablation summary") -> str:
+    """Markdown: header (fingerprint, n, verdict counts, INCOMPLETE banner when cases are missing), then one
+    table per (experiment, group): known experiments first in a fixed order, others alphabetically."""
+    records = _dedupe(records)
+    lines = _header(records, fingerprint, announced, title)
+    order = {name: i for i, name in enumerate(RENDERERS)}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        key = (str(record.get("experiment", "other")), str(record.get("group", "")))
+        groups.setdefault(key, []).append(record)
+    for experiment, group in sorted(groups, key=lambda k: (order.get(k[0], len(order)), k)):
+        heading = TITLES.get(experiment, experiment.replace("_", " ").capitalize())
+        lines += [f"## {heading}" + (f": {group}" if group else ""), ""]
+        render = RENDERERS.get(experiment, generic_table)
+        lines += [render(groups[(experiment, group)]), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_summary(directory: str | os.PathLike, text: str, name: str = "summary.md") -> Path:
+    """Atomically write the summary to directory/name (a reader never sees a half-written file)."""
+    return atomic_write_text(Path(directory) / name, text)
+
+
+def append_github_step_summary(text: str) -> bool:
+    """Append to $GITHUB_STEP_SUMMARY when set (GitHub Actions job summary); False when not in Actions."""
+    target = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not target:
+        return False
+    with open(target, "a", encoding="utf-8") as handle:
+        handle.write(text if text.endswith("\n") else text + "\n")
+    return True

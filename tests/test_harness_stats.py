@@ -1,0 +1,210 @@
+"""Statistical gates: verdicts on constructed data, Holm by hand, throughput factor logic, gate quality."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy import stats as sps
+
+from dflash.errors import DFlashError
+from dflash.harness.stats import (IMPROVEMENT, INCONCLUSIVE, NOT_GATED_HARDWARE, PASS, REGRESSION,
+                                  adaptive_decision, apply_holm, detection_rate, false_alarm_rate,
+                                  hardware_matches, holm, mean_ci, tau_gate, throughput_gate, worst_verdict)
+
+
+@pytest.fixture(scope="module")
+def taus():
+    """40 per-prompt taus spread like a DFlash run (block size 8: between 2 and 8)."""
+    return np.random.default_rng(7).uniform(2.0, 8.0, 40)
+
+
+def noisy(values, rel, seed):
+    return values * (1 + np.random.default_rng(seed).normal(0, rel, len(values)))
+
+
+# --- mean_ci ---------------------------------------------------------------------------------------
+
+def test_mean_ci_matches_the_t_interval():
+    mean, low, high = mean_ci([1.0, 2.0, 3.0, 4.0])
+    half = sps.t.ppf(0.975, 3) * np.std([1, 2, 3, 4], ddof=1) / 2
+    assert mean == 2.5 and low == pytest.approx(2.5 - half) and high == pytest.approx(2.5 + half)
+
+
+def test_mean_ci_single_and_constant_samples_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        single = mean_ci([3.0])
+        constant = mean_ci([0.1, 0.1, 0.1])
+    assert single.mean == 3.0 and math.isnan(single.low) and math.isnan(single.high)
+    assert constant == (pytest.approx(0.1),) * 3
+
+
+def test_mean_ci_rejects_empty_and_nan():
+    with pytest.raises(DFlashError, match="empty"):
+        mean_ci([])
+    with pytest.raises(DFlashError, match="NaN"):
+        mean_ci([1.0, float("nan")])
+
+
+# --- Holm --------------------------------------------------------------------------------------------
+
+def test_holm_hand_worked_example():
+    # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> running max 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm([]) == []
+
+
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=12))
+def test_holm_is_monotone_capped_and_never_below_raw(p):
+    adjusted = holm(p)
+    assert all(a >= r - 1e-15 and a <= 1 for a, r in zip(adjusted, p))
+    order = np.argsort(p, kind="stable")
+    assert all(np.diff(np.asarray(adjusted)[order]) >= -1e-15)
+
+
+# --- tau gate ----------------------------------------------------------------------------------------
+
+def test_identical_taus_pass_with_p_one(taus):
+    result = tau_gate(taus, taus.copy())
+    assert result.verdict == PASS and result.p_value == 1.0 and result.rel_change == 0.0
+    assert not result.failed
+
+
+def test_planted_ten_percent_drop_is_a_regression(taus):
+    result = tau_gate(taus, noisy(taus, 0.02, 1) * 0.90, case_id="bs=8")
+    assert result.verdict == REGRESSION and result.failed
+    assert result.rel_change == pytest.approx(-0.10, abs=0.01) and result.p_value < 1e-6
+    assert result.to_dict()["verdict"] == REGRESSION and result.to_dict()["kind"] == "tau"
+
+
+def test_rerun_noise_without_drop_is_no_alarm(taus):
+    assert tau_gate(taus, noisy(taus, 0.02, 2)).verdict == PASS
+
+
+def test_significant_drop_within_margin_passes(taus):
+    result = tau_gate(taus, taus * 0.99)  # every prompt lower, but only 1%
+    assert result.p_value < 1e-6 and result.verdict == PASS
+
+
+def test_drop_beyond_margin_but_not_significant_is_inconclusive():
+    base = [4.0, 6.0, 3.0, 7.0, 5.0]
+    new = [2.0, 6.5, 3.2, 5.0, 5.1]  # mean -10%, but only 5 prompts and mixed signs
+    result = tau_gate(base, new)
+    assert result.rel_change < -0.03 and result.p_value > 0.05
+    assert result.verdict == INCONCLUSIVE and not result.failed
+
+
+def test_improvement_is_reported_not_failed(taus):
+    result = tau_gate(taus, taus * 1.10)
+    assert result.verdict == IMPROVEMENT and not result.failed and result.p_improvement < 1e-6
+
+
+def test_length_mismatch_is_a_clear_error(taus):
+    with pytest.raises(DFlashError, match=r"bs=4.*baseline has 40 prompts, new has 39"):
+        tau_gate(taus, taus[:-1], case_id="bs=4")
+
+
+def test_holm_across_gates_can_turn_a_marginal_regression_inconclusive():
+    base = np.arange(1.0, 13.0) + 3.0  # 12 prompts
+    new = base * 0.9
+    new[:5] = base[:5] * 1.02  # 7 of 12 prompts drop 10%, the smallest 5 rise: raw p = 0.032
+    marginal = tau_gate(base, new, case_id="marginal")
+    assert marginal.p_value < 0.05 and marginal.verdict == REGRESSION
+    clear = tau_gate(base, base * 0.8, case_id="clear")
+    others = [tau_gate(base, base, case_id=f"same{i}") for i in range(3)]
+    adjusted = apply_holm([marginal, clear, *others])
+    assert adjusted[0].p_adjusted == pytest.approx(min(1.0, 4 * marginal.p_value))
+    assert adjusted[0].verdict == INCONCLUSIVE  # no longer significant after the correction
+    assert adjusted[1].verdict == REGRESSION and [r.verdict for r in adjusted[2:]] == [PASS] * 3
+    assert [r.case_id for r in adjusted] == ["marginal", "clear", "same0", "same1", "same2"]
+
+
+# --- throughput gate ---------------------------------------------------------------------------------
+
+BASE_SPEEDUP = [2.00, 2.04, 1.98, 2.02, 2.01, 1.99]
+
+
+def test_throughput_regression_needs_significance_and_factor():
+    slower = [1.70, 1.72, 1.69, 1.75, 1.71, 1.73]  # 2.005 / 1.715 = 1.17 > 1.10
+    result = throughput_gate(BASE_SPEEDUP, slower)
+    assert result.p_value < 0.05 and result.verdict == REGRESSION and result.failed
+
+
+def test_throughput_significant_but_within_factor_passes():
+    slightly = [1.90, 1.92, 1.91, 1.89, 1.93, 1.90]  # clearly lower, but only 5%
+    result = throughput_gate(BASE_SPEEDUP, slightly)
+    assert result.p_value < 0.05 and result.verdict == PASS
+
+
+def test_throughput_beyond_factor_with_too_few_samples_is_inconclusive():
+    result = throughput_gate([2.0, 2.1, 1.9], [1.6, 1.7, 1.5])  # 3 vs 3: exact MWU floor is 1/20
+    assert result.min_achievable_p == pytest.approx(0.05)
+    assert result.verdict == INCONCLUSIVE
+
+
+def test_throughput_improvement_not_failed():
+    result = throughput_gate(BASE_SPEEDUP, [2.5, 2.6, 2.55, 2.52, 2.58, 2.61])
+    assert result.verdict == IMPROVEMENT and not result.failed
+
+
+def test_throughput_not_gated_when_hardware_differs():
+    a100 = {"hardware": "NVIDIA A100 80GB PCIe", "torch": "2.9"}
+    h100 = {"hardware": "NVIDIA H100 80GB HBM3", "torch": "2.9"}
+    result = throughput_gate(BASE_SPEEDUP, [1.0] * 6, baseline_fingerprint=a100, current_fingerprint=h100)
+    assert result.hardware_differs and result.verdict == NOT_GATED_HARDWARE and not result.failed
+    assert result.p_value < 0.05  # statistics are still computed for the report
+    assert apply_holm([result])[0].p_adjusted is None  # not part of the Holm family
+
+
+def test_hardware_matches():
+    assert hardware_matches({"hardware": "NVIDIA  A100"}, {"hardware": "nvidia a100"})
+    assert not hardware_matches({"hardware": "A100"}, {"hardware": "H100"})
+    assert not hardware_matches({"hardware": ""}, {"hardware": ""})  # unknown never matches
+    assert not hardware_matches(None, {"hardware": "A100"})
+    assert not hardware_matches({"hardware": "A100", "torch": "2.8"}, {"hardware": "A100", "torch": "2.9"},
+                                keys=("hardware", "torch"))
+
+
+def test_throughput_needs_both_fingerprints_or_none():
+    with pytest.raises(DFlashError, match="both fingerprints"):
+        throughput_gate([1.0], [1.0], baseline_fingerprint={"hardware": "x"})
+
+
+def test_worst_verdict():
+    assert worst_verdict([PASS, IMPROVEMENT, INCONCLUSIVE]) == INCONCLUSIVE
+    assert worst_verdict([PASS, REGRESSION, NOT_GATED_HARDWARE]) == REGRESSION
+    assert worst_verdict([]) == PASS
+
+
+# --- adaptive sampling -------------------------------------------------------------------------------
+
+def test_adaptive_decision_gathers_more_only_while_inconclusive_below_cap():
+    inconclusive = throughput_gate([2.0, 2.1, 1.9], [1.6, 1.7, 1.5])
+    more = adaptive_decision(inconclusive, max_samples=10)
+    assert more.gather_more and more.next_n == 6
+    assert adaptive_decision(inconclusive, max_samples=10, n_samples=8).next_n == 10
+    at_cap = adaptive_decision(inconclusive, max_samples=3)
+    assert not at_cap.gather_more and "cap" in at_cap.reason
+    settled = adaptive_decision(throughput_gate(BASE_SPEEDUP, BASE_SPEEDUP), max_samples=10)
+    assert not settled.gather_more
+
+
+# --- gate quality ------------------------------------------------------------------------------------
+
+def test_false_alarm_and_detection_rates(taus):
+    alarms = false_alarm_rate(taus, trials=150, rng=3)
+    assert alarms.rate <= 0.05 and alarms.trials == 150 and "assumed" in alarms.simulation
+    detected = detection_rate(taus, 0.10, trials=150, rng=3)
+    assert detected.rate >= 0.95 and "10% drop" in detected.simulation
+    assert false_alarm_rate(taus, trials=150, rng=3) == alarms  # deterministic for a seed
+
+
+def test_false_alarm_rate_from_a_measured_rerun(taus):
+    rerun = noisy(taus, 0.01, 5)
+    quality = false_alarm_rate(taus, trials=50, rng=0, rerun_taus=rerun)
+    assert quality.rate == 0.0 and "measured rerun" in quality.simulation
+    with pytest.raises(DFlashError, match="paired"):
+        false_alarm_rate(taus, trials=5, rerun_taus=rerun[:-1])
