@@ -1,7 +1,10 @@
-"""Project-wide pytest configuration: hypothesis profiles (derandomized, no deadline, in CI)."""
+"""Project-wide pytest configuration: hypothesis profiles (derandomized, no deadline, in CI) and the ablation
+plugin (options --profile, --report, --update-baselines, --resume; fixtures; gates)."""
 import os
 
 from hypothesis import HealthCheck, settings
+
+pytest_plugins = ["dflash.harness.plugin"]
 
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])

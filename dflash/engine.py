@@ -28,6 +28,7 @@ class CycleRecord:
     draft_s: float
     verify_s: float
     cycle_s: float
+    generated_length: int = 0  # block length the draft meant to fill: up to its first drafted stop token
 
 
 @dataclass
@@ -279,8 +280,10 @@ def generate(target, draft: DFlashDraftModel | None, input_ids, *, max_new_token
         if draft is not None:
             features = extract_context_feature(verified.hidden_states, draft.target_layer_ids)[:, : accepted + 1]
             pending = torch.cat([pending, features], dim=1)
+        drafted_stops = [i for i, t in enumerate(draft_tokens.tolist()) if t in stop_ids]
         record = CycleRecord(len(records), len(output) - len(committed), length, accepted + 1,
-                             draft_end - cycle_begin, verify_end - draft_end, _clock(device) - cycle_begin)
+                             draft_end - cycle_begin, verify_end - draft_end, _clock(device) - cycle_begin,
+                             generated_length=min(drafted_stops[0] + 2, length) if drafted_stops else length)
         records.append(record)
         acceptance_lengths.append(accepted + 1)
         policy.observe(record)

@@ -278,7 +278,7 @@ def collect_fingerprint(profile: str, seeds, *, git_sha: str | None = None) -> d
         hardware = torch.cuda.get_device_name(0)
     else:
         hardware = f"cpu {platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores"
-    return {"hardware": hardware, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"hardware": hardware, "torch": str(torch.__version__), "transformers": str(transformers.__version__),
             "python": platform.python_version(), "git_sha": git_sha or _git_sha(), "profile": profile,
             "seeds": seeds}
 

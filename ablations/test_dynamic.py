@@ -1,0 +1,38 @@
+"""Dynamic block-size scheduling against the best fixed block size, all measured in the same run.
+
+Block usage %, switch rate, realized tokens/s per block size, speedup over the best fixed size and over
+target-only. Schedulers: the research EWMA throughput scheduler, its ADL variant, and the break-even scheduler.
+"""
+import pytest
+
+from dflash.harness.measure import Variant, block_usage_metrics, rate
+from dflash.policies import BreakEvenScheduler, EWMAScheduler
+
+SCHEDULERS = [
+    pytest.param("ewma", lambda c: EWMAScheduler(candidates=c), id="ewma"),
+    pytest.param("ewma-adl", lambda c: EWMAScheduler(candidates=c, adl=True), id="ewma-adl"),
+    pytest.param("break-even", lambda c: BreakEvenScheduler(candidates=c), id="break-even"),
+]
+
+
+def _rate(results):
+    return sum(len(r.output_ids) for r in results) / sum(r.wall_s for r in results)
+
+
+@pytest.mark.ablation("dynamic")
+@pytest.mark.parametrize("name,make_scheduler", SCHEDULERS)
+def test_dynamic_scheduler(case, name, make_scheduler):
+    candidates = tuple(b for b in case.profile.scheduler_candidates if b <= case.draft_block_size)
+    fixed = tuple(Variant(f"fixed bs={b}", block_size=b) for b in candidates)
+
+    def dynamic_metrics(comparison):
+        best = max(comparison.others, key=lambda k: _rate(comparison.others[k]))
+        return {**block_usage_metrics(comparison.variant), "best_fixed": best,
+                "speedup_vs_best_fixed_total": _rate(comparison.variant) / _rate(comparison.others[best]),
+                "speedup_vs_best_fixed": [rate(v) / rate(b) for v, b in
+                                          zip(comparison.variant, comparison.others[best])],
+                "fixed_tokens_per_s": {k: _rate(v) for k, v in comparison.others.items()}}
+
+    variant = Variant(name, policy=lambda: make_scheduler(candidates))
+    _, metrics, gates = case.measure(variant, others=fixed, extra=dynamic_metrics)
+    case.finish("dynamic", {"scheduler": name, "candidates": list(candidates)}, metrics, gates)

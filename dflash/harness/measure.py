@@ -1,0 +1,119 @@
+"""Fair measurement of one ablation case: baseline and variant in the same process, interleaved per prompt,
+after a warm-up, token-normalized, with the per-prompt vectors the statistical gates need."""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..engine import GenerationResult, generate
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How a case decodes. `policy` builds a fresh BlockSizePolicy per prompt (schedulers keep state)."""
+    name: str
+    block_size: int = 1
+    use_draft: bool = True
+    policy: Callable[[], object] | None = None
+    temperature: float = 0.0
+    acceptance: str = "speculative"
+
+    def run(self, models, prompt, max_new_tokens, stop_ids, seed) -> GenerationResult:
+        draft = models.draft if (self.use_draft and (self.block_size > 1 or self.policy)) else None
+        block = self.policy() if self.policy is not None else (self.block_size if draft is not None else 1)
+        return generate(models.target, draft, prompt, max_new_tokens=max_new_tokens, block_size=block,
+                        temperature=self.temperature, seed=seed, stop_token_ids=stop_ids,
+                        acceptance=self.acceptance)
+
+
+TARGET_ONLY = Variant("target-only", block_size=1, use_draft=False)
+
+
+@dataclass
+class Comparison:
+    """Per-prompt results of the baseline, the variant and any other variants, in prompt order."""
+    baseline: list[GenerationResult] = field(default_factory=list)
+    variant: list[GenerationResult] = field(default_factory=list)
+    others: dict[str, list[GenerationResult]] = field(default_factory=dict)
+
+
+def compare(models, prompts, variant: Variant, *, max_new_tokens: int, stop_ids, baseline: Variant = TARGET_ONLY,
+            others: tuple[Variant, ...] = (), repeats: int = 1) -> Comparison:
+    """Run every mode on each prompt before the next prompt, rotating the order per prompt so slow drift of
+    the machine spreads evenly over the modes."""
+    out = Comparison(others={o.name: [] for o in others})
+    modes = [(baseline, out.baseline), (variant, out.variant)] + [(o, out.others[o.name]) for o in others]
+    for index, prompt in enumerate(prompts):
+        shift = index % len(modes)
+        for mode, sink in modes[shift:] + modes[:shift]:
+            runs = [mode.run(models, prompt, max_new_tokens, stop_ids, seed=index) for _ in range(repeats)]
+            sink.append(min(runs, key=lambda r: r.wall_s))  # timing noise on a shared machine only adds time
+    return out
+
+
+def warm_up(models, prompt, variants, stop_ids) -> None:
+    """One short generation per variant: allocator growth, kernel selection and lazy imports happen here."""
+    for variant in variants:
+        variant.run(models, prompt, 16, stop_ids, seed=0)
+
+
+def rate(result: GenerationResult) -> float:
+    """Token-normalized throughput of one generation (tokens / wall seconds, prefill included)."""
+    return len(result.output_ids) / result.wall_s if result.wall_s > 0 else 0.0
+
+
+def comparison_metrics(c: Comparison, max_new_tokens: int) -> dict:
+    """Everything the tables and gates need; lists are per prompt."""
+    def decode_rate(r):
+        return (len(r.output_ids) - 1) / r.decode_s if r.decode_s > 0 and len(r.output_ids) > 1 else 0.0
+    variant, baseline = c.variant, c.baseline
+    return {
+        "per_prompt_tau": [r.tau if r.num_cycles else 1.0 for r in variant],
+        "speedup_samples": [rate(v) / rate(b) for v, b in zip(variant, baseline)],
+        "decode_speedup_samples": [decode_rate(v) / decode_rate(b) if decode_rate(b) else 0.0
+                                   for v, b in zip(variant, baseline)],
+        "tpot_s": [r.tpot_s for r in variant], "ttft_s": [r.ttft_s for r in variant],
+        "tokens_per_s": [rate(r) for r in variant], "output_tokens": [len(r.output_ids) for r in variant],
+        "baseline_tpot_s": [r.tpot_s for r in baseline], "baseline_ttft_s": [r.ttft_s for r in baseline],
+        "baseline_tokens_per_s": [rate(r) for r in baseline],
+        "baseline_output_tokens": [len(r.output_ids) for r in baseline],
+        "hit_cap": sum(len(r.output_ids) >= max_new_tokens for r in variant),
+        "exact_match": [v.output_ids == b.output_ids for v, b in zip(variant, baseline)],
+        "committed_tokens": sum(sum(r.acceptance_lengths) for r in variant),
+        "cycles": sum(r.num_cycles for r in variant),
+        "tokens_per_s_total": sum(len(r.output_ids) for r in variant) / sum(r.wall_s for r in variant),
+        "baseline_tokens_per_s_total": sum(len(r.output_ids) for r in baseline) / sum(r.wall_s for r in baseline),
+    }
+
+
+def block_usage_metrics(results: list[GenerationResult]) -> dict:
+    """Dynamic scheduling: block usage, switch rate, realized tokens/s per block size (sum tau / sum cycle s)."""
+    usage, committed, seconds, switches, pairs = {}, {}, {}, 0, 0
+    for result in results:
+        sizes = [r.block_size for r in result.trace]
+        switches += sum(a != b for a, b in zip(sizes, sizes[1:]))
+        pairs += max(0, len(sizes) - 1)
+        for record in result.trace:
+            key = str(record.block_size)
+            usage[key] = usage.get(key, 0) + 1
+            committed[key] = committed.get(key, 0) + record.acceptance_length
+            seconds[key] = seconds.get(key, 0.0) + record.cycle_s
+    return {"block_usage": usage, "switches": switches, "transitions": pairs,
+            "switch_rate": switches / pairs if pairs else 0.0,
+            "realized_tokens_per_s": {k: committed[k] / seconds[k] for k in usage if seconds[k] > 0}}
+
+
+def profiling_metrics(results: list[GenerationResult], bucket: int = 32) -> dict:
+    """Per-cycle profiling: draft / verify / other time shares and tau by token-index bucket."""
+    draft = sum(r.draft_s for g in results for r in g.trace)
+    verify = sum(r.verify_s for g in results for r in g.trace)
+    total = sum(r.cycle_s for g in results for r in g.trace)
+    by_bucket: dict[str, list[int]] = {}
+    for g in results:
+        for r in g.trace:
+            low = r.token_index // bucket * bucket
+            by_bucket.setdefault(f"{low}-{low + bucket - 1}", []).append(r.acceptance_length)
+    return {"time_s": {"draft": draft, "verify": verify, "other": max(0.0, total - draft - verify)},
+            "cycles": sum(g.num_cycles for g in results), "tau_by_bucket": by_bucket,
+            "median_cycle_s": statistics.median([r.cycle_s for g in results for r in g.trace] or [0.0])}

@@ -1,0 +1,376 @@
+"""The pytest plugin behind `ablations/`: options, profile fixtures, per-case measurement and recording,
+statistical gates against stored baselines, `--update-baselines`, `--resume` and `--report`.
+
+Loaded by the root conftest.py. Under pytest-xdist every worker measures and appends its finished cases to the
+run's JSONL results file; case records also travel to the controller in `user_properties`, where Holm's
+correction over the whole run, baseline updates and the markdown report happen once.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ..errors import DFlashError
+from . import baselines as baseline_store
+from .measure import TARGET_ONLY, Variant, compare, comparison_metrics, warm_up
+from .profiles import PROFILES, get_profile, load_prompts, unavailable_reason
+from .results import ResultsFile
+from .stats import apply_holm, throughput_gate, tau_gate
+
+RECORD_KEY, BASELINE_KEY = "dflash_record", "dflash_baseline"
+DEFAULT_PROFILES = ("tiny", "gpu-qwen3-4b", "gpu-qwen3-8b")
+SEEDS = {"prompt_seed": "index of the prompt", "torch": 0}
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("dflash", "DFlash ablations")
+    group.addoption("--profile", default=None, help=f"profile to run ({', '.join(PROFILES)}); default: tiny, and "
+                    "the GPU profiles as cases marked gpu (skipped without CUDA and weights)")
+    group.addoption("--report", action="store_true", help="write reports/<profile>-<time>/summary.md (+ plots)")
+    group.addoption("--update-baselines", action="store_true", help="rewrite baselines/<profile>/*.json from "
+                    "this run (the only way baselines change)")
+    group.addoption("--resume", action="store_true", help="continue the latest run of the profile: skip cases "
+                    "already in its results file")
+    group.addoption("--tau-margin", type=float, default=0.03, help="practical margin of the tau gate (0.03 = 3%%)")
+    group.addoption("--throughput-factor", type=float, default=1.10, help="asv-style factor of the speedup gate")
+    group.addoption("--gate-alpha", type=float, default=0.05, help="family-wise significance level of the gates")
+    group.addoption("--reports-dir", default="reports", help="where run directories are written")
+    group.addoption("--baselines-dir", default="baselines", help="where baseline files live")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ablation(name): an ablation case; name is its baseline file")
+    config.addinivalue_line("markers", "gpu: needs CUDA and real checkpoints in the local HF cache")
+    config.addinivalue_line("markers", "slow: long-running; excluded from make test")
+    name = config.getoption("profile")
+    if name is not None and name not in PROFILES:
+        raise pytest.UsageError(f"unknown --profile {name!r}; choose one of {', '.join(PROFILES)}")
+    state = RunState(config)
+    config.stash[STATE] = state
+    if not hasattr(config, "workerinput"):
+        config.pluginmanager.register(Controller(state), "dflash-controller")
+        if config.getoption("report"):
+            config.pluginmanager.register(ReportWriter(state), "dflash-report")
+
+
+class RunState:
+    """What one pytest run shares: profiles, where results go, loaded models per profile, the gate family."""
+
+    def __init__(self, config):
+        self.config = config
+        explicit = config.getoption("profile")
+        self.profiles = (explicit,) if explicit else DEFAULT_PROFILES
+        self.root = Path(config.rootpath)
+        self.reports_dir = self.root / config.getoption("reports_dir")
+        self.baselines_dir = self.root / config.getoption("baselines_dir")
+        worker_input = getattr(config, "workerinput", None)
+        if worker_input and "dflash_run_dirs" in worker_input:
+            self.run_dirs = {k: Path(v) for k, v in worker_input["dflash_run_dirs"].items()}
+        else:
+            self.run_dirs = {p: self._run_dir(p) for p in self.profiles}
+        self.models: dict[str, object] = {}
+        self.prompts: dict[tuple, list] = {}
+        self.gated_cases = 0
+        self.records: list[dict] = []
+        self.baseline_payloads: list[dict] = []
+        self.holm: list[dict] = []
+        self.baseline_diff = ""
+
+    def _run_dir(self, profile: str) -> Path:
+        if self.config.getoption("resume"):
+            runs = sorted(self.reports_dir.glob(f"{profile}-*/results.jsonl"))
+            if runs:
+                return runs[-1].parent
+        return self.reports_dir / f"{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def results(self, profile: str) -> ResultsFile:
+        return ResultsFile(self.run_dirs[profile] / "results.jsonl")
+
+
+STATE = pytest.StashKey[RunState]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """xdist: every worker writes into the run directories the controller chose."""
+    state = node.config.stash[STATE]
+    node.workerinput["dflash_run_dirs"] = {k: str(v) for k, v in state.run_dirs.items()}
+
+
+def pytest_generate_tests(metafunc):
+    """Cases that take `case` are parametrized over (profile, dataset); GPU profiles carry the gpu marker."""
+    if "case" not in metafunc.fixturenames:
+        return
+    state = metafunc.config.stash[STATE]
+    params = []
+    for name in state.profiles:
+        profile = PROFILES[name]
+        marks = [pytest.mark.gpu] if profile.needs_cuda else []
+        params += [pytest.param((name, spec.name), id=f"{name}-{spec.name}", marks=marks)
+                   for spec in profile.datasets]
+    metafunc.parametrize("case", params, indirect=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    state = config.stash[STATE]
+    state.gated_cases = sum(1 for item in items if item.get_closest_marker("ablation") and "case" in
+                            getattr(item, "fixturenames", ()))
+
+
+@dataclass
+class Models:
+    target: object
+    draft: object
+    tokenizer: object
+    stop_ids: list
+
+
+def _models(state: RunState, profile) -> Models:
+    if profile.name not in state.models:
+        from ..loading import load_draft, load_target, load_tokenizer
+        tokenizer = load_tokenizer(profile.target)
+        state.models[profile.name] = Models(
+            load_target(profile.target, device=profile.device, dtype=profile.dtype),
+            load_draft(profile.draft, device=profile.device, dtype=profile.dtype), tokenizer,
+            [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    return state.models[profile.name]
+
+
+class Case:
+    """One ablation case: measures variant against target-only on the case's prompts, gates, records."""
+
+    def __init__(self, request, state: RunState, profile, dataset: str):
+        self.request, self.state, self.profile = request, state, profile
+        self.spec = profile.dataset(dataset)
+        self.ablation = request.node.get_closest_marker("ablation").args[0]
+        self.experiment_id = f"{self.ablation}/{request.node.name}"  # e.g. block_size/test_sweep[tiny-math-bs=8]
+        self.models = _models(state, profile)
+        self.update = request.config.getoption("update_baselines")
+        self._warmed = False
+
+    @property
+    def draft_block_size(self) -> int:
+        return self.models.draft.block_size
+
+    def prompts(self, count: int) -> list[list[int]]:
+        key = (self.profile.name, self.spec.name)
+        cached = self.state.prompts.get(key, [])
+        if len(cached) < count:
+            cached = load_prompts(self.profile, self.spec, self.models.tokenizer, count)
+            self.state.prompts[key] = cached
+        return cached[:count]
+
+    def compare(self, variant: Variant, *, max_new_tokens: int | None = None, count: int | None = None,
+                others: tuple[Variant, ...] = ()):
+        """Interleaved baseline/variant runs on the first `count` prompts (all of them when recording baselines,
+        so later runs can gather more prompts up to the cap against it)."""
+        count = count or (self.profile.prompts_cap if self.update else self.profile.prompts)
+        prompts = self.prompts(count)
+        if not self._warmed:
+            warm_up(self.models, prompts[0], [TARGET_ONLY, variant, *others], self.models.stop_ids)
+            self._warmed = True
+        return compare(self.models, prompts, variant, stop_ids=self.models.stop_ids,
+                       max_new_tokens=max_new_tokens or self.profile.max_new_tokens, others=others,
+                       repeats=self.profile.timing_repeats)
+
+    def measure(self, variant: Variant, *, max_new_tokens: int | None = None, extra=None,
+                others: tuple[Variant, ...] = ()):
+        """Compare, then gate; an inconclusive tau gate gathers more prompts (doubling) up to the cap."""
+        max_new = self.max_new_tokens = max_new_tokens or self.profile.max_new_tokens
+        count = self.profile.prompts_cap if self.update else self.profile.prompts
+        while True:
+            comparison = self.compare(variant, max_new_tokens=max_new, count=count, others=others)
+            metrics = comparison_metrics(comparison, max_new)
+            if extra is not None:
+                metrics.update(extra(comparison))
+            gates = self._gates(metrics)
+            tau = next((g for g in gates if g.kind == "tau"), None)
+            if self.update or tau is None or tau.verdict != "inconclusive" or count >= self._baseline_prompts():
+                return comparison, metrics, gates
+            count = min(2 * count, self._baseline_prompts())
+
+    def _baseline_case(self):
+        path = baseline_store.baseline_path(self.state.baselines_dir, self.profile.name, self.ablation)
+        if not path.exists():
+            return None
+        return baseline_store.load_baselines(path, profile=self.profile.name, ablation=self.ablation) \
+            .get(self.experiment_id)
+
+    def _baseline_prompts(self) -> int:
+        baseline = self._baseline_case()
+        return len(baseline.per_prompt_tau) if baseline else self.profile.prompts
+
+    def _gates(self, metrics):
+        baseline = self._baseline_case()
+        if baseline is None or self.update:
+            return []
+        n = len(metrics["per_prompt_tau"])
+        if len(baseline.per_prompt_tau) < n:
+            raise DFlashError(f"baseline of {self.experiment_id} has {len(baseline.per_prompt_tau)} prompts, the "
+                              f"run has {n}: re-record with --update-baselines")
+        config = self.request.config
+        fingerprint = baseline_store.collect_fingerprint(self.profile.name, SEEDS)
+        return [
+            tau_gate(baseline.per_prompt_tau[:n], metrics["per_prompt_tau"], margin=config.getoption("tau_margin"),
+                     alpha=config.getoption("gate_alpha"), case_id=self.experiment_id),
+            throughput_gate(baseline.speedup_samples, metrics["speedup_samples"],
+                            factor=config.getoption("throughput_factor"), alpha=config.getoption("gate_alpha"),
+                            baseline_fingerprint=baseline.fingerprint, current_fingerprint=fingerprint,
+                            case_id=self.experiment_id),
+        ]
+
+    def finish(self, experiment: str, params: dict, metrics: dict, gates, *, lossless: bool = True) -> dict:
+        """Record the case (results file + user_properties), then fail on a lost invariant or a regression."""
+        record = {"id": self.experiment_id, "experiment": experiment, "ablation": self.ablation,
+                  "group": f"{self.spec.name}, max_new_tokens={self.max_new_tokens}",
+                  "profile": self.profile.name, "dataset": self.spec.name, "params": params,
+                  "metrics": metrics, "status": "done", "gates": [g.to_dict() for g in gates],
+                  "fingerprint": baseline_store.collect_fingerprint(self.profile.name, SEEDS)}
+        record = json.loads(json.dumps(record))  # plain types only: records cross process boundaries (xdist)
+        self.state.results(self.profile.name).append(record)
+        self.request.node.user_properties.append((RECORD_KEY, record))
+        if self.update:
+            self.request.node.user_properties.append((BASELINE_KEY, {
+                "profile": self.profile.name, "ablation": self.ablation, "id": self.experiment_id,
+                "per_prompt_tau": metrics["per_prompt_tau"], "speedup_samples": metrics["speedup_samples"],
+                "counters": {k: metrics[k] for k in ("committed_tokens", "cycles", "hit_cap") if k in metrics},
+                "fingerprint": record["fingerprint"],
+                "provenance": {"command": "pytest ablations --update-baselines", "recorded": time.strftime("%F %T"),
+                               "prompts": len(metrics["per_prompt_tau"])},
+                "reference": self.profile.reference.get(self.spec.name) and {
+                    **self.profile.reference[self.spec.name], "source": self.profile.reference["source"]},
+            }))
+        if lossless and not all(metrics.get("exact_match", [True])):
+            bad = [i for i, ok in enumerate(metrics["exact_match"]) if not ok]
+            pytest.fail(f"{self.experiment_id}: greedy output differs from target-only on prompts {bad}: the "
+                        "lossless invariant is broken", pytrace=False)
+        family = max(1, self.state.gated_cases)
+        for gate in gates:
+            # Bonferroni within the case test (it implies Holm); Holm over the whole run runs at session end.
+            if gate.gated and gate.verdict == "regression" and gate.p_value * family < gate.alpha:
+                pytest.fail(f"{self.experiment_id}: {gate.kind} regression: baseline {gate.baseline:.3f} -> new "
+                            f"{gate.new:.3f} ({gate.rel_change:+.1%}), one-sided p = {gate.p_value:.2e} "
+                            f"(x{family} cases = {min(1.0, gate.p_value * family):.2e} < {gate.alpha})",
+                            pytrace=False)
+        return record
+
+
+@pytest.fixture
+def case(request):
+    state = request.config.stash[STATE]
+    profile_name, dataset = request.param
+    profile = get_profile(profile_name)
+    reason = unavailable_reason(profile)
+    if reason:
+        pytest.skip(reason)
+    made = Case(request, state, profile, dataset)
+    if request.config.getoption("resume") and made.experiment_id in state.results(profile_name).completed_ids():
+        pytest.skip(f"{made.experiment_id} already recorded in {state.results(profile_name).path} (--resume)")
+    return made
+
+
+class Controller:
+    """Controller-side hooks (the only process in a run without xdist): collect records, Holm, baselines."""
+
+    def __init__(self, state: RunState):
+        self.state = state
+
+    def pytest_runtest_logreport(self, report):
+        if report.when != "call":
+            return
+        for key, value in report.user_properties:
+            if key == RECORD_KEY:
+                self.state.records.append(value)
+            elif key == BASELINE_KEY:
+                self.state.baseline_payloads.append(value)
+
+    def pytest_sessionfinish(self, session):
+        state = self.state
+        state.holm = _holm_over_run(state)
+        if any(g["verdict"] == "regression" for g in state.holm) and session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if session.config.getoption("update_baselines") and state.baseline_payloads:
+            state.baseline_diff = _write_baselines(state)
+
+    def pytest_terminal_summary(self, terminalreporter):
+        state = self.state
+        if state.holm:
+            terminalreporter.section("dflash gates (Holm-corrected over the run)")
+            for g in sorted(state.holm, key=lambda g: (g["verdict"] != "regression", g["case_id"], g["kind"])):
+                terminalreporter.write_line(
+                    f"{g['verdict']:>12s}  {g['kind']:10s} {g['case_id']}: baseline {g['baseline']:.3f} -> "
+                    f"{g['new']:.3f} ({g['rel_change']:+.1%}), p {g['p_value']:.2e}, Holm {g['p_adjusted']:.2e}")
+        if state.baseline_diff:
+            terminalreporter.section("dflash baselines updated")
+            terminalreporter.write_line(state.baseline_diff)
+
+
+def _holm_over_run(state: RunState) -> list[dict]:
+    """Holm's step-down over every gated comparison of the run (tau and throughput gates together)."""
+    from .stats import TauGateResult, ThroughputGateResult
+    gates = []
+    for record in state.records:
+        for g in record.get("gates", []):
+            cls = TauGateResult if g["kind"] == "tau" else ThroughputGateResult
+            fields = {k: v for k, v in g.items() if k in cls.__dataclass_fields__}
+            fields.update(p_adjusted=None, p_improvement_adjusted=None)
+            gates.append(cls(**fields))
+    return [g.to_dict() for g in apply_holm(gates)]
+
+
+def _write_baselines(state: RunState) -> str:
+    by_file: dict[tuple, list] = {}
+    for payload in state.baseline_payloads:
+        by_file.setdefault((payload["profile"], payload["ablation"]), []).append(payload)
+    diffs = []
+    for (profile, ablation), payloads in sorted(by_file.items()):
+        path = baseline_store.baseline_path(state.baselines_dir, profile, ablation)
+        cases = {}
+        if path.exists():
+            old = baseline_store.load_baselines(path, profile=profile, ablation=ablation)
+            cases = {k: v.to_json() for k, v in old.cases.items()}
+        for payload in payloads:
+            case = {k: v for k, v in payload.items() if k not in ("profile", "ablation")}
+            if case.get("reference") is None:
+                case.pop("reference", None)
+            cases[payload["id"]] = case
+        data = {"schema_version": baseline_store.SCHEMA_VERSION, "profile": profile, "ablation": ablation,
+                "cases": [cases[k] for k in sorted(cases)]}
+        diffs.append(baseline_store.write_baselines(path, data))
+    return "\n".join(diffs)
+
+
+class ReportWriter:
+    """Registered only with --report: renders the run's results file into summary.md (+ plots)."""
+
+    def __init__(self, state: RunState):
+        self.state = state
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session):
+        from .plots import write_plots
+        from .render import append_github_step_summary, render_summary, write_summary
+        self.paths = []
+        for profile, run_dir in self.state.run_dirs.items():
+            records = self.state.results(profile).load() if self.state.results(profile).path.exists() else []
+            announced = sorted({r["id"] for r in records} | {r["id"] for r in self.state.records
+                                                             if r["profile"] == profile})
+            if not records and unavailable_reason(get_profile(profile)):
+                continue  # a profile that cannot run here gets no summary (its cases were skipped)
+            holm = {(g["case_id"], g["kind"]): g for g in self.state.holm}
+            for record in records:
+                record["gates"] = [holm.get((g["case_id"], g["kind"]), g) for g in record.get("gates", [])]
+            text = render_summary(records, baseline_store.collect_fingerprint(profile, SEEDS), announced=announced,
+                                  title=f"dflash ablations: {profile}")
+            path = write_summary(run_dir, text)
+            write_plots(records, run_dir)
+            append_github_step_summary(text)
+            self.paths.append(path)
+
+    def pytest_terminal_summary(self, terminalreporter):
+        for path in getattr(self, "paths", []):
+            terminalreporter.write_line(f"dflash report: {path}")
