@@ -16,11 +16,14 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Unit, property and lossless tests plus the tiny-profile ablations gated against baselines/.
 test: install
-	$(PY) -m pytest tests -n auto -q
+	$(PY) -m pytest tests ablations --profile tiny -n auto -q
 
+# The main job: every tiny-profile ablation, gated, with a markdown summary under reports/.
 report: install
-	$(PY) -m dflash.cli report
+	$(PY) -m pytest ablations --profile tiny -n auto -q --report
+	@cat "$$(ls -td reports/tiny-*/ | head -1)summary.md"
 
 clean:
 	rm -rf $(VENV) reports/*/

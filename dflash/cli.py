@@ -1,4 +1,4 @@
-"""Command line: `dflash generate`, `dflash models`, `dflash train tiny`, `dflash report`."""
+"""Command line: `dflash generate`, `dflash models`, `dflash train tiny`, `dflash gate-quality`."""
 from __future__ import annotations
 
 import argparse
@@ -56,9 +56,9 @@ def cmd_train_tiny(args) -> None:
     build_tiny_world(args.out, quick=args.quick)
 
 
-def cmd_report(args) -> None:
-    from .quickreport import run_quick_report
-    run_quick_report(max_new_tokens=args.max_new_tokens, block_size=args.block_size)
+def cmd_gate_quality(args) -> None:
+    from .harness.gate_quality import main as gate_quality
+    gate_quality(repeats=args.repeats, trials=args.trials)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,10 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline")
     tiny.set_defaults(func=cmd_train_tiny)
 
-    r = sub.add_parser("report", help="greedy and sampled DFlash on the tiny pair vs target-only")
-    r.add_argument("--max-new-tokens", type=int, default=96)
-    r.add_argument("--block-size", type=int, default=8)
-    r.set_defaults(func=cmd_report)
+    q = sub.add_parser("gate-quality", help="measure the gates' false-alarm and detection rates on the tiny pair")
+    q.add_argument("--repeats", type=int, default=5, help="repeated measurements of unchanged code")
+    q.add_argument("--trials", type=int, default=20, help="perturbed drafts for the detection rate")
+    q.set_defaults(func=cmd_gate_quality)
     return parser
 
 

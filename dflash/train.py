@@ -80,13 +80,18 @@ def block_attention_mask(anchors: torch.Tensor, context_length: int, block_size:
     return torch.cat([sees_context, sees_block], dim=1)
 
 
-def sample_anchors(sequence: TrainingSequence, count: int, block_size: int, generator: torch.Generator):
-    """Anchors with room for a full block inside the response (and at least one context position before)."""
-    low = max(1, sequence.response_start - 1)  # the last prompt token may anchor the first response block
-    high = sequence.token_ids.numel() - block_size  # inclusive: anchor + B - 1 <= T - 1
-    if high < low:
-        return None
-    return low + torch.randperm(high - low + 1, generator=generator)[:count].sort().values
+def sample_anchors(sequence: TrainingSequence, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` anchors in the response (the last prompt token may anchor the first response block); each
+    anchor needs at least one token after it. Blocks may run past the end of a short response: those
+    positions carry no loss. Sampled without replacement when there is room, else with replacement."""
+    low = max(1, sequence.response_start - 1)
+    high = sequence.token_ids.numel() - 2  # inclusive
+    available = high - low + 1
+    if available >= count:
+        picks = torch.randperm(available, generator=generator)[:count]
+    else:
+        picks = torch.randint(available, (count,), generator=generator)
+    return (low + picks).sort().values
 
 
 def train_draft(target, sequences: list[TrainingSequence], *, mask_token_id: int, config: DraftTrainingConfig,
@@ -100,9 +105,9 @@ def train_draft(target, sequences: list[TrainingSequence], *, mask_token_id: int
                                                mask_token_id=mask_token_id,
                                                target_layer_ids=config.target_layer_ids)).float().train()
     features = context_features(target, sequences, draft.target_layer_ids)
-    usable = [i for i, s in enumerate(sequences) if s.token_ids.numel() - block >= max(1, s.response_start - 1)]
+    usable = [i for i, s in enumerate(sequences) if s.token_ids.numel() - 2 >= max(1, s.response_start - 1)]
     if not usable:
-        raise ValueError(f"no training sequence has room for a block of {block} tokens in its response")
+        raise ValueError("no training sequence has a response to learn from")
     embed, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
     for parameter in target.parameters():
         parameter.requires_grad_(False)
@@ -139,20 +144,22 @@ def train_draft(target, sequences: list[TrainingSequence], *, mask_token_id: int
 def _batch_loss(draft, embed, lm_head, sequences, features, anchors_per_sequence, block, mask_token_id,
                 position_weights, generator) -> torch.Tensor:
     """Weighted cross-entropy of every block of every sequence in the batch, in one draft forward."""
-    anchors = [sample_anchors(s, anchors_per_sequence, block, generator) for s in sequences]
-    num_blocks = min(a.numel() for a in anchors)  # equal block counts keep the batch rectangular
+    num_blocks = anchors_per_sequence
+    anchors = [sample_anchors(s, num_blocks, generator) for s in sequences]
     context_length = max(f.shape[0] for f in features)
     hidden_width = features[0].shape[1]
     block_ids, block_positions, labels, masks = [], [], [], []
     context = torch.zeros(len(sequences), context_length, hidden_width)
     for row, (sequence, feature, anchor) in enumerate(zip(sequences, features, anchors)):
-        anchor = anchor[:num_blocks]
         offsets = anchor[:, None] + torch.arange(block)[None, :]  # [A, B] absolute positions
         ids = torch.full((num_blocks, block), mask_token_id, dtype=torch.long)
         ids[:, 0] = sequence.token_ids[anchor]
         block_ids.append(ids.flatten())
         block_positions.append(offsets.flatten())
-        labels.append(sequence.token_ids[offsets[:, 1:]])  # [A, B-1]: tokens at anchor+1 .. anchor+B-1
+        targets = offsets[:, 1:]  # tokens at anchor+1 .. anchor+B-1; past the end: no loss
+        inside = targets < sequence.token_ids.numel()
+        labels.append(torch.where(inside, sequence.token_ids[targets.clamp(max=sequence.token_ids.numel() - 1)],
+                                  torch.full_like(targets, -100)))
         masks.append(block_attention_mask(anchor, context_length, block))
         context[row, : feature.shape[0]] = feature
     block_ids = torch.stack(block_ids)
@@ -162,6 +169,7 @@ def _batch_loss(draft, embed, lm_head, sequences, features, anchors_per_sequence
                    torch.stack(block_positions), attention_mask=torch.stack(masks)[:, None])
     hidden = hidden.view(len(sequences), num_blocks, block, -1)[:, :, 1:]  # drop the anchor's output
     logits = lm_head(hidden).float()
-    token_loss = F.cross_entropy(logits.flatten(0, 2), torch.stack(labels).flatten(), reduction="none")
-    weights = position_weights.expand(len(sequences), num_blocks, -1).flatten()
+    labels = torch.stack(labels).flatten()
+    token_loss = F.cross_entropy(logits.flatten(0, 2), labels, reduction="none", ignore_index=-100)
+    weights = position_weights.expand(len(sequences), num_blocks, -1).flatten() * (labels != -100)
     return (token_loss * weights).sum() / weights.sum()

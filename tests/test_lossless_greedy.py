@@ -45,3 +45,25 @@ def test_random_drafts_do_get_accepted():
     result = generate(target, random_draft(target, 2), [1, 2, 3], max_new_tokens=40, block_size=8)
     assert result.tau > 1.5
     assert result.output_ids == reference_greedy(target, [1, 2, 3], 40)
+
+
+def test_tiny_pair_is_lossless_on_heldout_prompts():
+    """The trained pair (fp32) on every held-out prompt, at the block sizes the manifest reports."""
+    import json
+
+    from dflash import load_draft, load_target, load_tokenizer
+    from dflash.loading import PACKAGE_MODELS
+    target, draft, tokenizer = load_target("tiny"), load_draft("tiny"), load_tokenizer("tiny")
+    heldout = json.loads((PACKAGE_MODELS / "tiny" / "heldout.json").read_text())
+    stop = [tokenizer.eos_token_id]
+    accepted = 0
+    for category, prompts in heldout.items():
+        for text in prompts:
+            prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+            reference = reference_greedy(target, prompt, 48, stop)
+            for block_size in (4, 16):
+                result = generate(target, draft, prompt, max_new_tokens=48, block_size=block_size,
+                                  stop_token_ids=stop)
+                assert result.output_ids == reference, (category, text[:40], block_size)
+                accepted += sum(result.acceptance_lengths) - result.num_cycles
+    assert accepted > 0

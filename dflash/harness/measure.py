@@ -3,6 +3,7 @@ after a warm-up, token-normalized, with the per-prompt vectors the statistical g
 from __future__ import annotations
 
 import statistics
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -39,17 +40,25 @@ class Comparison:
 
 
 def compare(models, prompts, variant: Variant, *, max_new_tokens: int, stop_ids, baseline: Variant = TARGET_ONLY,
-            others: tuple[Variant, ...] = (), repeats: int = 1) -> Comparison:
+            others: tuple[Variant, ...] = (), repeats: int = 1, label: str | None = None) -> Comparison:
     """Run every mode on each prompt before the next prompt, rotating the order per prompt so slow drift of
     the machine spreads evenly over the modes."""
     out = Comparison(others={o.name: [] for o in others})
     modes = [(baseline, out.baseline), (variant, out.variant)] + [(o, out.others[o.name]) for o in others]
-    for index, prompt in enumerate(prompts):
+    for index, prompt in enumerate(_progress(prompts, label)):
         shift = index % len(modes)
         for mode, sink in modes[shift:] + modes[:shift]:
             runs = [mode.run(models, prompt, max_new_tokens, stop_ids, seed=index) for _ in range(repeats)]
             sink.append(min(runs, key=lambda r: r.wall_s))  # timing noise on a shared machine only adds time
     return out
+
+
+def _progress(prompts, label):
+    """A progress bar on the real terminal (pytest captures sys.stderr); silent when not interactive."""
+    if label is None or not sys.__stderr__.isatty():
+        return prompts
+    from tqdm.auto import tqdm
+    return tqdm(prompts, desc=label, file=sys.__stderr__, leave=False)
 
 
 def warm_up(models, prompt, variants, stop_ids) -> None:

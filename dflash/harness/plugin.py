@@ -38,6 +38,10 @@ def pytest_addoption(parser):
     group.addoption("--tau-margin", type=float, default=0.03, help="practical margin of the tau gate (0.03 = 3%%)")
     group.addoption("--throughput-factor", type=float, default=1.10, help="asv-style factor of the speedup gate")
     group.addoption("--gate-alpha", type=float, default=0.05, help="family-wise significance level of the gates")
+    group.addoption("--target", dest="dflash_target", default=None,
+                    help="override the profile's target (a known name, local directory or hub id)")
+    group.addoption("--draft", dest="dflash_draft", default=None,
+                    help="override the profile's draft, e.g. a perturbed copy to check that the gates fire")
     group.addoption("--reports-dir", default="reports", help="where run directories are written")
     group.addoption("--baselines-dir", default="baselines", help="where baseline files live")
 
@@ -132,10 +136,12 @@ class Models:
 def _models(state: RunState, profile) -> Models:
     if profile.name not in state.models:
         from ..loading import load_draft, load_target, load_tokenizer
-        tokenizer = load_tokenizer(profile.target)
+        target = state.config.getoption("dflash_target") or profile.target
+        draft = state.config.getoption("dflash_draft") or profile.draft
+        tokenizer = load_tokenizer(target)
         state.models[profile.name] = Models(
-            load_target(profile.target, device=profile.device, dtype=profile.dtype),
-            load_draft(profile.draft, device=profile.device, dtype=profile.dtype), tokenizer,
+            load_target(target, device=profile.device, dtype=profile.dtype),
+            load_draft(draft, device=profile.device, dtype=profile.dtype), tokenizer,
             [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
     return state.models[profile.name]
 
@@ -175,7 +181,7 @@ class Case:
             self._warmed = True
         return compare(self.models, prompts, variant, stop_ids=self.models.stop_ids,
                        max_new_tokens=max_new_tokens or self.profile.max_new_tokens, others=others,
-                       repeats=self.profile.timing_repeats)
+                       repeats=self.profile.timing_repeats, label=self.experiment_id)
 
     def measure(self, variant: Variant, *, max_new_tokens: int | None = None, extra=None,
                 others: tuple[Variant, ...] = ()):
