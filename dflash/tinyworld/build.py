@@ -25,7 +25,7 @@ from .target import distillation_prompts, greedy_continuations, train_target
 from .tokenizer import MASK_TOKEN, train_tokenizer
 
 SEED = 0
-FULL = dict(target_steps=800, distill_prompts=900, distill_tokens=96, draft_steps=1200)
+FULL = dict(target_steps=700, distill_prompts=900, distill_tokens=96, draft_steps=2000)
 QUICK = dict(target_steps=4, distill_prompts=12, distill_tokens=24, draft_steps=4)
 QUALITY_BLOCK_SIZES = (2, 4, 8, 16)
 QUALITY_MAX_NEW_TOKENS = 64

@@ -10,12 +10,13 @@ deterministic for a given Python version. Three categories:
         function" tasks and simple facts
 
 Held-out prompts (12 per category) come from material that never appears in training:
-held-out stdlib modules (code, docstring questions), held-out names and number
-triples (math), held-out facts and function tasks (chat). `heldout_texts` holds full
-held-out documents (prompt + answer / source) for measuring held-out loss.
+held-out stdlib modules (code, docstring questions), held-out names (math), held-out
+facts and function tasks (chat). `heldout_texts` holds full held-out documents
+(prompt + answer, or source) for measuring held-out loss.
 """
 
 import ast
+import functools
 import inspect
 import os
 import random
@@ -112,7 +113,8 @@ def first_sentence(doc: str) -> str | None:
     return sentence if 10 <= len(sentence) <= 200 else None
 
 
-def docstring_qas(module: str, src: str) -> list[tuple[str, str]]:
+@functools.lru_cache(maxsize=None)  # parsing the stdlib is most of build_corpus's time
+def docstring_qas(module: str, src: str) -> tuple[tuple[str, str], ...]:
     """(question, answer) pairs about public functions, classes and methods of a module."""
     qas = []
 
@@ -132,17 +134,22 @@ def docstring_qas(module: str, src: str) -> list[tuple[str, str]]:
             for sub in node.body:
                 if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)) and not sub.name.startswith("_"):
                     add("method", f"{node.name}.{sub.name}", sub)
-    return qas
+    return tuple(qas)
 
 
+@functools.lru_cache(maxsize=None)
 def code_prompt(src: str, max_chars: int = 700) -> str | None:
     """Signature + docstring of the first public top-level function with a docstring:
-    a natural prompt for the model to continue with the function body."""
+    a natural prompt for the model to continue with the function body.
+
+    The prompt stops right after the closing quotes, without the newline: the tokenizer
+    merges a newline with the next line's indentation ("\n    " is one token), so a prompt
+    ending in a bare "\n" tells the model the next line is *not* indented."""
     lines = src.splitlines(keepends=True)
     for node in ast.parse(src).body:
         if isinstance(node, ast.FunctionDef) and not node.name.startswith("_") and ast.get_docstring(node):
             start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-            prompt = "".join(lines[start - 1 : node.body[0].end_lineno])
+            prompt = "".join(lines[start - 1 : node.body[0].end_lineno]).rstrip("\n")
             if len(prompt) <= max_chars:
                 return prompt
     return None
@@ -152,8 +159,8 @@ def code_prompt(src: str, max_chars: int = 700) -> str | None:
 TRAIN_NAMES = """Tom Anna Ben Lucy Sam Mia Jack Emma Leo Zoe Max Lily Noah Ella Omar Ruby Ivan
 Nina Hugo Rosa Paul Maya Alex Sara Dan Kate Finn Iris Carl Lena""".split()
 HELDOUT_NAMES = "Victor Greta Rahul Yuki Olga Pedro".split()
-ITEMS = """apples pencils marbles stickers cookies books cards stamps shells coins balloons
-toy cars""".replace("toy cars", "toy_cars").split()
+ITEMS = ["apples", "pencils", "marbles", "stickers", "cookies", "books", "cards", "stamps", "shells",
+         "coins", "balloons", "toy cars"]
 
 # (op, template). {a} {b} are operands, {n} a name, {i} an item (plural).
 MATH_TEMPLATES = [
@@ -171,17 +178,18 @@ MATH_TEMPLATES = [
 
 
 def math_operands(op: str, rng: random.Random) -> tuple[int, int]:
+    # small numbers: the addition/multiplication tables are learnable by a tiny model
     if op == "+":
-        return rng.randint(1, 40), rng.randint(1, 40)
+        return rng.randint(1, 20), rng.randint(1, 20)
     if op == "-":
-        a = rng.randint(2, 50)
+        a = rng.randint(2, 25)
         return a, rng.randint(1, a - 1)
-    return rng.randint(2, 12), rng.randint(2, 12)
+    return rng.randint(2, 10), rng.randint(2, 10)
 
 
 def math_problem(op, template, a, b, name, item) -> tuple[str, str]:
     c = {"+": a + b, "-": a - b, "*": a * b}[op]
-    q = template.format(n=name, a=a, b=b, i=item.replace("_", " "))
+    q = template.format(n=name, a=a, b=b, i=item)
     return q, f"{a} {op} {b} = {c}. The answer is {c}."
 
 
@@ -309,22 +317,15 @@ def build_corpus(seed: int = 0, n_math: int = 4000, fact_repeats: int = 4) -> Co
         docs += [("code", c) for c in capped_chunks(src)]
         docs += [("chat", chat_sample(q, a)) for q, a in docstring_qas(name, src)]
 
-    # math: held-out problems use held-out names and (op, a, b) triples never used in training
-    heldout_math, held_triples = [], set()
-    while len(heldout_math) < 100:
-        op, template = rng.choice(MATH_TEMPLATES)
-        a, b = math_operands(op, rng)
-        if (op, a, b) in held_triples:
-            continue
-        held_triples.add((op, a, b))
-        heldout_math.append(math_problem(op, template, a, b, rng.choice(HELDOUT_NAMES), rng.choice(ITEMS)))
-    n = 0
-    while n < n_math:
-        op, template = rng.choice(MATH_TEMPLATES)
-        a, b = math_operands(op, rng)
-        if (op, a, b) not in held_triples:
-            docs.append(("math", chat_sample(*math_problem(op, template, a, b, rng.choice(TRAIN_NAMES), rng.choice(ITEMS)))))
-            n += 1
+    # math: held-out problems use held-out names (so no held-out prompt occurs in training);
+    # their numbers come from the same small tables as training
+    named = [t for t in MATH_TEMPLATES if "{n}" in t[1]]
+    heldout_math = [math_problem(op, t, *math_operands(op, rng), rng.choice(HELDOUT_NAMES), rng.choice(ITEMS))
+                    for op, t in (rng.choice(named) for _ in range(100))]
+    for _ in range(n_math):
+        op, t = rng.choice(MATH_TEMPLATES)
+        docs.append(("math", chat_sample(*math_problem(op, t, *math_operands(op, rng), rng.choice(TRAIN_NAMES),
+                                                          rng.choice(ITEMS)))))
 
     # chat: facts and function tasks are few, so repeat them to make them learnable
     docs += [("chat", chat_sample(q, a)) for q, a in (fact_qas(False) + task_qas(False)) * fact_repeats]

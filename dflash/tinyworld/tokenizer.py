@@ -24,7 +24,10 @@ CHAT_TEMPLATE = (
 
 def train_tokenizer(texts, vocab_size: int = 2048) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digit runs are split from the space before them, so "15" is the same token in
+    # "has 15 apples" and in the answer "15 - 1 = 14": copying numbers is exact copying.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=False),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
