@@ -202,15 +202,22 @@ def _one_hot_law(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
 @torch.inference_mode()
 def generate(target, draft: DFlashDraftModel | None, input_ids, *, max_new_tokens: int,
              block_size: int | BlockSizePolicy = 1, temperature: float = 0.0, seed: int | None = None,
-             stop_token_ids=None, acceptance: str = "speculative") -> GenerationResult:
+             stop_token_ids=None, acceptance: str = "speculative",
+             draft_temperature: float | None = None) -> GenerationResult:
     """Speculative decoding with a DFlash draft (or target-only with draft=None, block_size=1).
 
     Greedy (temperature 0) output equals the target's own greedy decoding; sampled output is distributed as
     the target's, under the `acceptance` rule ("speculative": min(1, p/q) with residual resampling; "match":
     the upstream rule that accepts a greedy draft token iff it equals an independent target sample).
+    `draft_temperature` (default: `temperature`) sharpens or flattens the draft's proposal law q only; any q
+    keeps the output distribution exact, so it is a tuning knob, not a correctness one.
     """
     input_ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
     _check_arguments(draft, input_ids, max_new_tokens, block_size, temperature, acceptance)
+    draft_temperature = temperature if draft_temperature is None else draft_temperature
+    if draft_temperature < 0 or (draft_temperature == 0) != (temperature == 0):
+        raise DFlashError(f"draft_temperature must be > 0 when sampling (temperature {temperature}) and 0 when "
+                          f"greedy; got {draft_temperature}.")
     if draft is not None:
         check_pair(target, draft)
     policy = FixedBlockSize(block_size) if isinstance(block_size, int) else block_size
@@ -250,8 +257,8 @@ def generate(target, draft: DFlashDraftModel | None, input_ids, *, max_new_token
         draft_tokens = torch.empty(0, dtype=torch.long, device=device)
         draft_law = None
         if length > 1:
-            draft_tokens, draft_law = drafter.propose(anchor, start, length, pending, temperature, acceptance,
-                                                      generator)
+            draft_tokens, draft_law = drafter.propose(anchor, start, length, pending, draft_temperature,
+                                                      acceptance, generator)
             pending = pending[:, :0]
         draft_end = _clock(device)
 

@@ -105,3 +105,9 @@ def test_cli_prints_one_paragraph_and_exits_2():
     assert run.returncode == 2
     assert run.stderr.startswith("dflash: error: ") and "Traceback" not in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("temperature,draft_temperature", [(0.0, 0.5), (1.0, 0.0), (1.0, -1.0)])
+def test_draft_temperature_must_match_the_mode(target, temperature, draft_temperature):
+    expect("draft_temperature must be > 0 when sampling", generate, target, random_draft(target, 0), [1, 2],
+           max_new_tokens=4, block_size=4, temperature=temperature, draft_temperature=draft_temperature)

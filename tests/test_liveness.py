@@ -169,3 +169,10 @@ def test_throughput_gate_factor_is_live():
     new = [s / 1.15 for s in baseline]
     assert throughput_gate(baseline, new, factor=1.10).verdict == "regression"
     assert throughput_gate(baseline, new, factor=1.20).verdict == "pass"
+
+
+def test_draft_temperature_is_live(pair):
+    target, draft = pair
+    runs = [generate(target, draft, [1, 2, 3], max_new_tokens=30, block_size=8, temperature=1.0, seed=0,
+                     draft_temperature=t).acceptance_lengths for t in (1.0, 0.2)]
+    assert runs[0] != runs[1]

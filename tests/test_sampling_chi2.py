@@ -7,6 +7,11 @@ from the following cycles. The exact law of the 4-token continuation is the prod
 conditionals. Bins are fixed before sampling from that exact law (every continuation whose expected count is at
 least 5, plus one bin for the rest), so the chi-square test is calibrated: with a correct engine p < 1e-4
 happens less than once in 10^4 runs, and the seeds are fixed.
+
+Power: the draft proposes at temperature 0.3 while the target samples at 1, on an open-ended code prompt. The
+sharpened proposal puts more mass than the target on its favourite tokens (p/q < 1), which is where a wrong
+acceptance probability shows. (Any proposal law keeps the output exact, so this is a fair setting.) Measured:
+with min(1, p/q) squared, this test fails with p ~ 1e-6 while the correct rule passes.
 """
 import pytest
 import torch
@@ -15,15 +20,16 @@ from scipy.stats import chisquare
 from dflash import generate, load_draft, load_target, load_tokenizer
 from dflash.acceptance import probabilities
 
-RUNS = 1500
+RUNS = 3000
 NEW_TOKENS = 4
+DRAFT_TEMPERATURE = 0.3
 ALPHA = 1e-4
 
 
 @pytest.fixture(scope="module")
 def tiny():
     tokenizer = load_tokenizer("tiny")
-    prompt = tokenizer("<|user|>\nWhat is 12 plus 7?<|end|>\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
+    prompt = tokenizer("def get_name(path):", add_special_tokens=False)["input_ids"]
     return load_target("tiny"), load_draft("tiny"), prompt
 
 
@@ -52,7 +58,7 @@ def test_committed_tokens_follow_the_target_distribution(tiny, rule):
     other = 0
     for seed in range(RUNS):
         result = generate(target, draft, prompt, max_new_tokens=NEW_TOKENS, block_size=4, temperature=1.0,
-                          seed=seed, acceptance=rule)
+                          draft_temperature=DRAFT_TEMPERATURE, seed=seed, acceptance=rule)
         accepted_drafts += sum(t - 1 for t in result.acceptance_lengths)
         key = tuple(result.output_ids)
         if key in counts:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import random
 import shutil
 import sys
 import tempfile
@@ -25,8 +26,28 @@ from .target import distillation_prompts, greedy_continuations, train_target
 from .tokenizer import MASK_TOKEN, train_tokenizer
 
 SEED = 0
-FULL = dict(target_steps=700, distill_prompts=900, distill_tokens=96, draft_steps=2000)
-QUICK = dict(target_steps=4, distill_prompts=12, distill_tokens=24, draft_steps=4)
+FULL = dict(target_steps=700, distill_prompts=900, fresh_code_prompts=300, distill_tokens=96, draft_steps=2000)
+QUICK = dict(target_steps=4, distill_prompts=12, fresh_code_prompts=4, distill_tokens=24, draft_steps=4)
+VERBS = "get set add make read write parse load find check update build run open close format split join count sort"
+NOUNS = "name path value item data file line key list text node size mode args result table entry token"
+ARGS = ["a", "b", "x", "y", "n", "path", "name", "value", "data", "key", "default=None", "*args", "**kwargs"]
+
+
+def fresh_code_prompts(count: int, seed: int) -> list[str]:
+    """Function headers the target has never seen (random verb_noun names and arguments, no trailing newline).
+
+    The target continues unseen code differently from memorised training code (often with loops such as
+    "a, b, b, b"); the draft must see such continuations, or it fails on every new prompt. These headers are
+    made of common words, not taken from the held-out modules."""
+    rng = random.Random(seed)
+    verbs, nouns = VERBS.split(), NOUNS.split()
+    prompts = []
+    for _ in range(count):
+        args = ", ".join(rng.sample(ARGS, rng.randint(1, 3)))
+        method = rng.random() < 0.3
+        header = f"def {rng.choice(verbs)}_{rng.choice(nouns)}({'self, ' if method else ''}{args}):"
+        prompts.append(("    " + header) if method else header)
+    return prompts
 QUALITY_BLOCK_SIZES = (2, 4, 8, 16)
 QUALITY_MAX_NEW_TOKENS = 64
 
@@ -47,6 +68,7 @@ def build_tiny_world(out_dir: str | None = None, *, quick: bool = False) -> dict
         target, target_stats = train_target(corpus, tokenizer, seed=SEED, steps=budget["target_steps"])
 
         prompts = distillation_prompts(corpus, tokenizer, budget["distill_prompts"], seed=SEED + 1)
+        prompts += fresh_code_prompts(budget["fresh_code_prompts"], seed=SEED + 2)
         responses = greedy_continuations(target, tokenizer, prompts, budget["distill_tokens"])
         sequences = []
         for prompt, response in zip(prompts, responses):
@@ -87,7 +109,8 @@ def build_tiny_world(out_dir: str | None = None, *, quick: bool = False) -> dict
         "tokenizer": {"vocab_size": len(tokenizer), "mask_token": MASK_TOKEN, "mask_token_id": mask_id,
                       "eos_token": tokenizer.eos_token},
         "target": target_stats,
-        "distillation": {"prompts": len(prompts), "max_new_tokens": budget["distill_tokens"],
+        "distillation": {"prompts": len(prompts), "fresh_code_prompts": budget["fresh_code_prompts"],
+                         "max_new_tokens": budget["distill_tokens"],
                          "response_tokens": sum(len(r) for r in responses)},
         "draft": {k: v for k, v in vars(draft_stats).items() if k != "losses"},
         "quality": {"metric": "greedy acceptance length tau on held-out prompts", "max_new_tokens":
