@@ -1,17 +1,18 @@
 """End to end at temperature 1 on the tiny pair: the tokens that the verification step commits follow the
 target's exact distribution.
 
-Each run decodes 4 new tokens with block size 4: token 1 comes from prefill, tokens 2-4 from the first
+Each run decodes 3 new tokens with block size 4: token 1 comes from prefill, tokens 2-3 from the first
 verification cycle (accepted drafts, a residual draw on rejection, or the bonus token) and, after a rejection,
-from the following cycles. The exact law of the 4-token continuation is the product of the target's
+from the following cycles. The exact law of the 3-token continuation is the product of the target's
 conditionals. Bins are fixed before sampling from that exact law (every continuation whose expected count is at
 least 5, plus one bin for the rest), so the chi-square test is calibrated: with a correct engine p < 1e-4
 happens less than once in 10^4 runs, and the seeds are fixed.
 
-Power: the draft proposes at temperature 0.3 while the target samples at 1, on an open-ended code prompt. The
-sharpened proposal puts more mass than the target on its favourite tokens (p/q < 1), which is where a wrong
-acceptance probability shows. (Any proposal law keeps the output exact, so this is a fair setting.) Measured:
-with min(1, p/q) squared, this test fails with p ~ 1e-6 while the correct rule passes.
+The draft proposes at temperature 0.3 while the target samples at 1: a sharpened proposal is rejected often,
+so residual draws are exercised as well as accepted drafts (any proposal law keeps the output exact).
+Power is limited: on this pair, squaring min(1, p/q) or drawing rejections from p instead of the residual
+moves the committed law too little to detect at 3000 runs (measured p = 0.24 and 0.27); the exact
+enumeration in test_acceptance_exact.py is the test that catches those breaks.
 """
 import pytest
 import torch
@@ -21,7 +22,7 @@ from dflash import generate, load_draft, load_target, load_tokenizer
 from dflash.acceptance import probabilities
 
 RUNS = 3000
-NEW_TOKENS = 4
+NEW_TOKENS = 3
 DRAFT_TEMPERATURE = 0.3
 ALPHA = 1e-4
 
@@ -29,7 +30,7 @@ ALPHA = 1e-4
 @pytest.fixture(scope="module")
 def tiny():
     tokenizer = load_tokenizer("tiny")
-    prompt = tokenizer("def get_name(path):", add_special_tokens=False)["input_ids"]
+    prompt = tokenizer("<|user|>\nWhat is 12 plus 7?<|end|>\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
     return load_target("tiny"), load_draft("tiny"), prompt
 
 
