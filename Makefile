@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 
 # Unit, property and lossless tests plus the tiny-profile ablations gated against baselines/.
 test: install
-	$(PY) -m pytest tests ablations --profile tiny -n auto -q
+	$(PY) -m pytest tests ablations --profile tiny -n auto -q -m "not slow"
 
 # The main job: every tiny-profile ablation, gated, with a markdown summary under reports/.
 report: install

@@ -47,7 +47,8 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "ablation(name): an ablation case; name is its baseline file")
+    config.addinivalue_line("markers", "ablation(name, ci_datasets=None): an ablation case; name is its baseline "
+                            "file; with ci_datasets, cases on other datasets are marked slow")
     config.addinivalue_line("markers", "gpu: needs CUDA and real checkpoints in the local HF cache")
     config.addinivalue_line("markers", "slow: long-running; excluded from make test")
     name = config.getoption("profile")
@@ -119,10 +120,26 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("case", params, indirect=True)
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: it must see the slow marks added here
 def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.ablation(name, ci_datasets=(...))`: cases on other datasets are marked slow, so `make test`
+    (-m "not slow") gates a representative subset within its budget and `pytest ablations` runs them all."""
     state = config.stash[STATE]
-    state.gated_cases = sum(1 for item in items if item.get_closest_marker("ablation") and "case" in
-                            getattr(item, "fixturenames", ()))
+    for item in items:
+        marker = item.get_closest_marker("ablation")
+        callspec = getattr(item, "callspec", None)
+        if marker is None or callspec is None or "case" not in callspec.params:
+            continue
+        ci_datasets = marker.kwargs.get("ci_datasets")
+        if ci_datasets is not None and callspec.params["case"][1] not in ci_datasets:
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_collection_finish(session):
+    """The gate family is the cases that will run (after -m / -k deselection)."""
+    session.config.stash[STATE].gated_cases = sum(
+        1 for item in session.items if item.get_closest_marker("ablation") and "case" in
+        getattr(item, "fixturenames", ()))
 
 
 @dataclass
