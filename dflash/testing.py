@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from hypothesis import strategies as st
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from .model import DFlashDraftModel, make_draft_config
@@ -42,3 +43,17 @@ def reference_greedy(target, prompt: list[int], max_new_tokens: int, stop_token_
                           max_new_tokens=max_new_tokens, eos_token_id=list(stop_token_ids) or None,
                           pad_token_id=0, min_new_tokens=0)
     return out[0, len(prompt):].tolist()
+
+
+@st.composite
+def decoding_cases(draw):
+    """Random small target/draft/prompt/block-size/stop-token cases for the lossless property tests."""
+    vocab = draw(st.integers(4, 40))
+    heads = draw(st.sampled_from([2, 4]))
+    target = dict(seed=draw(st.integers(0, 10_000)), vocab_size=vocab, hidden_size=heads * draw(st.sampled_from([4, 8])),
+                  num_layers=draw(st.integers(2, 5)), num_heads=heads, num_kv_heads=draw(st.sampled_from([1, heads])))
+    prompt = draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=12))
+    stop = draw(st.lists(st.integers(0, vocab - 1), max_size=1))
+    taps = draw(st.lists(st.integers(0, target["num_layers"] - 1), min_size=1, max_size=3, unique=True))
+    return dict(target=target, draft_layers=draw(st.integers(1, 2)), taps=sorted(taps), block_size=draw(st.integers(1, 16)),
+                prompt=prompt, max_new_tokens=draw(st.integers(1, 40)), stop=stop)

@@ -6,23 +6,10 @@ flip on kernel rounding: any mismatch is a real bug. Small vocabularies make ran
 target often enough that accepted prefixes, bonus tokens and cache crops are all exercised.
 """
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
 
 from dflash import generate
-from dflash.testing import random_draft, random_target, reference_greedy
-
-
-@st.composite
-def decoding_cases(draw):
-    vocab = draw(st.integers(4, 40))
-    heads = draw(st.sampled_from([2, 4]))
-    target = dict(seed=draw(st.integers(0, 10_000)), vocab_size=vocab, hidden_size=heads * draw(st.sampled_from([4, 8])),
-                  num_layers=draw(st.integers(2, 5)), num_heads=heads, num_kv_heads=draw(st.sampled_from([1, heads])))
-    prompt = draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=12))
-    stop = draw(st.lists(st.integers(0, vocab - 1), max_size=1))
-    taps = draw(st.lists(st.integers(0, target["num_layers"] - 1), min_size=1, max_size=3, unique=True))
-    return dict(target=target, draft_layers=draw(st.integers(1, 2)), taps=sorted(taps), block_size=draw(st.integers(1, 16)),
-                prompt=prompt, max_new_tokens=draw(st.integers(1, 40)), stop=stop)
+from dflash.testing import decoding_cases, random_draft, random_target, reference_greedy
 
 
 @settings(max_examples=250, deadline=None)

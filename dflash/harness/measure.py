@@ -19,10 +19,17 @@ class Variant:
     policy: Callable[[], object] | None = None
     temperature: float = 0.0
     acceptance: str = "speculative"
+    method: str | None = None  # a registered research-backlog variant (dflash.variants); None: plain DFlash
+    knobs: tuple = ()  # (name, value) pairs passed to the variant's decode
 
     def run(self, models, prompt, max_new_tokens, stop_ids, seed) -> GenerationResult:
         draft = models.draft if (self.use_draft and (self.block_size > 1 or self.policy)) else None
         block = self.policy() if self.policy is not None else (self.block_size if draft is not None else 1)
+        if self.method is not None:
+            from ..variants import get_variant
+            return get_variant(self.method).decode(
+                models.target, models.draft, prompt, max_new_tokens=max_new_tokens, block_size=block,
+                temperature=self.temperature, seed=seed, stop_token_ids=stop_ids, **dict(self.knobs))
         return generate(models.target, draft, prompt, max_new_tokens=max_new_tokens, block_size=block,
                         temperature=self.temperature, seed=seed, stop_token_ids=stop_ids,
                         acceptance=self.acceptance)

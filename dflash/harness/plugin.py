@@ -296,6 +296,30 @@ def case(request):
     return made
 
 
+def _variant_fixture(name: str):
+    def fixture():
+        from ..variants import get_variant
+        spec = get_variant(name)
+        reason = spec.unavailable()
+        if reason:
+            pytest.skip(f"variant {name}: {reason}")
+        return spec
+    fixture.__name__ = f"variant_{name.replace('-', '_')}"
+    fixture.__doc__ = f"The {name} research-backlog variant (a dflash.variants.VariantSpec)."
+    return pytest.fixture(fixture, name=fixture.__name__)
+
+
+def _register_variant_fixtures(namespace: dict) -> None:
+    """One fixture per registered variant (`variant_suffix_recycling`, ...), so tests can ask for it by name."""
+    from ..variants import VARIANTS
+    for name in VARIANTS:
+        made = _variant_fixture(name)
+        namespace[f"variant_{name.replace('-', '_')}"] = made
+
+
+_register_variant_fixtures(globals())
+
+
 class Controller:
     """Controller-side hooks (the only process in a run without xdist): collect records, Holm, baselines."""
 
