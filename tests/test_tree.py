@@ -1,0 +1,164 @@
+"""Tree verification pieces (dflash.tree): trie packing, ancestor-only mask, one-pass verification, cache
+compaction and greedy tree acceptance.
+
+The strict checks use float64 random targets: tree-verified logits of every root-to-leaf path equal a plain
+sequential forward of that path to 1e-10, and the compacted cache equals the cache of a chain forward of the
+accepted path (so decoding can continue from it).
+"""
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from dflash.cache import new_cache
+from dflash.errors import DFlashError
+from dflash.testing import random_target
+from dflash.tree import (Trie, ancestor_matrix, chain_trie, compact_cache, greedy_tree_accept, pack_trie,
+                         path_tokens, tree_attention_mask, tree_positions, verify_tree)
+
+torch.set_num_threads(1)
+
+
+def test_pack_trie_deduplicates_shared_prefixes():
+    trie, ends = pack_trie(9, [[1, 2, 3], [1, 2, 4], [5], [1, 2, 3]])
+    assert trie.tokens.tolist() == [9, 1, 2, 3, 4, 5]
+    assert trie.parents.tolist() == [-1, 0, 1, 2, 2, 0]
+    assert trie.depths.tolist() == [0, 1, 2, 3, 3, 1]
+    assert ends == [3, 4, 5, 3]
+
+
+def test_pack_trie_node_budget_cuts_later_paths_first():
+    trie, ends = pack_trie(9, [[1, 2, 3], [1, 7, 8], [5, 6]], node_budget=5)
+    assert trie.tokens.tolist() == [9, 1, 2, 3, 7]  # path 2 keeps "1 7", path 3 does not fit at all
+    assert ends == [3, 4, 0]
+    assert pack_trie(9, [[1, 2, 3]], node_budget=1)[0].num_nodes == 1
+    with pytest.raises(DFlashError, match="node_budget"):
+        pack_trie(9, [[1]], node_budget=0)
+
+
+def test_chain_trie_is_a_linear_block():
+    trie = chain_trie(4, torch.tensor([5, 6, 7]))
+    assert trie.parents.tolist() == [-1, 0, 1, 2] and trie.depths.tolist() == [0, 1, 2, 3]
+
+
+def test_ancestor_mask_and_positions():
+    trie, _ = pack_trie(9, [[1, 2], [1, 3], [4]])  # nodes: 0 root, 1 "1", 2 "2", 3 "3", 4 "4"
+    expected = torch.tensor([[1, 0, 0, 0, 0],
+                             [1, 1, 0, 0, 0],
+                             [1, 1, 1, 0, 0],
+                             [1, 1, 0, 1, 0],
+                             [1, 0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(ancestor_matrix(trie.parents), expected)
+    mask = tree_attention_mask(trie.parents, 3, torch.float64)
+    assert mask.shape == (1, 1, 5, 8)
+    assert (mask[0, 0, :, :3] == 0).all()  # every node sees the whole committed cache
+    assert torch.equal(mask[0, 0, :, 3:] == 0, expected)
+    assert tree_positions(trie.depths, 10).tolist() == [[10, 11, 12, 12, 11]]
+    with pytest.raises(DFlashError, match="topologically"):
+        ancestor_matrix(torch.tensor([-1, 2, 0]))
+
+
+def test_greedy_tree_accept_follows_the_argmax_child():
+    trie, _ = pack_trie(9, [[1, 2], [1, 3], [4]])
+    vocab = 10
+    logits = torch.zeros(trie.num_nodes, vocab)
+    logits[0, 1] = logits[1, 3] = logits[3, 7] = 1.0  # root -> "1" -> "3" -> bonus 7
+    path, bonus = greedy_tree_accept(trie, logits)
+    assert path == [0, 1, 3] and bonus == 7 and path_tokens(trie, path) == [1, 3]
+    logits[0] = 0
+    logits[0, 5] = 1.0  # no child of the root is the argmax: nothing accepted, bonus 5
+    assert greedy_tree_accept(trie, logits) == ([0], 5)
+
+
+def _prefill(target, prompt):
+    cache = new_cache(target.config)
+    with torch.inference_mode():
+        target(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
+    return cache
+
+
+def _chain_forward(target, cache, tokens):
+    with torch.inference_mode():
+        out = target(input_ids=torch.tensor([tokens]), past_key_values=cache, use_cache=True,
+                     output_hidden_states=True)
+    return out
+
+
+def _leaves(trie: Trie) -> list[list[int]]:
+    """Root-first node paths to every leaf."""
+    parents = trie.parents.tolist()
+    leaves = sorted(set(range(trie.num_nodes)) - set(parents))
+    paths = []
+    for leaf in leaves:
+        path = [leaf]
+        while path[-1] != 0:
+            path.append(parents[path[-1]])
+        paths.append(path[::-1])
+    return paths
+
+
+@st.composite
+def tree_cases(draw):
+    vocab = draw(st.integers(3, 12))
+    prompt = draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=8))
+    paths = draw(st.lists(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=6), min_size=1, max_size=5))
+    return dict(seed=draw(st.integers(0, 1000)), vocab=vocab, prompt=prompt, anchor=draw(st.integers(0, vocab - 1)),
+                paths=paths, attn=draw(st.sampled_from(["sdpa", "eager"])))
+
+
+@settings(max_examples=25, deadline=None)
+@given(tree_cases())
+def test_tree_logits_equal_sequential_forward_and_compaction_equals_chain_cache(case):
+    target = random_target(case["seed"], vocab_size=case["vocab"], num_layers=2)
+    target.config._attn_implementation = case["attn"]
+    base = _prefill(target, case["prompt"])
+    start = len(case["prompt"])
+    trie, _ = pack_trie(case["anchor"], case["paths"])
+    # SDPA keeps float64 throughout; HF's eager attention runs its softmax in float32, so rows of different
+    # lengths (tree vs chain) round differently at ~1e-7 and the eager check can only be float32-tight.
+    atol = 1e-10 if case["attn"] == "sdpa" else 1e-5
+    tree_cache = copy.deepcopy(base)
+    with torch.inference_mode():
+        tree_out = verify_tree(target, tree_cache, trie, start, output_hidden_states=True)
+    assert tree_cache.get_seq_length() == start + trie.num_nodes
+    for path in _leaves(trie):
+        tokens = trie.tokens[path].tolist()
+        chain_cache = copy.deepcopy(base)
+        chain = _chain_forward(target, chain_cache, tokens)
+        torch.testing.assert_close(tree_out.logits[0, path], chain.logits[0], rtol=0, atol=atol)
+        torch.testing.assert_close(tree_out.hidden_states[1][0, path], chain.hidden_states[1][0], rtol=0, atol=atol)
+        compacted = copy.deepcopy(tree_cache)
+        compact_cache(compacted, start, path)
+        for tree_layer, chain_layer in zip(compacted.layers, chain_cache.layers):
+            torch.testing.assert_close(tree_layer.keys, chain_layer.keys, rtol=0, atol=atol)
+            torch.testing.assert_close(tree_layer.values, chain_layer.values, rtol=0, atol=atol)
+        # Decoding continues identically from the compacted cache.
+        after_tree = _chain_forward(target, compacted, [0, 1])
+        after_chain = _chain_forward(target, chain_cache, [0, 1])
+        torch.testing.assert_close(after_tree.logits, after_chain.logits, rtol=0, atol=atol)
+
+
+def test_keeping_a_sibling_entry_breaks_the_cache():
+    """The compaction check has power: keeping a sibling's K/V instead of the path's gives a different cache."""
+    target = random_target(3, vocab_size=8, num_layers=2)
+    base = _prefill(target, [1, 2, 3])
+    trie, _ = pack_trie(4, [[1, 2], [5, 2]])  # nodes 0, 1 "1", 2 "2", 3 "5", 4 "2"
+    cache = copy.deepcopy(base)
+    with torch.inference_mode():
+        verify_tree(target, cache, trie, 3)
+    chain_cache = copy.deepcopy(base)
+    _chain_forward(target, chain_cache, [4, 1, 2])
+    wrong = copy.deepcopy(cache)
+    compact_cache(wrong, 3, [0, 1, 4])  # "2" under "5", same token and depth as the right node
+    assert torch.allclose(wrong.layers[0].keys, chain_cache.layers[0].keys)  # layer 0: token + position only
+    assert not torch.allclose(wrong.layers[1].keys, chain_cache.layers[1].keys, atol=1e-6)
+    compact_cache(cache, 3, [0, 1, 2])
+    torch.testing.assert_close(cache.layers[1].keys, chain_cache.layers[1].keys, rtol=0, atol=1e-10)
+
+
+def test_verify_tree_rejects_a_cache_out_of_step():
+    target = random_target(3, vocab_size=8, num_layers=2)
+    cache = _prefill(target, [1, 2, 3])
+    with pytest.raises(DFlashError, match="cache holds 3"):
+        verify_tree(target, cache, chain_trie(1, torch.tensor([2])), 4)
