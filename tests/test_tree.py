@@ -6,6 +6,7 @@ sequential forward of that path to 1e-10, and the compacted cache equals the cac
 accepted path (so decoding can continue from it).
 """
 import copy
+import itertools
 
 import pytest
 import torch
@@ -162,3 +163,111 @@ def test_verify_tree_rejects_a_cache_out_of_step():
     cache = _prefill(target, [1, 2, 3])
     with pytest.raises(DFlashError, match="cache holds 3"):
         verify_tree(target, cache, chain_trie(1, torch.tensor([2])), 4)
+
+
+# --- candidate builders (dflash.candidates) ------------------------------------------------------------------
+
+from dflash.candidates import (adaptive_budget, branch_beam, check_candidate_knobs, choose_candidate,  # noqa: E402
+                               early_branch_paths, fixed_prefix_rank, k_best_paths, uncertainty_sparse_rank)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 4), st.integers(2, 4), st.integers(1, 6))
+def test_k_best_paths_are_the_exact_k_best_blocks(seed, length, vocab, k):
+    torch.manual_seed(seed)
+    logits = torch.randn(length, vocab, dtype=torch.float64)
+    logp = torch.log_softmax(logits, -1)
+    paths, scores = k_best_paths(logits, k)
+    every = sorted(float(sum(logp[j, t] for j, t in enumerate(block)))
+                   for block in itertools.product(range(vocab), repeat=length))[::-1]
+    assert torch.equal(paths[0], logits.argmax(-1))
+    assert len(paths) == min(k, vocab ** length)
+    assert scores == pytest.approx(every[: len(paths)], abs=1e-12)
+
+
+def test_early_branch_paths_branch_only_the_first_positions():
+    torch.manual_seed(0)
+    logits = torch.randn(7, 11)
+    greedy = logits.argmax(-1)
+    paths = early_branch_paths(logits, top_k=2, depth=3)
+    assert len(paths) == 8 and len({tuple(p.tolist()) for p in paths}) == 8
+    assert torch.equal(paths[0], greedy)
+    second = logits.topk(2, -1).indices[:, 1]
+    for path in paths:
+        assert torch.equal(path[3:], greedy[3:])
+        assert all(path[j] in (greedy[j], second[j]) for j in range(3))
+    assert len(early_branch_paths(logits, top_k=2, depth=0)) == 1
+    assert len(early_branch_paths(logits, top_k=3, depth=20)) == 3 ** 7
+
+
+def test_branch_beam_candidates():
+    torch.manual_seed(1)
+    logits = torch.randn(7, 11)
+    base = logits.argmax(-1)
+    candidates, scores = branch_beam(logits, budget=4, branch_depth=3, top_k=2)
+    assert len(candidates) == 4 and torch.equal(candidates[0], base)
+    assert len({tuple(c.tolist()) for c in candidates}) == 4
+    for c in candidates:
+        assert torch.equal(c[3:], base[3:])  # only block positions 1..branch_depth change
+    assert scores[1:] == sorted(scores[1:], reverse=True)
+    assert len(branch_beam(logits, budget=1, branch_depth=3, top_k=2)[0]) == 1
+    assert len(branch_beam(logits, budget=4, branch_depth=0, top_k=2)[0]) == 1
+    # margin filter: threshold 0 leaves no eligible position (margins are > 0), so only the base remains
+    assert len(branch_beam(logits, budget=4, branch_depth=3, top_k=2, margin_threshold=0.0)[0]) == 1
+
+
+def test_fixed_prefix_rank_candidates():
+    torch.manual_seed(2)
+    logits = torch.randn(7, 11)  # block of 8: anchor + 7 drafted
+    ranked = logits.topk(3, -1).indices
+    candidates, scores = fixed_prefix_rank(logits, budget=8, prefix_len=3, top_k=3)
+    assert len(candidates) == 3  # capped by top_k
+    for r, c in enumerate(candidates):
+        assert torch.equal(c[:2], logits.argmax(-1)[:2])  # block positions 1, 2 keep the greedy tokens
+        assert torch.equal(c[2:], ranked[2:, r])  # every suffix position at rank r+1
+    assert scores[0] > scores[1] > scores[2]
+    assert len(fixed_prefix_rank(logits, budget=8, prefix_len=8, top_k=3)[0]) == 1  # empty suffix
+
+
+def test_uncertainty_sparse_rank_candidates():
+    torch.manual_seed(3)
+    logits = torch.randn(7, 11)
+    base = logits.argmax(-1)
+    top2 = logits.topk(2, -1).values
+    candidates, _ = uncertainty_sparse_rank(logits, budget=4, prefix_len=2, top_k=3, sparse_max_positions=2)
+    assert len(candidates) == 4 and torch.equal(candidates[0], base)
+    margins = (top2[:, 0] - top2[:, 1])[1:]
+    most_uncertain = set((margins.argsort()[:2] + 1).tolist())
+    changed = set()
+    for c in candidates[1:]:
+        diff = (c != base).nonzero().flatten().tolist()
+        assert len(diff) == 1 and diff[0] >= 1
+        changed.add(diff[0])
+    assert changed <= most_uncertain
+    assert len(uncertainty_sparse_rank(logits, budget=8, prefix_len=2, top_k=3, sparse_max_positions=1)[0]) == 3
+
+
+def test_adaptive_budget_rules():
+    kwargs = dict(budgets=(1, 4, 8), thresholds=(0.85, 0.65), warmup_cycles=2, probe_interval=5, max_candidates=8)
+    assert adaptive_budget(0, 1.0, **kwargs) == 8  # warm-up
+    assert adaptive_budget(5, 1.0, **kwargs) == 8  # probe
+    assert adaptive_budget(3, None, **kwargs) == 8
+    assert adaptive_budget(3, 0.9, **kwargs) == 1
+    assert adaptive_budget(3, 0.7, **kwargs) == 4
+    assert adaptive_budget(3, 0.2, **kwargs) == 8
+    assert adaptive_budget(3, 0.2, **{**kwargs, "max_candidates": 3}) == 3
+
+
+def test_choose_candidate_tie_break():
+    assert choose_candidate([2, 3, 3], [0.0, -1.0, 5.0]) == 2  # longest first, then the higher draft score
+    assert choose_candidate([3, 3], [1.0, 1.0]) == 0  # then the lower index
+
+
+def test_candidate_knob_errors():
+    good = dict(mode="branch_beam", max_candidates=4, top_k=2, branch_depth=6, prefix_len=5, sparse_max_positions=4,
+                budgets=(1, 4, 8), thresholds=(0.85, 0.65), warmup_cycles=4, probe_interval=16)
+    check_candidate_knobs(**good)
+    for bad, match in [({"mode": "beam"}, "Unknown candidate mode"), ({"max_candidates": 0}, "max_candidates"),
+                       ({"budgets": (1, 4)}, "adaptive_budgets"), ({"thresholds": (0.5, 0.9)}, "adaptive_thresholds")]:
+        with pytest.raises(DFlashError, match=match):
+            check_candidate_knobs(**{**good, **bad})
