@@ -5,7 +5,7 @@ target-only. Schedulers: the research EWMA throughput scheduler, its ADL variant
 """
 import pytest
 
-from dflash.harness.measure import Variant, block_usage_metrics, rate
+from dflash.harness.measure import Variant, block_usage_metrics, cycle_trace, rate
 from dflash.policies import BreakEvenScheduler, EWMAScheduler
 
 SCHEDULERS = [
@@ -31,7 +31,8 @@ def test_dynamic_scheduler(case, name, make_scheduler):
                 "speedup_vs_best_fixed_total": _rate(comparison.variant) / _rate(comparison.others[best]),
                 "speedup_vs_best_fixed": [rate(v) / rate(b) for v, b in
                                           zip(comparison.variant, comparison.others[best])],
-                "fixed_tokens_per_s": {k: _rate(v) for k, v in comparison.others.items()}}
+                "fixed_tokens_per_s": {k: _rate(v) for k, v in comparison.others.items()},
+                "cycle_trace": cycle_trace(comparison.variant)}
 
     variant = Variant(name, policy=lambda: make_scheduler(candidates))
     _, metrics, gates = case.measure(variant, others=fixed, extra=dynamic_metrics)

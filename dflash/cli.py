@@ -58,7 +58,7 @@ def cmd_train_tiny(args) -> None:
 
 def cmd_gate_quality(args) -> None:
     from .harness.gate_quality import main as gate_quality
-    gate_quality(repeats=args.repeats, trials=args.trials)
+    gate_quality(repeats=args.repeats, trials=args.trials, resamples=args.resamples, family=args.family)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=cmd_train_tiny)
 
     q = sub.add_parser("gate-quality", help="measure the gates' false-alarm and detection rates on the tiny pair")
-    q.add_argument("--repeats", type=int, default=5, help="repeated measurements of unchanged code")
+    q.add_argument("--repeats", type=int, default=4, help="repeated measurements of unchanged code")
     q.add_argument("--trials", type=int, default=20, help="perturbed drafts for the detection rate")
+    q.add_argument("--resamples", type=int, default=500, help="pseudo-runs resampled from the repeats (throughput)")
+    q.add_argument("--family", type=int, default=100, help="gates in a full run (Holm/Bonferroni family size)")
     q.set_defaults(func=cmd_gate_quality)
     return parser
 

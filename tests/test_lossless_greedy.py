@@ -35,15 +35,18 @@ def test_random_drafts_do_get_accepted():
 
 
 def test_tiny_pair_is_lossless_on_heldout_prompts():
-    """The trained pair (fp32) on every held-out prompt, at the block sizes the manifest reports."""
+    """The trained pair (fp32) on every held-out prompt, at the block sizes the manifest reports. In fp32 a
+    block forward and a one-token forward can round a near-tie differently; such a difference must be proven a
+    float tie (float64 recomputation) and stays documented here."""
     import json
 
     from dflash import load_draft, load_target, load_tokenizer
+    from dflash.evaluation import float_tie
     from dflash.loading import PACKAGE_MODELS
     target, draft, tokenizer = load_target("tiny"), load_draft("tiny"), load_tokenizer("tiny")
     heldout = json.loads((PACKAGE_MODELS / "tiny" / "heldout.json").read_text())
     stop = [tokenizer.eos_token_id]
-    accepted = 0
+    accepted, ties = 0, []
     for category, prompts in heldout.items():
         for text in prompts:
             prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -51,6 +54,12 @@ def test_tiny_pair_is_lossless_on_heldout_prompts():
             for block_size in (4, 16):
                 result = generate(target, draft, prompt, max_new_tokens=48, block_size=block_size,
                                   stop_token_ids=stop)
-                assert result.output_ids == reference, (category, text[:40], block_size)
+                if result.output_ids != reference:  # fp32: only a proven float tie may differ (and is logged)
+                    tie = float_tie(target, prompt, reference, result.output_ids)
+                    assert tie, (category, text[:40], block_size, "differs from target-only and is no float tie")
+                    ties.append((category, block_size, tie))
                 accepted += sum(result.acceptance_lengths) - result.num_cycles
     assert accepted > 0
+    # Documented: code prompt 36 ties at new token 26 (float64 gap 1.1e-6 between ' return' and ' if', below
+    # fp32 resolution at logit 8.75). More ties than that would need a look.
+    assert len(ties) <= 2, ties

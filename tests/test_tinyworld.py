@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
 from dflash.tinyworld import (MASK_TOKEN, SPECIAL_TOKENS, build_corpus, chat_prompt, chat_sample,
                               distillation_prompts, greedy_continuations, make_target_config,
                               train_target, train_tokenizer)
+from dflash.tinyworld.corpus import HELDOUT_PROMPTS
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
             head_dim=32, intermediate_size=128)
@@ -55,13 +56,18 @@ def test_corpus_deterministic_and_sized(corpus):
 def test_heldout_prompts_not_in_training(corpus):
     assert sorted(corpus.heldout) == ["chat", "code", "math"]
     for cat, prompts in corpus.heldout.items():
-        assert len(prompts) == 12 and len(set(prompts)) == 12
+        assert len(prompts) == HELDOUT_PROMPTS and len(set(prompts)) == HELDOUT_PROMPTS
         for p in prompts:
             assert not any(p in t for t in corpus.train_texts), (cat, p)
             if cat == "code":  # no trailing newline: "\n    " is one token (see corpus.code_prompt)
                 assert p.startswith("def ") and p.endswith('"""')
             else:
                 assert p.startswith("<|user|>\n") and p.endswith("<|end|>\n<|assistant|>\n")
+    # the shipped held-out file is exactly what the corpus code makes (refresh_heldout keeps them in step)
+    import json
+
+    from dflash.loading import PACKAGE_MODELS
+    assert json.loads((PACKAGE_MODELS / "tiny" / "heldout.json").read_text()) == corpus.heldout
     # held-out math answers are in the trained format
     assert corpus.heldout_texts["math"][0].rstrip().endswith("<|end|>")
     assert "The answer is" in corpus.heldout_texts["math"][0]

@@ -47,12 +47,14 @@ class Comparison:
 
 
 def compare(models, prompts, variant: Variant, *, max_new_tokens: int, stop_ids, baseline: Variant = TARGET_ONLY,
-            others: tuple[Variant, ...] = (), repeats: int = 1, label: str | None = None) -> Comparison:
+            others: tuple[Variant, ...] = (), repeats: int = 1, label: str | None = None,
+            first_index: int = 0) -> Comparison:
     """Run every mode on each prompt before the next prompt, rotating the order per prompt so slow drift of
-    the machine spreads evenly over the modes."""
+    the machine spreads evenly over the modes. `first_index` numbers the prompts (seeds, rotation) when a case
+    gathers more prompts after a first batch."""
     out = Comparison(others={o.name: [] for o in others})
     modes = [(baseline, out.baseline), (variant, out.variant)] + [(o, out.others[o.name]) for o in others]
-    for index, prompt in enumerate(_progress(prompts, label)):
+    for index, prompt in enumerate(_progress(prompts, label), start=first_index):
         shift = index % len(modes)
         for mode, sink in modes[shift:] + modes[:shift]:
             runs = [mode.run(models, prompt, max_new_tokens, stop_ids, seed=index) for _ in range(repeats)]
@@ -66,6 +68,24 @@ def _progress(prompts, label):
         return prompts
     from tqdm.auto import tqdm
     return tqdm(prompts, desc=label, file=sys.__stderr__, leave=False)
+
+
+def extend(into: Comparison, more: Comparison) -> Comparison:
+    """Append the per-prompt results of `more` (later prompts) to `into`."""
+    into.baseline += more.baseline
+    into.variant += more.variant
+    for name, results in more.others.items():
+        into.others.setdefault(name, []).extend(results)
+    return into
+
+
+def cycle_trace(results: list[GenerationResult]) -> dict:
+    """Every cycle of every prompt, in order, columnar (plots: tau vs cycle coloured by block size, rolling tau
+    and cycle time). `prompt` says which prompt a cycle belongs to."""
+    rows = [(i, r.block_size, r.acceptance_length, r.cycle_s, r.token_index)
+            for i, g in enumerate(results) for r in g.trace]
+    names = ("prompt", "block_size", "tau", "cycle_s", "token_index")
+    return {name: [row[k] for row in rows] for k, name in enumerate(names)}
 
 
 def warm_up(models, prompt, variants, stop_ids) -> None:

@@ -178,6 +178,8 @@ def full_length_table(records: list[dict]) -> str:
         hit_cap = _ratio(sum(o >= cap for o in outputs), len(outputs)) if outputs and cap else DASH
         matches = m.get("exact_match")
         exact = _ratio(sum(bool(x) for x in matches), len(matches)) if matches else DASH
+        if matches and m.get("float_ties"):
+            exact += f" (+{len(m['float_ties'])} float tie{'s' if len(m['float_ties']) > 1 else ''})"
         tpot = m.get("tpot_s") or []
         speedup = f"{base_tpot / (sum(tpot) / len(tpot)):.2f}x" if base_tpot and tpot and sum(tpot) > 0 else DASH
         n = len(m.get("per_prompt_tau") or tpot or outputs)

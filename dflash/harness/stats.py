@@ -383,3 +383,10 @@ def detection_rate(baseline_taus: Sequence[float], drop: float = 0.10, *, trials
     that hits only some prompts is harder to detect than this."""
     return _simulate_gate(baseline_taus, drop=drop, trials=trials, rng=rng, margin=margin, alpha=alpha,
                           noise_rel=noise_rel, rerun_taus=rerun_taus, what=f"detection of a {drop:.0%} drop")
+
+
+def tau_needs_more_prompts(result: TauGateResult, *, family: int, max_prompts: int) -> AdaptiveDecision:
+    """The ablation cases' rule: gather more prompts while the tau drop is beyond the margin but not
+    significant after Bonferroni over the run's `family` of gated cases (what a failing case must reach)."""
+    adjusted = replace(result, p_adjusted=min(1.0, result.p_value * max(1, family)))
+    return adaptive_decision(adjusted, max_samples=max_prompts)

@@ -60,6 +60,7 @@ tty types typing uuid warnings wave weakref zipapp zipfile zipimport
 HELDOUT_MODULES = ["base64", "bisect", "calendar", "copy", "filecmp", "fnmatch", "heapq",
                    "linecache", "secrets", "shlex", "tempfile", "textwrap"]
 
+HELDOUT_PROMPTS = 48  # per category; the gates gather up to this many prompts per case
 MODULE_CHAR_CAP = 16_000  # keep only the first ~16k chars of each module: corpus stays small
 
 
@@ -139,20 +140,25 @@ def docstring_qas(module: str, src: str) -> tuple[tuple[str, str], ...]:
 
 @functools.lru_cache(maxsize=None)
 def code_prompt(src: str, max_chars: int = 700) -> str | None:
-    """Signature + docstring of the first public top-level function with a docstring:
-    a natural prompt for the model to continue with the function body.
+    """The first of `code_prompts(src)`, or None."""
+    return next(iter(code_prompts(src, max_chars)), None)
+
+
+def code_prompts(src: str, max_chars: int = 700) -> list[str]:
+    """Signature + docstring of every public top-level function with a docstring, in source order:
+    natural prompts for the model to continue with the function body.
 
     The prompt stops right after the closing quotes, without the newline: the tokenizer
     merges a newline with the next line's indentation ("\n    " is one token), so a prompt
     ending in a bare "\n" tells the model the next line is *not* indented."""
-    lines = src.splitlines(keepends=True)
+    lines, prompts = src.splitlines(keepends=True), []
     for node in ast.parse(src).body:
         if isinstance(node, ast.FunctionDef) and not node.name.startswith("_") and ast.get_docstring(node):
             start = min([node.lineno] + [d.lineno for d in node.decorator_list])
             prompt = "".join(lines[start - 1 : node.body[0].end_lineno]).rstrip("\n")
             if len(prompt) <= max_chars:
-                return prompt
-    return None
+                prompts.append(prompt)
+    return prompts
 
 
 # ----------------------------------------------------------------------------- math
@@ -295,7 +301,7 @@ def task_qas(heldout: bool) -> list[tuple[str, str]]:
 class Corpus:
     train_texts: list[str]                 # shuffled training documents
     train_categories: list[str]            # "code" / "math" / "chat", parallel to train_texts
-    heldout: dict[str, list[str]]          # 12 held-out prompts per category
+    heldout: dict[str, list[str]]          # HELDOUT_PROMPTS held-out prompts per category
     heldout_texts: dict[str, list[str]]    # full held-out documents, for held-out loss
     modules: list[str]                     # stdlib modules used for training
     heldout_modules: list[str]             # stdlib modules used for held-out code/chat
@@ -336,11 +342,18 @@ def build_corpus(seed: int = 0, n_math: int = 4000, fact_repeats: int = 4) -> Co
     chat_prompts = ([q for q, _ in held_doc_qas[::max(1, len(held_doc_qas) // 4)][:4]]
                     + [q for q, _ in held_task_qas[::3][:4]]
                     + [q for q, _ in held_fact_qas[::2][:4]])
+    # Gate power needs more than 12 prompts per case: the first 12 stay as they were (the draft was built and
+    # first measured on them), more held-out prompts of the same kinds follow.
+    chat_prompts += [q for q, _ in held_task_qas + held_fact_qas + held_doc_qas if q not in chat_prompts]
+    per_module = [code_prompts(src) for src in heldout_src.values()]
+    code = [ps[0] for ps in per_module if ps]
+    code += [p for rank in range(1, max(map(len, per_module))) for ps in per_module if len(ps) > rank
+             for p in [ps[rank]]]
 
     heldout = {
-        "code": [p for p in (code_prompt(src) for src in heldout_src.values()) if p][:12],
-        "math": [chat_prompt(q) for q, _ in heldout_math[:12]],
-        "chat": [chat_prompt(q) for q in chat_prompts],
+        "code": code[:HELDOUT_PROMPTS],
+        "math": [chat_prompt(q) for q, _ in heldout_math[:HELDOUT_PROMPTS]],
+        "chat": [chat_prompt(q) for q in chat_prompts[:HELDOUT_PROMPTS]],
     }
     heldout_texts = {
         "code": [c for src in heldout_src.values() for c in capped_chunks(src, cap=8000)],
