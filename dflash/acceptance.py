@@ -124,3 +124,20 @@ def multiround_accept(proposals: list[int], proposal_probs: list[Tensor], target
             return token, round_index
         residual = speculative_residual(residual, q, token)
     return sample_from(residual, final_uniform), None
+
+
+def greedy_tree_accept(tokens: Tensor, parents: list[int], target_logits: Tensor) -> tuple[list[int], int]:
+    """Greedy verification of a draft tree; returns (accepted node path starting at 0, next token).
+
+    tokens [N] are the tokens of nodes 1..N, parents[i-1] the parent of node i; target_logits [N+1, V]: row i is
+    the target's prediction after node i. From the anchor (node 0), step to the child whose token equals the
+    target argmax while one exists. A chain gives `greedy_accept`'s answer.
+    """
+    target_tokens = target_logits.argmax(dim=-1).tolist()
+    children: dict[tuple[int, int], int] = {}
+    for node, (parent, token) in enumerate(zip(parents, tokens.tolist()), start=1):
+        children.setdefault((parent, token), node)  # duplicate siblings: the first one stands for all
+    path = [0]
+    while (path[-1], target_tokens[path[-1]]) in children:
+        path.append(children[(path[-1], target_tokens[path[-1]])])
+    return path, target_tokens[path[-1]]

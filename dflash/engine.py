@@ -1,15 +1,38 @@
-"""The DFlash decode loop: prefill, then per cycle draft -> verify -> accept -> commit.
+"""The DFlash decode loop: prefill, then per cycle propose -> verify -> accept -> commit.
 
-One protocol serves every variant: a `BlockSizePolicy` chooses each cycle's block size, a drafter proposes
-the block, an acceptance rule (dflash.acceptance) decides how much of it the target keeps, and the commit step
-is shared. Target-only decoding is the same loop with block size 1 and no draft, so timings compare like with
-like.
+The protocol (every research variant is a small plug-in, never a copy of this loop):
+
+* `BlockSizePolicy.choose(cycle)` picks the cycle's length L (anchor + up to L-1 drafted positions).
+* A **Drafter** (`propose(anchor, start, length, context_features, temperature, generator) -> Proposal`,
+  `observe(CycleOutcome)`) proposes draft tokens. A `Proposal` is a tree over node 0 = the anchor: `tokens[i-1]`
+  is node i's token and `parents[i-1]` its parent (< i); a plain block is the chain 0 -> 1 -> 2 ...; `laws` [N, V]
+  are the laws the tokens were drawn from (None: greedy); `branches` lists the root-to-leaf node paths of a
+  multi-proposal tree, in proposal order, with per-branch `branch_laws`; `stats` is free-form and lands in the
+  cycle record (draft passes, seeded tokens, ...). `DFlashDrafter` is the default; its `draft_logits` runs one
+  draft pass over any block inputs, keeping the draft's context cache exact (one entry per position < anchor),
+  so a drafter may run several passes per cycle.
+* A **Verifier** (`verify(target, cache, anchor, proposal, start, feature_layers) -> Verification`,
+  `commit(cache, start, path)`) runs the target over the proposal: `Verification.logits` [N+1, V] (row i: the
+  target's prediction after node i) and `features` [1, N+1, K*H] (the draft's context features per node).
+  `commit` leaves the target cache holding exactly the prompt, the committed text before the anchor, the anchor
+  and the accepted nodes. `LinearVerifier` (default) runs one forward per root-to-leaf branch: a plain block is
+  one forward, as before. A tree verifier (ancestor-only mask, one forward) plugs in here.
+* An **Acceptor** (`accept(proposal, logits, draw) -> (path, next_token)`) picks the accepted node path
+  [0, n1, n2, ...] and the token after it; `draw(n)` returns n uniforms from the run's generator, so the rules
+  stay pure functions of their random numbers (dflash.acceptance). `GreedyAcceptor` follows the child equal to the
+  target argmax (chains and trees); `ChainSamplingAcceptor` is speculative/match sampling for chains.
+* The **commit** step is shared: extend the output, stop tokens (new tokens only), `verifier.commit`, the
+  committed nodes' context features for the next draft, a `CycleRecord` (with cost: `verified_nodes`,
+  `target_forwards`, `proposal_stats`), `policy.observe`, `drafter.observe`.
+
+`generate(..., drafter=, verifier=, acceptor=)` takes the plug-ins; a variant module builds them and calls it.
+Target-only decoding is the same loop with block size 1 and no draft, so timings compare like with like.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -23,12 +46,15 @@ from .model import DFlashDraftModel, extract_context_feature
 class CycleRecord:
     cycle: int
     token_index: int  # tokens generated before this cycle
-    block_size: int  # effective block size (anchor + drafted tokens)
+    block_size: int  # effective block size (anchor + drafted tokens; trees: the longest branch)
     acceptance_length: int  # tokens committed by this cycle: accepted drafts + the bonus token
     draft_s: float
     verify_s: float
     cycle_s: float
     generated_length: int = 0  # block length the draft meant to fill: up to its first drafted stop token
+    verified_nodes: int = 0  # tokens the target processed to verify this cycle (anchor included)
+    target_forwards: int = 0  # target forward passes spent verifying this cycle
+    proposal_stats: dict = field(default_factory=dict)  # the drafter's cost and counters (draft passes, seeds...)
 
 
 @dataclass
@@ -80,6 +106,10 @@ class GenerationResult:
                 counts[j][0] += j < record.acceptance_length - 1
         return [tuple(c) for c in counts]
 
+    def stat_per_cycle(self, key: str) -> float:
+        """Mean of a proposal stat (e.g. "draft_passes", "seeded_tokens") over cycles; 0 without cycles."""
+        return sum(r.proposal_stats.get(key, 0) for r in self.trace) / len(self.trace) if self.trace else 0.0
+
     def to_dict(self, trace: bool = True) -> dict:
         out = {
             "output_ids": self.output_ids, "acceptance_lengths": self.acceptance_lengths, "tau": self.tau,
@@ -112,6 +142,111 @@ class FixedBlockSize:
     def observe(self, record: CycleRecord) -> None:
         pass
 
+
+# --- the protocol's data ----------------------------------------------------------------------------------------
+
+@dataclass
+class Proposal:
+    """Draft tokens of one cycle, as a tree over node 0 = the anchor (see the module docstring)."""
+    tokens: torch.Tensor  # [N] long: tokens of nodes 1..N
+    parents: list[int]  # parents[i - 1]: parent node of node i, in 0..i-1
+    laws: torch.Tensor | None = None  # [N, V] float64 law each token was drawn from; None: greedy
+    branches: list[list[int]] | None = None  # root-to-leaf node paths (without node 0), in proposal order
+    branch_laws: list[torch.Tensor | None] | None = None  # per branch [len, V]: the law of each branch token
+    stats: dict = field(default_factory=dict)
+
+    @classmethod
+    def chain(cls, tokens: torch.Tensor, laws: torch.Tensor | None = None, **stats) -> "Proposal":
+        return cls(tokens, list(range(tokens.numel())), laws, stats=stats)
+
+    @classmethod
+    def from_chains(cls, chains: list[torch.Tensor], laws: list[torch.Tensor | None] | None = None,
+                    **stats) -> "Proposal":
+        """Merge chains (each: tokens for depths 1..len) into a trie: chains sharing a prefix share its nodes."""
+        tokens, parents, branches, children = [], [], [], {}
+        for chain in chains:
+            node, path = 0, []
+            for token in chain.tolist():
+                key = (node, token)
+                if key not in children:
+                    tokens.append(token)
+                    parents.append(node)
+                    children[key] = len(tokens)
+                node = children[key]
+                path.append(node)
+            branches.append(path)
+        device = chains[0].device if chains else None
+        return cls(torch.tensor(tokens, dtype=torch.long, device=device), parents, None, branches,
+                   list(laws) if laws is not None else None, stats=stats)
+
+    @property
+    def size(self) -> int:
+        return len(self.parents)
+
+    @property
+    def is_chain(self) -> bool:
+        return self.parents == list(range(self.size))
+
+    def leaf_paths(self) -> list[list[int]]:
+        """Root-to-leaf node paths (node 0 left out): `branches` when given, else every leaf of the tree."""
+        if self.branches is not None:
+            return self.branches or [[]]
+        if self.is_chain:
+            return [list(range(1, self.size + 1))]
+        has_child = set(self.parents)
+        paths = []
+        for leaf in range(1, self.size + 1):
+            if leaf not in has_child:
+                path, node = [], leaf
+                while node:
+                    path.append(node)
+                    node = self.parents[node - 1]
+                paths.append(path[::-1])
+        return paths or [[]]
+
+    def depth(self) -> int:
+        return max(len(p) for p in self.leaf_paths())
+
+
+@dataclass
+class Verification:
+    logits: torch.Tensor  # [N + 1, V]: row i is the target's next-token prediction after node i
+    features: torch.Tensor | None  # [1, N + 1, K*H]: the draft's context feature of every node (None: no draft)
+    verified_nodes: int  # tokens the target processed
+    target_forwards: int
+
+
+@dataclass
+class CycleOutcome:
+    """What a cycle decided; drafters learn from it (e.g. suffix recycling keeps the rejected suffix)."""
+    start: int  # absolute position of the anchor
+    anchor: int
+    proposal: Proposal
+    path: list[int]  # accepted nodes, starting with 0 (the anchor)
+    next_token: int  # the bonus/correction token: the next anchor, at position start + len(path)
+    stopped: bool
+
+
+class Drafter(Protocol):
+    def propose(self, anchor: int, start: int, length: int, context_features: torch.Tensor, temperature: float,
+                generator: torch.Generator) -> Proposal: ...
+
+    def observe(self, outcome: CycleOutcome) -> None: ...
+
+
+class Verifier(Protocol):
+    def verify(self, target, cache, anchor: int, proposal: Proposal, start: int,
+               feature_layers: list[int] | None) -> Verification: ...
+
+    def commit(self, cache, start: int, path: list[int]) -> None: ...
+
+
+class Acceptor(Protocol):
+    def accept(self, proposal: Proposal, logits: torch.Tensor,
+               draw: Callable[[int], torch.Tensor]) -> tuple[list[int], int]: ...
+
+
+# --- pair and argument checks -----------------------------------------------------------------------------------
 
 def check_pair(target, draft: DFlashDraftModel) -> None:
     """Fail early, with a fix, when a draft cannot work with a target."""
@@ -160,6 +295,16 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+# --- default plug-ins -------------------------------------------------------------------------------------------
+
+def one_hot_law(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The law of a deterministic (greedy or rank-picked) draft token: a point mass."""
+    return torch.nn.functional.one_hot(tokens.cpu(), vocab).double()
+
+
+_one_hot_law = one_hot_law  # old private name
+
+
 class DFlashDrafter:
     """Proposes a block with the DFlash draft; owns the draft's context cache (one entry per position < anchor)."""
 
@@ -168,42 +313,153 @@ class DFlashDrafter:
         self.embed = target.get_input_embeddings()
         self.lm_head = target.get_output_embeddings()
         self.cache = new_cache()
+        self.mask_token_id = int(draft.mask_token_id)
 
-    def propose(self, anchor: int, start: int, length: int, context_features: torch.Tensor, temperature: float,
-                acceptance: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Draft tokens for positions start+1 .. start+length-1 and the law they were drawn from (None: greedy).
+    def masked_block(self, anchor: int, length: int) -> torch.Tensor:
+        """[anchor, MASK, ..., MASK]: the block the draft was trained to fill."""
+        block = torch.full((length,), self.mask_token_id, dtype=torch.long, device=self.embed.weight.device)
+        block[0] = anchor
+        return block
 
-        context_features [1, c, K*H] are the target features of positions start-c .. start-1 not yet cached.
+    def draft_logits(self, block: torch.Tensor, start: int, context_features: torch.Tensor) -> torch.Tensor:
+        """One draft pass over block inputs [L] (block[0] = anchor at position `start`); logits [L-1, V], row j
+        predicting block position j+1.
+
+        context_features [1, c, K*H] are the target features of positions start-c .. start-1. The first pass of a
+        cycle appends them to the draft's context cache; later passes of the same cycle (refinement, rounds) find
+        them cached and reuse the cache, so every pass sees the whole history at its true positions.
         """
         device = self.embed.weight.device
+        if cache_length(self.cache) == start:
+            context_features = context_features[:, :0]
         context_length = context_features.shape[1]
         assert cache_length(self.cache) == start - context_length, "draft cache out of step with the committed text"
-        block = torch.full((1, length), int(self.draft.mask_token_id), dtype=torch.long, device=device)
-        block[0, 0] = anchor
         context_positions = torch.arange(start - context_length, start, device=device)[None]
-        block_positions = torch.arange(start, start + length, device=device)[None]
-        hidden = self.draft(self.embed(block), context_features.to(self.embed.weight.dtype), context_positions,
+        block_positions = torch.arange(start, start + block.numel(), device=device)[None]
+        hidden = self.draft(self.embed(block[None]), context_features.to(self.embed.weight.dtype), context_positions,
                             block_positions, past_key_values=self.cache)
-        crop_cache(self.cache, start)  # keep context K/V only; the block is re-drafted next cycle
-        logits = self.lm_head(hidden[0, 1:])  # output j predicts the token at block position j ("no shift")
-        if temperature == 0 or acceptance == "match":
-            return logits.argmax(dim=-1), None  # upstream's match rule drafts greedily
+        crop_cache(self.cache, start)  # keep context K/V only; the block is re-drafted next pass/cycle
+        return self.lm_head(hidden[0, 1:])  # output j predicts the token at block position j ("no shift")
+
+    @staticmethod
+    def pick(logits: torch.Tensor, temperature: float,
+             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Greedy (temperature 0: argmax, law None) or sampled tokens with the law they were drawn from."""
+        if temperature == 0:
+            return logits.argmax(dim=-1), None
         probs = rules.probabilities(logits, temperature)
-        uniforms = torch.rand(length - 1, generator=generator, dtype=torch.float64)
-        tokens = torch.tensor([rules.sample_from(probs[j], float(uniforms[j])) for j in range(length - 1)],
-                              device=device)
+        uniforms = torch.rand(logits.shape[0], generator=generator, dtype=torch.float64)
+        tokens = torch.tensor([rules.sample_from(probs[j], float(uniforms[j])) for j in range(logits.shape[0])],
+                              dtype=torch.long, device=logits.device)
         return tokens, probs
 
+    def propose(self, anchor: int, start: int, length: int, context_features: torch.Tensor, temperature: float,
+                generator: torch.Generator) -> Proposal:
+        """Draft tokens for positions start+1 .. start+length-1 (temperature 0: greedy)."""
+        logits = self.draft_logits(self.masked_block(anchor, length), start, context_features)
+        tokens, laws = self.pick(logits, temperature, generator)
+        return Proposal.chain(tokens, laws, draft_passes=1)
 
-def _one_hot_law(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
-    return torch.nn.functional.one_hot(tokens.cpu(), vocab).double()
+    def observe(self, outcome: CycleOutcome) -> None:
+        pass
 
+
+class LinearVerifier:
+    """Verifies each root-to-leaf branch with one plain causal forward (a chain: one forward, today's block
+    verification). Trees work too, at one forward per branch: the K/V of every branch but the last is kept
+    aside so `commit` can install the accepted branch's without re-running the target."""
+
+    def __init__(self):
+        self._stash: list[tuple[list[int], list | None]] = []
+
+    def verify(self, target, cache, anchor: int, proposal: Proposal, start: int,
+               feature_layers: list[int] | None) -> Verification:
+        device = target.get_input_embeddings().weight.device
+        tokens = proposal.tokens.to(device)
+        n = proposal.size
+        branches = proposal.leaf_paths()
+        logits = features = None
+        self._stash, nodes_done, verified = [], set(), 0
+        for index, path in enumerate(branches):
+            crop_cache(cache, start)
+            ids = torch.cat([torch.tensor([anchor], device=device), tokens[[p - 1 for p in path]]])
+            out = target(input_ids=ids[None], past_key_values=cache, use_cache=True,
+                         output_hidden_states=feature_layers is not None)
+            verified += ids.numel()
+            if logits is None:
+                logits = out.logits.new_zeros((n + 1, out.logits.shape[-1]))
+            branch_features = (extract_context_feature(out.hidden_states, feature_layers)
+                               if feature_layers is not None else None)
+            if branch_features is not None and features is None:
+                features = branch_features.new_zeros((1, n + 1, branch_features.shape[-1]))
+            for row, node in enumerate([0] + path):
+                if node not in nodes_done:
+                    nodes_done.add(node)
+                    logits[node] = out.logits[0, row]
+                    if features is not None:
+                        features[0, node] = branch_features[0, row]
+            last = index == len(branches) - 1
+            kv = None if last else [(layer.keys[..., start:, :].clone(), layer.values[..., start:, :].clone())
+                                    for layer in cache.layers]
+            self._stash.append((path, kv))
+        return Verification(logits, features, verified, len(branches))
+
+    def commit(self, cache, start: int, path: list[int]) -> None:
+        """Keep the anchor and the accepted nodes `path[1:]` in the target cache."""
+        accepted = path[1:]
+        for path_nodes, kv in reversed(self._stash):  # the last verified branch is still in the cache
+            if path_nodes[: len(accepted)] == accepted:
+                crop_cache(cache, start if kv is not None else start + len(path))
+                if kv is not None:
+                    for layer_index, (keys, values) in enumerate(kv):
+                        cache.update(keys[..., : len(path), :], values[..., : len(path), :], layer_index)
+                self._stash = []
+                return
+        raise AssertionError(f"accepted path {path} is not on any verified branch")
+
+
+class GreedyAcceptor:
+    """Temperature 0: follow the child whose token equals the target argmax (chains and trees)."""
+
+    def accept(self, proposal: Proposal, logits: torch.Tensor, draw=None) -> tuple[list[int], int]:
+        if proposal.is_chain:
+            accepted, next_token = rules.greedy_accept(proposal.tokens.to(logits.device), logits)
+            return list(range(accepted + 1)), next_token
+        return rules.greedy_tree_accept(proposal.tokens, proposal.parents, logits)
+
+
+@dataclass
+class ChainSamplingAcceptor:
+    """Temperature > 0, one chain: `rule` (speculative or match) with uniforms drawn from the run's generator."""
+    temperature: float
+    rule: rules.SamplingRule
+
+    def accept(self, proposal: Proposal, logits: torch.Tensor, draw) -> tuple[list[int], int]:
+        if not proposal.is_chain:
+            raise DFlashError("ChainSamplingAcceptor verifies one chain; a tree proposal needs a tree acceptor "
+                              "(e.g. dflash.variants.multiround.MultiRoundAcceptor).")
+        k = proposal.size
+        target_law = rules.probabilities(logits, self.temperature).cpu()
+        tokens = proposal.tokens.cpu()
+        draft_law = proposal.laws if proposal.laws is not None else one_hot_law(tokens, logits.shape[-1])
+        accepted, next_token = rules.sampling_accept(tokens, draft_law.cpu(), target_law, draw(k),
+                                                     float(draw(1)), self.rule)
+        return list(range(accepted + 1)), next_token
+
+
+def default_acceptor(temperature: float, acceptance: str = "speculative"):
+    return GreedyAcceptor() if temperature == 0 else ChainSamplingAcceptor(temperature,
+                                                                           rules.SAMPLING_RULES[acceptance])
+
+
+# --- the loop ---------------------------------------------------------------------------------------------------
 
 @torch.inference_mode()
 def generate(target, draft: DFlashDraftModel | None, input_ids, *, max_new_tokens: int,
              block_size: int | BlockSizePolicy = 1, temperature: float = 0.0, seed: int | None = None,
-             stop_token_ids=None, acceptance: str = "speculative",
-             draft_temperature: float | None = None) -> GenerationResult:
+             stop_token_ids=None, acceptance: str = "speculative", draft_temperature: float | None = None,
+             drafter: Drafter | None = None, verifier: Verifier | None = None,
+             acceptor: Acceptor | None = None) -> GenerationResult:
     """Speculative decoding with a DFlash draft (or target-only with draft=None, block_size=1).
 
     Greedy (temperature 0) output equals the target's own greedy decoding; sampled output is distributed as
@@ -211,6 +467,7 @@ def generate(target, draft: DFlashDraftModel | None, input_ids, *, max_new_token
     the upstream rule that accepts a greedy draft token iff it equals an independent target sample).
     `draft_temperature` (default: `temperature`) sharpens or flattens the draft's proposal law q only; any q
     keeps the output distribution exact, so it is a tuning knob, not a correctness one.
+    `drafter`, `verifier`, `acceptor`: the protocol's plug-ins (module docstring); defaults are plain DFlash.
     """
     input_ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
     _check_arguments(draft, input_ids, max_new_tokens, block_size, temperature, acceptance)
@@ -220,14 +477,20 @@ def generate(target, draft: DFlashDraftModel | None, input_ids, *, max_new_token
                           f"greedy; got {draft_temperature}.")
     if draft is not None:
         check_pair(target, draft)
+    elif drafter is not None:
+        raise DFlashError("A drafter was given without a draft model: pass the draft it was built for.")
     policy = FixedBlockSize(block_size) if isinstance(block_size, int) else block_size
     max_block = draft.block_size if draft is not None else 1
     stop_ids = set(int(t) for t in (stop_token_ids or []))
-    rule = rules.SAMPLING_RULES[acceptance]
+    if temperature == 0 or acceptance == "match":
+        draft_temperature = 0.0  # upstream's match rule drafts greedily
     device = target.get_input_embeddings().weight.device
     input_ids = input_ids.to(device)
     generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
     prompt_length = input_ids.shape[1]
+    feature_layers = list(draft.target_layer_ids) if draft is not None else None
+    verifier = verifier if verifier is not None else LinearVerifier()
+    acceptor = acceptor if acceptor is not None else default_acceptor(temperature, acceptance)
 
     def next_uniforms(n: int) -> torch.Tensor:
         return torch.rand(n, generator=generator, dtype=torch.float64)
@@ -241,12 +504,14 @@ def generate(target, draft: DFlashDraftModel | None, input_ids, *, max_new_token
         first = int(last_logits.argmax())
     else:
         first = rules.sample_from(rules.probabilities(last_logits, temperature), float(next_uniforms(1)))
-    drafter = DFlashDrafter(draft, target) if draft is not None else None
-    pending = (extract_context_feature(prefill.hidden_states, draft.target_layer_ids)
+    if draft is not None and drafter is None:
+        drafter = DFlashDrafter(draft, target)
+    pending = (extract_context_feature(prefill.hidden_states, feature_layers)
                if draft is not None else None)  # target features of committed positions the draft has not seen
     output = [first]
     stopped = first in stop_ids
     ttft = _clock(device) - begin
+    empty = Proposal.chain(torch.empty(0, dtype=torch.long, device=device))
 
     records: list[CycleRecord] = []
     acceptance_lengths: list[int] = []
@@ -254,46 +519,39 @@ def generate(target, draft: DFlashDraftModel | None, input_ids, *, max_new_token
         cycle_begin = _clock(device)
         length = max(1, min(int(policy.choose(len(records))), max_block, max_new_tokens - len(output)))
         anchor, start = output[-1], prompt_length + len(output) - 1  # the anchor is committed but not yet cached
-        draft_tokens = torch.empty(0, dtype=torch.long, device=device)
-        draft_law = None
+        proposal = empty
         if length > 1:
-            draft_tokens, draft_law = drafter.propose(anchor, start, length, pending, draft_temperature,
-                                                      acceptance, generator)
+            proposal = drafter.propose(anchor, start, length, pending, draft_temperature, generator)
             pending = pending[:, :0]
         draft_end = _clock(device)
 
-        block = torch.cat([torch.tensor([anchor], device=device), draft_tokens])[None]
-        verified = target(input_ids=block, past_key_values=target_cache, use_cache=True,
-                          output_hidden_states=draft is not None)
-        logits = verified.logits[0]
+        verification = verifier.verify(target, target_cache, anchor, proposal, start, feature_layers)
         verify_end = _clock(device)
 
-        if temperature == 0:
-            accepted, next_token = rules.greedy_accept(draft_tokens, logits)
-        else:
-            target_law = rules.probabilities(logits, temperature).cpu()
-            if draft_law is None:
-                draft_law = _one_hot_law(draft_tokens, logits.shape[-1])
-            accepted, next_token = rules.sampling_accept(draft_tokens.cpu(), draft_law.cpu(), target_law,
-                                                         next_uniforms(length - 1), float(next_uniforms(1)), rule)
-        committed = draft_tokens[:accepted].tolist() + [next_token]
+        path, next_token = acceptor.accept(proposal, verification.logits, next_uniforms)
+        node_tokens = proposal.tokens.tolist()
+        committed = [node_tokens[node - 1] for node in path[1:]] + [next_token]
         # Stop tokens are looked for in the newly committed tokens only.
         for i, token in enumerate(committed):
             if token in stop_ids:
                 committed, stopped = committed[: i + 1], True
                 break
         output.extend(committed)
-        crop_cache(target_cache, start + accepted + 1)  # anchor + accepted drafts; the bonus is the next anchor
+        verifier.commit(target_cache, start, path)  # anchor + accepted nodes; the bonus is the next anchor
         if draft is not None:
-            features = extract_context_feature(verified.hidden_states, draft.target_layer_ids)[:, : accepted + 1]
-            pending = torch.cat([pending, features], dim=1)
-        drafted_stops = [i for i, t in enumerate(draft_tokens.tolist()) if t in stop_ids]
-        record = CycleRecord(len(records), len(output) - len(committed), length, accepted + 1,
+            pending = torch.cat([pending, verification.features[:, path]], dim=1)
+        main_branch = [node_tokens[node - 1] for node in proposal.leaf_paths()[0]]
+        drafted_stops = [i for i, t in enumerate(main_branch) if t in stop_ids]
+        record = CycleRecord(len(records), len(output) - len(committed), length, len(path),
                              draft_end - cycle_begin, verify_end - draft_end, _clock(device) - cycle_begin,
-                             generated_length=min(drafted_stops[0] + 2, length) if drafted_stops else length)
+                             generated_length=min(drafted_stops[0] + 2, length) if drafted_stops else length,
+                             verified_nodes=verification.verified_nodes,
+                             target_forwards=verification.target_forwards, proposal_stats=dict(proposal.stats))
         records.append(record)
-        acceptance_lengths.append(accepted + 1)
+        acceptance_lengths.append(len(path))
         policy.observe(record)
+        if drafter is not None:
+            drafter.observe(CycleOutcome(start, anchor, proposal, path, next_token, stopped))
 
     end = _clock(device)
     return GenerationResult(output_ids=output[:max_new_tokens], acceptance_lengths=acceptance_lengths, ttft_s=ttft,
