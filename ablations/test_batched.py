@@ -87,7 +87,8 @@ def test_batched(case, batch_size, compact):
     metrics = {
         "per_prompt_tau": [r.tau if r.num_cycles else 1.0 for r in batched],
         "speedup_samples": [v / b for v, b in zip(group_rates("batched"), base_rates)],
-        "speedup_vs_unbatched_samples": [v / b for v, b in zip(group_rates("batched"), group_rates("dflash-unbatched"))],
+        "speedup_vs_unbatched_samples": [v / b for v, b in zip(group_rates("batched"),
+                                                               group_rates("dflash-unbatched"))],
         "target_batched_speedup_samples": [v / b for v, b in zip(group_rates("target-only-batched"), base_rates)],
         "tokens_per_s_total": sum(len(r.output_ids) for r in batched) / sum(w for _, _, w in out["batched"]),
         "baseline_tokens_per_s_total": _total_rate(baseline),

@@ -85,7 +85,8 @@ class FakeEngine:
     def _answer(self, prompt):
         meta = {"completion_tokens": len(prompt)}
         if self.speculative:
-            meta.update(spec_verify_ct=(len(prompt) + 1) // 2, spec_accept_length=len(prompt) / ((len(prompt) + 1) // 2))
+            steps = (len(prompt) + 1) // 2
+            meta.update(spec_verify_ct=steps, spec_accept_length=len(prompt) / steps)
         return {"output_ids": prompt[::-1], "meta_info": meta}
 
     def generate(self, input_ids, sampling_params):

@@ -13,10 +13,12 @@ slots of every row are gathered to the right, so the cache is as long as the lon
 (`compact=False`: rejected slots stay in the cache, masked forever; no copy, but attention grows by the block
 width every cycle). Finished sequences leave the batch, so they stop costing compute.
 
-The pieces are the engine's: `check_pair`, the greedy acceptance rule (`acceptance.greedy_accept`, applied per
-sequence), the DFlash draft forward and `extract_context_feature`. Greedy only: every committed token is the
-target's argmax given that sequence's committed prefix, so each sequence's output equals its own target-only
-greedy output (checked by the registry's lossless test and tests/test_batched.py).
+The pieces are the engine protocol's: `check_pair`, a `Proposal` chain per sequence judged by the engine's
+`GreedyAcceptor`, the same commit rule (anchor + accepted drafts cached, bonus = next anchor, stop tokens looked
+for in the newly committed tokens), the DFlash draft forward and `extract_context_feature`. The loop itself is
+batched (one forward for all rows), which the engine's one-sequence Drafter/Verifier cannot express.
+Greedy only: every committed token is the target's argmax given that sequence's committed prefix, so each
+sequence's output equals its own target-only greedy output (the registry's lossless test, tests/test_batched.py).
 """
 from __future__ import annotations
 
@@ -25,9 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import acceptance as rules
 from ..cache import new_cache
-from ..engine import CycleRecord, GenerationResult, check_pair
+from ..engine import CycleRecord, GenerationResult, GreedyAcceptor, Proposal, check_pair
 from ..errors import DFlashError
 from ..model import extract_context_feature
 from . import VariantSpec, register
@@ -207,6 +208,7 @@ def decode_batch(target, draft, prompts, *, max_new_tokens: int, block_size: int
     stop_ids = set(int(t) for t in (stop_token_ids or []))
     use_draft = draft is not None and block_size > 1
     embed, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
+    acceptor = GreedyAcceptor()  # the engine's greedy acceptance, applied to each row's own chain
     stats = BatchStats()
     n = len(prompts)
     outputs: list[list[int]] = [[] for _ in range(n)]
@@ -286,7 +288,9 @@ def decode_batch(target, draft, prompts, *, max_new_tokens: int, block_size: int
         accepted_counts = []
         for r, i in enumerate(rows):
             length = min(width, remaining[r])  # this sequence's own block: no more than it may still generate
-            accepted, next_token = rules.greedy_accept(drafted[r, : length - 1], verified.logits[r, :length])
+            proposal = Proposal.chain(drafted[r, : length - 1], draft_passes=int(width > 1), batch_rows=len(rows))
+            path, next_token = acceptor.accept(proposal, verified.logits[r, :length])
+            accepted = len(path) - 1
             committed = drafted[r, :accepted].tolist() + [next_token]
             for k, token in enumerate(committed):
                 if token in stop_ids:
@@ -296,9 +300,11 @@ def decode_batch(target, draft, prompts, *, max_new_tokens: int, block_size: int
             outputs[i].extend(committed)
             accepted_counts.append(accepted)
             drafted_stops = [k for k, t in enumerate(drafted[r, : length - 1].tolist()) if t in stop_ids]
-            traces[i].append(CycleRecord(len(traces[i]), token_index, length, accepted + 1, draft_end - cycle_begin,
-                                         verify_end - draft_end, 0.0, generated_length=min(
-                                             drafted_stops[0] + 2, length) if drafted_stops else length))
+            # Cost fields: this row's share of the batch's one target forward is its `width` block tokens.
+            traces[i].append(CycleRecord(
+                len(traces[i]), token_index, length, accepted + 1, draft_end - cycle_begin, verify_end - draft_end,
+                0.0, generated_length=min(drafted_stops[0] + 2, length) if drafted_stops else length,
+                verified_nodes=width, target_forwards=1, proposal_stats=dict(proposal.stats)))
         accepted_t = torch.tensor(accepted_counts, device=device)
         # The anchor and the accepted drafts are committed and cached; the bonus token is the next anchor.
         kept = torch.arange(width, device=device)[None] <= accepted_t[:, None]
