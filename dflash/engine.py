@@ -364,6 +364,16 @@ class DFlashDrafter:
         pass
 
 
+def maximal_paths(paths: list[list[int]]) -> list[list[int]]:
+    """The paths that are not a prefix of another (duplicates kept once), in order: the forwards worth running."""
+    out = []
+    for index, path in enumerate(paths):
+        longer = [p for i, p in enumerate(paths) if i != index and p[: len(path)] == path]
+        if not any(len(p) > len(path) or (len(p) == len(path) and paths.index(p) < index) for p in longer):
+            out.append(path)
+    return out
+
+
 class LinearVerifier:
     """Verifies each root-to-leaf branch with one plain causal forward (a chain: one forward, today's block
     verification). Trees work too, at one forward per branch: the K/V of every branch but the last is kept
@@ -377,7 +387,7 @@ class LinearVerifier:
         device = target.get_input_embeddings().weight.device
         tokens = proposal.tokens.to(device)
         n = proposal.size
-        branches = proposal.leaf_paths()
+        branches = maximal_paths(proposal.leaf_paths())
         logits = features = None
         self._stash, nodes_done, verified = [], set(), 0
         for index, path in enumerate(branches):
