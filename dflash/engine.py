@@ -568,3 +568,17 @@ def generate(target, draft: DFlashDraftModel | None, input_ids, *, max_new_token
                             decode_s=end - begin - ttft, wall_s=end - begin,
                             block_size=block_size if isinstance(block_size, int) else 0,
                             temperature=temperature, stopped=stopped, trace=records)
+
+
+def protocol_costs(results: list[GenerationResult]) -> dict:
+    """Per-cycle cost of a set of decodes (cycles that drafted nothing included): target work, draft work and
+    every proposal stat the drafter reported, plus draft/verify seconds per cycle."""
+    records = [r for result in results for r in result.trace]
+    n = max(1, len(records))
+    stats = sorted({key for r in records for key, value in r.proposal_stats.items()
+                    if isinstance(value, (int, float))})
+    return {"verified_nodes_per_cycle": sum(r.verified_nodes for r in records) / n,
+            "target_forwards_per_cycle": sum(r.target_forwards for r in records) / n,
+            "draft_s_per_cycle": sum(r.draft_s for r in records) / n,
+            "verify_s_per_cycle": sum(r.verify_s for r in records) / n,
+            **{f"{key}_per_cycle": sum(r.proposal_stats.get(key, 0) for r in records) / n for key in stats}}

@@ -17,7 +17,7 @@ MODES = ("rank", "sparse", "block_sizes")
 
 
 def decode_candidate_diversity(target, draft, prompt, *, max_new_tokens, block_size, temperature=0.0, seed=None,
-                               stop_token_ids=None, diversity="sparse", ranks=3, margin_threshold=0.5,
+                               stop_token_ids=None, diversity="sparse", ranks=3, margin_threshold=1.0,
                                verifier="tree", draft_temperature=None):
     if diversity not in MODES:
         raise DFlashError(f"Unknown diversity mode {diversity!r}; choose one of {', '.join(MODES)}.")
@@ -33,9 +33,9 @@ def decode_candidate_diversity(target, draft, prompt, *, max_new_tokens, block_s
 register(VariantSpec(
     name="candidate_diversity",
     decode=decode_candidate_diversity,
-    knobs={"diversity": "sparse", "ranks": 3, "margin_threshold": 0.5, "verifier": "tree"},
+    knobs={"diversity": "sparse", "ranks": 3, "margin_threshold": 1.0, "verifier": "tree"},
     knob_grid=({}, {"diversity": "rank"}, {"diversity": "block_sizes"}, {"ranks": 1}, {"ranks": 5},
-               {"margin_threshold": 1.0}, {"margin_threshold": 0.0}, {"verifier": "linear"},
+               {"margin_threshold": 0.5}, {"margin_threshold": 0.0}, {"verifier": "linear"},
                {"diversity": "rank", "ranks": 4, "verifier": "linear"}),
     sampling=True,
     description="multi-round proposals diversified at uncertain draft positions (rank / sparse swaps, or "
