@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from dflash import DFlashError, generate
 from dflash.testing import random_draft, random_target, reference_greedy
 from dflash.variants.batched import (compaction_index, decode_batch, derived_prompts, draft_mask, generate_batch,
-                                     left_pad, verify_mask)
+                                     is_compact, left_pad, verify_mask)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,15 @@ def test_compaction_right_aligns_valid_slots():
     index, new_valid = compaction_index(valid)
     assert new_valid.tolist() == [[True, True], [False, True]]
     assert index[0].tolist() == [0, 2] and index[1, 1] == 1
+
+
+def test_is_compact_only_when_compaction_would_change_nothing():
+    assert is_compact(torch.tensor([[False, True, True], [True, True, True]]))
+    assert not is_compact(torch.tensor([[True, False, True], [True, True, True]]))  # a hole
+    assert not is_compact(torch.tensor([[False, True, True], [False, False, True]]))  # a column of padding only
+    valid = torch.tensor([[False, True, True], [True, True, True]])
+    index, new_valid = compaction_index(valid)  # what the skipped gather would have done: nothing
+    assert torch.equal(new_valid, valid) and index[:, 1:].tolist() == [[1, 2], [1, 2]]
 
 
 def test_derived_prompts_have_other_lengths():

@@ -146,7 +146,15 @@ def keep_rows(cache, rows: torch.Tensor) -> None:
             layer.keys, layer.values = layer.keys[rows], layer.values[rows]
 
 
+def is_compact(valid: torch.Tensor) -> bool:
+    """Every row's valid slots are already right-aligned and some row has no invalid slot: compaction would
+    copy the cache onto itself."""
+    return bool((valid[:, 1:] >= valid[:, :-1]).all() and valid.all(dim=1).any())
+
+
 def _compact(cache, valid: torch.Tensor) -> torch.Tensor:
+    if is_compact(valid):  # e.g. target-only, or a cycle where every row accepted its whole block
+        return valid
     index, new_valid = compaction_index(valid)
     gather_slots(cache, index)
     return new_valid
