@@ -268,8 +268,26 @@ def generic_table(records: list[dict], skip: Sequence[str] = ("cycle_trace",)) -
     return table(["Case", *param_keys, *metric_keys, "Verdict"], rows)
 
 
+def batched_table(records: list[dict]) -> str:
+    """Batched prompts: throughput ratios per group of prompts (all against target-only, one prompt at a time),
+    what batching costs per batch cycle, and per-prompt tau and exact match."""
+    rows = []
+    for r in sorted(records, key=lambda r: r["id"]):
+        m, p = _metrics(r), _params(r)
+        exact = m.get("exact_match") or []
+        rows.append([r["id"], str(p.get("batch_size")), "compact" if p.get("compact") else "mask-only",
+                     mean_ci_cell(m.get("speedup_samples")), mean_ci_cell(m.get("speedup_vs_unbatched_samples")),
+                     mean_ci_cell(m.get("target_batched_speedup_samples")), mean_ci_cell(m.get("per_prompt_tau")),
+                     fmt(m.get("rows_per_cycle")), fmt(m.get("verify_s_per_cycle")), fmt(m.get("padding_fraction")),
+                     _ratio(sum(exact), len(exact)), verdict_cell(r)])
+    headers = ["Case", "Batch", "Cache", "Speedup vs target-only [95% CI]", "vs unbatched DFlash",
+               "Target-only batched vs target-only", "Tau mean [95% CI]", "Rows/cycle", "Verify s/cycle",
+               "Masked cache share", "Exact match", "Verdict"]
+    return table(headers, rows, [False, True, False] + [True] * 8 + [False])
+
+
 RENDERERS = {"block_size": block_size_table, "full_length": full_length_table, "dynamic": dynamic_table,
-             "profiling": profiling_tables}
+             "profiling": profiling_tables, "batched": batched_table}
 
 
 # --------------------------------------------------------------------------------------------------
