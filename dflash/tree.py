@@ -18,7 +18,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from . import acceptance as rules
+from .engine import Proposal, Verification
 from .errors import DFlashError
+from .model import extract_context_feature
 
 
 @dataclass(frozen=True)
@@ -117,16 +120,11 @@ def greedy_tree_accept(trie: Trie, logits: torch.Tensor) -> tuple[list[int], int
 
     logits [N, V]: row i is the target's prediction after node i. Returns the accepted path as node indices
     (root first; `len(path) - 1` drafted tokens accepted) and the bonus token, the argmax at the last node.
-    At most one child can match, so this is the longest accepted path among all packed candidates.
+    In a trie at most one child can match, so this is the longest accepted path among all packed candidates.
+    (The walk itself is the engine's rule, dflash.acceptance.greedy_tree_accept, on the trie's nodes 1..N.)
     """
-    target_tokens = logits.argmax(dim=-1).tolist()
-    children: dict[tuple[int, int], int] = {}
-    for node in range(1, trie.num_nodes):
-        children[(int(trie.parents[node]), int(trie.tokens[node]))] = node
-    path = [0]
-    while (path[-1], target_tokens[path[-1]]) in children:
-        path.append(children[(path[-1], target_tokens[path[-1]])])
-    return path, int(target_tokens[path[-1]])
+    path, token = rules.greedy_tree_accept(trie.tokens[1:], trie.parents[1:].tolist(), logits)
+    return path, int(token)
 
 
 def compact_cache(cache: DynamicCache, start: int, keep_nodes) -> None:
@@ -148,3 +146,44 @@ def compact_cache(cache: DynamicCache, start: int, keep_nodes) -> None:
 def path_tokens(trie: Trie, path: list[int]) -> list[int]:
     """Drafted tokens along a root-first node path (the root's anchor excluded)."""
     return [int(trie.tokens[node]) for node in path[1:]]
+
+
+# --- the engine protocol's tree verifier (dflash.engine: Proposal / Verifier) ------------------------------------
+
+def trie_from_proposal(anchor: int, proposal: Proposal) -> Trie:
+    """The engine's Proposal (nodes 1..N over the anchor) as a Trie with node 0 = the anchor."""
+    parents = torch.tensor([-1] + list(proposal.parents), dtype=torch.long)
+    depths = torch.zeros(parents.numel(), dtype=torch.long)
+    for node in range(1, parents.numel()):
+        depths[node] = depths[int(parents[node])] + 1
+    return Trie(torch.cat([torch.tensor([int(anchor)]), proposal.tokens.cpu().long()]), parents, depths)
+
+
+def node_path(trie: Trie, node: int) -> list[int]:
+    """Root-to-node path without the root (the Proposal's branch convention)."""
+    path = []
+    while node > 0:
+        path.append(node)
+        node = int(trie.parents[node])
+    return path[::-1]
+
+
+def proposal_from_trie(trie: Trie, ends: list[int], **stats) -> Proposal:
+    """A Proposal whose branches are the packed candidates (in candidate order), from `pack_trie`'s output."""
+    return Proposal(trie.tokens[1:].clone(), trie.parents[1:].tolist(),
+                    branches=[node_path(trie, end) for end in ends], stats=stats)
+
+
+class TreeVerifier:
+    """Verifier plug-in: ONE target forward over every node of the proposal (ancestor-only mask, per-node
+    positions); `commit` compacts the cache to the committed prefix, the anchor and the accepted nodes."""
+
+    def verify(self, target, cache, anchor: int, proposal: Proposal, start: int,
+               feature_layers: list[int] | None) -> Verification:
+        trie = trie_from_proposal(anchor, proposal)
+        out = verify_tree(target, cache, trie, start, output_hidden_states=feature_layers is not None)
+        features = extract_context_feature(out.hidden_states, feature_layers) if feature_layers is not None else None
+        return Verification(out.logits[0], features, verified_nodes=trie.num_nodes, target_forwards=1)
+
+    def commit(self, cache, start: int, path: list[int]) -> None:
+        compact_cache(cache, start, path)
