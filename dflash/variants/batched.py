@@ -8,6 +8,8 @@ are one batched `DynamicCache` plus a validity mask over its slots [B, T]: a slo
 sequence, or padding / a rejected draft to be ignored. Every forward gets explicit per-sequence `position_ids`
 and a 4D mask built from the validity mask (causal inside the verified block, bidirectional inside the draft
 block), so a slot's index never matters, only its RoPE position, which was applied before it was cached.
+(transformers 5.x `masking_utils._preprocess_mask_arguments` passes a 4D mask through untouched, also with a
+DynamicCache; it is given as an additive float mask so SDPA and eager attention both read it right.)
 Prompts are left-padded at prefill. After each cycle the caches are either compacted (`compact=True`: the valid
 slots of every row are gathered to the right, so the cache is as long as the longest sequence) or only masked
 (`compact=False`: rejected slots stay in the cache, masked forever; no copy, but attention grows by the block
@@ -46,6 +48,13 @@ class BatchStats:
     cycle_s: list[float] = field(default_factory=list)
     prefill_s: float = 0.0
     wall_s: float = 0.0
+
+    def record_cycle(self, live: int, width: int, draft_s: float, verify_s: float, cycle_s: float) -> None:
+        self.live.append(live)
+        self.width.append(width)
+        self.draft_s.append(draft_s)
+        self.verify_s.append(verify_s)
+        self.cycle_s.append(cycle_s)
 
     @property
     def cycles(self) -> int:
@@ -205,6 +214,74 @@ def _check(target, draft, prompts, max_new_tokens, block_size, temperature):
         check_pair(target, draft)
 
 
+@dataclass
+class _Rows:
+    """The live rows of the batch: both caches with their slot validity, what each row has cached, and the
+    target features of committed positions the draft has not read yet (features, validity, positions)."""
+    prompt_index: list[int]  # batch row -> prompt index
+    lengths: torch.Tensor  # [B] committed positions cached per row (= the anchor's position)
+    target_cache: object
+    target_valid: torch.Tensor  # [B, T]
+    draft_cache: object
+    draft_valid: torch.Tensor  # [B, T_draft]
+    pending: tuple | None  # ([B, c, K*H], [B, c], [B, c]) or None without a draft
+
+    def keep(self, rows: list[int]) -> None:
+        """Finished sequences leave the batch: they stop costing compute."""
+        index = torch.tensor(rows, device=self.lengths.device)
+        keep_rows(self.target_cache, index)
+        keep_rows(self.draft_cache, index)
+        self.target_valid, self.draft_valid, self.lengths = (self.target_valid[index], self.draft_valid[index],
+                                                              self.lengths[index])
+        self.pending = tuple(t[index] for t in self.pending) if self.pending is not None else None
+        self.prompt_index = [self.prompt_index[r] for r in rows]
+
+    def compact(self) -> None:
+        self.target_valid = _compact(self.target_cache, self.target_valid)
+        if self.draft_valid.shape[1]:
+            self.draft_valid = _compact(self.draft_cache, self.draft_valid)
+
+    def draft_block(self, draft, embed, lm_head, anchors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One draft forward for every row: [anchor, MASK...] blocks at `positions` [B, W] -> drafts [B, W-1]."""
+        width = positions.shape[1]
+        features, context_valid, context_positions = self.pending
+        block = torch.full(positions.shape, int(draft.mask_token_id), dtype=torch.long, device=positions.device)
+        block[:, 0] = anchors
+        hidden = draft(embed(block), features.to(embed.weight.dtype), context_positions, positions,
+                       past_key_values=self.draft_cache,
+                       attention_mask=draft_mask(self.draft_valid, context_valid, width))
+        drop_last_slots(self.draft_cache, width)  # keep context K/V only; the block is re-drafted next cycle
+        self.draft_valid = torch.cat([self.draft_valid, context_valid], dim=1)
+        self.pending = tuple(t[:, :0] for t in self.pending)
+        return lm_head(hidden[:, 1:]).argmax(dim=-1)  # output j predicts block position j ("no shift")
+
+    def verify(self, target, block_ids: torch.Tensor, positions: torch.Tensor, want_features: bool):
+        """One target forward for every row's block (causal inside the block, valid cache slots before it)."""
+        mask = verify_mask(self.target_valid, torch.ones_like(block_ids, dtype=torch.bool))
+        return target(input_ids=block_ids, position_ids=positions, past_key_values=self.target_cache, use_cache=True,
+                      attention_mask=additive(mask, target.get_input_embeddings().weight.dtype),
+                      output_hidden_states=want_features)
+
+    def commit(self, accepted: torch.Tensor, positions: torch.Tensor, features: torch.Tensor | None) -> None:
+        """Per row, the anchor and its accepted drafts are cached (the bonus token is the next anchor); the rest
+        of the verified block is masked out, and its features are kept for the draft's next context."""
+        kept = torch.arange(positions.shape[1], device=positions.device)[None] <= accepted[:, None]
+        self.target_valid = torch.cat([self.target_valid, kept], dim=1)
+        self.lengths = self.lengths + accepted + 1
+        if features is not None:  # appended: a cycle without a draft call (width 1) leaves earlier ones unread
+            self.pending = tuple(torch.cat([old, new], dim=1)
+                                 for old, new in zip(self.pending, (features, kept, positions)))
+
+
+def _commit_row(drafted: torch.Tensor, accepted: int, next_token: int, stop_ids: set) -> tuple[list[int], bool]:
+    """The engine's commit rule for one row: accepted drafts + the bonus token, cut after a stop token."""
+    committed = drafted[:accepted].tolist() + [next_token]
+    for k, token in enumerate(committed):
+        if token in stop_ids:
+            return committed[: k + 1], True
+    return committed, False
+
+
 @torch.inference_mode()
 def decode_batch(target, draft, prompts, *, max_new_tokens: int, block_size: int, stop_token_ids=None,
                  temperature: float = 0.0, compact: bool = True) -> BatchRun:
@@ -215,14 +292,14 @@ def decode_batch(target, draft, prompts, *, max_new_tokens: int, block_size: int
     dtype = target.get_input_embeddings().weight.dtype
     stop_ids = set(int(t) for t in (stop_token_ids or []))
     use_draft = draft is not None and block_size > 1
+    layers = list(draft.target_layer_ids) if use_draft else None
     embed, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
     acceptor = GreedyAcceptor()  # the engine's greedy acceptance, applied to each row's own chain
     stats = BatchStats()
     n = len(prompts)
     outputs: list[list[int]] = [[] for _ in range(n)]
     traces: list[list[CycleRecord]] = [[] for _ in range(n)]
-    finished_at: list[float] = [0.0] * n
-    stopped = [False] * n
+    finished_at, stopped = [0.0] * n, [False] * n
 
     begin = _clock(device)
     ids, valid, positions = (t.to(device) for t in left_pad(prompts, pad_id=0))
@@ -230,67 +307,39 @@ def decode_batch(target, draft, prompts, *, max_new_tokens: int, block_size: int
     prefill = target(input_ids=ids, position_ids=positions, past_key_values=target_cache, use_cache=True,
                      attention_mask=additive(verify_mask(valid[:, :0], valid), dtype),
                      output_hidden_states=use_draft, logits_to_keep=1)
-    first = prefill.logits[:, -1].argmax(dim=-1).tolist()
-    target_valid = valid
-    # Target features of committed positions the draft has not seen yet: features, validity, positions.
-    pending = (extract_context_feature(prefill.hidden_states, draft.target_layer_ids), valid, positions) \
-        if use_draft else None
-    draft_cache, draft_valid = new_cache(), torch.zeros((n, 0), dtype=torch.bool, device=device)
-    ttft = _clock(device) - begin
-    stats.prefill_s = ttft
-    rows = list(range(n))  # batch row -> prompt index, for the sequences still decoding
-    lengths = torch.tensor([len(p) for p in prompts], device=device)  # committed positions cached per row
-    for i in range(n):
-        outputs[i].append(first[i])
-        stopped[i] = first[i] in stop_ids
+    batch = _Rows(list(range(n)), torch.tensor([len(p) for p in prompts], device=device), target_cache, valid,
+                  new_cache(), torch.zeros((n, 0), dtype=torch.bool, device=device),
+                  (extract_context_feature(prefill.hidden_states, layers), valid, positions) if use_draft else None)
+    for i, token in enumerate(prefill.logits[:, -1].argmax(dim=-1).tolist()):
+        outputs[i].append(token)
+        stopped[i] = token in stop_ids
+    stats.prefill_s = ttft = _clock(device) - begin
 
     while True:
-        keep = [r for r, i in enumerate(rows) if not stopped[i] and len(outputs[i]) < max_new_tokens]
-        for r, i in enumerate(rows):
-            if r not in keep:
+        live = [r for r, i in enumerate(batch.prompt_index) if not stopped[i] and len(outputs[i]) < max_new_tokens]
+        for r, i in enumerate(batch.prompt_index):
+            if r not in live:
                 finished_at[i] = _clock(device) - begin
-        if not keep:
+        if not live:
             break
-        if len(keep) < len(rows):  # finished sequences leave the batch
-            index = torch.tensor(keep, device=device)
-            keep_rows(target_cache, index)
-            target_valid, lengths = target_valid[index], lengths[index]
-            if use_draft:
-                keep_rows(draft_cache, index)
-                draft_valid = draft_valid[index]
-                pending = tuple(t[index] for t in pending)
-            rows = [rows[r] for r in keep]
+        if len(live) < len(batch.prompt_index):
+            batch.keep(live)
             if compact:  # the dropped rows may have been the longest
-                target_valid = _compact(target_cache, target_valid)
-                if use_draft and draft_valid.shape[1]:
-                    draft_valid = _compact(draft_cache, draft_valid)
+                batch.compact()
 
         cycle_begin = _clock(device)
+        rows = batch.prompt_index
         remaining = [max_new_tokens - len(outputs[i]) for i in rows]
         width = max(1, min(block_size, max(remaining)))
         anchors = torch.tensor([outputs[i][-1] for i in rows], device=device)
-        block_positions = lengths[:, None] + torch.arange(width, device=device)[None]
+        block_positions = batch.lengths[:, None] + torch.arange(width, device=device)[None]
         drafted = torch.empty((len(rows), 0), dtype=torch.long, device=device)
         if use_draft and width > 1:
-            features, context_valid, context_positions = pending
-            block = torch.full((len(rows), width), int(draft.mask_token_id), dtype=torch.long, device=device)
-            block[:, 0] = anchors
-            mask = draft_mask(draft_valid, context_valid, width)
-            hidden = draft(embed(block), features.to(dtype), context_positions, block_positions,
-                           past_key_values=draft_cache, attention_mask=mask)
-            drop_last_slots(draft_cache, width)  # keep context K/V only
-            draft_valid = torch.cat([draft_valid, context_valid], dim=1)
-            pending = (features[:, :0], context_valid[:, :0], context_positions[:, :0])
-            drafted = lm_head(hidden[:, 1:]).argmax(dim=-1)  # output j predicts block position j
+            drafted = batch.draft_block(draft, embed, lm_head, anchors, block_positions)
         draft_end = _clock(device)
-
-        block_ids = torch.cat([anchors[:, None], drafted], dim=1)
-        block_valid = torch.ones_like(block_ids, dtype=torch.bool)
-        stats.target_slots.append(target_valid.shape[1])
-        stats.target_valid.append(int(target_valid.sum()))
-        verified = target(input_ids=block_ids, position_ids=block_positions, past_key_values=target_cache,
-                          use_cache=True, attention_mask=additive(verify_mask(target_valid, block_valid), dtype),
-                          output_hidden_states=use_draft)
+        stats.target_slots.append(batch.target_valid.shape[1])
+        stats.target_valid.append(int(batch.target_valid.sum()))
+        verified = batch.verify(target, torch.cat([anchors[:, None], drafted], dim=1), block_positions, use_draft)
         verify_end = _clock(device)
 
         accepted_counts = []
@@ -298,41 +347,23 @@ def decode_batch(target, draft, prompts, *, max_new_tokens: int, block_size: int
             length = min(width, remaining[r])  # this sequence's own block: no more than it may still generate
             proposal = Proposal.chain(drafted[r, : length - 1], draft_passes=int(width > 1), batch_rows=len(rows))
             path, next_token = acceptor.accept(proposal, verified.logits[r, :length])
-            accepted = len(path) - 1
-            committed = drafted[r, :accepted].tolist() + [next_token]
-            for k, token in enumerate(committed):
-                if token in stop_ids:
-                    committed, stopped[i] = committed[: k + 1], True
-                    break
-            token_index = len(outputs[i])
-            outputs[i].extend(committed)
-            accepted_counts.append(accepted)
+            committed, stopped[i] = _commit_row(drafted[r], len(path) - 1, next_token, stop_ids)
             drafted_stops = [k for k, t in enumerate(drafted[r, : length - 1].tolist()) if t in stop_ids]
             # Cost fields: this row's share of the batch's one target forward is its `width` block tokens.
             traces[i].append(CycleRecord(
-                len(traces[i]), token_index, length, accepted + 1, draft_end - cycle_begin, verify_end - draft_end,
+                len(traces[i]), len(outputs[i]), length, len(path), draft_end - cycle_begin, verify_end - draft_end,
                 0.0, generated_length=min(drafted_stops[0] + 2, length) if drafted_stops else length,
                 verified_nodes=width, target_forwards=1, proposal_stats=dict(proposal.stats)))
-        accepted_t = torch.tensor(accepted_counts, device=device)
-        # The anchor and the accepted drafts are committed and cached; the bonus token is the next anchor.
-        kept = torch.arange(width, device=device)[None] <= accepted_t[:, None]
-        target_valid = torch.cat([target_valid, kept], dim=1)
-        lengths = lengths + accepted_t + 1
-        if use_draft:  # appended: a cycle without a draft call (width 1) leaves earlier features unread
-            new = (extract_context_feature(verified.hidden_states, draft.target_layer_ids), kept, block_positions)
-            pending = tuple(torch.cat([old, more], dim=1) for old, more in zip(pending, new))
+            outputs[i].extend(committed)
+            accepted_counts.append(len(path) - 1)
+        batch.commit(torch.tensor(accepted_counts, device=device), block_positions,
+                     extract_context_feature(verified.hidden_states, layers) if use_draft else None)
         if compact:
-            target_valid = _compact(target_cache, target_valid)
-            if use_draft and draft_valid.shape[1]:
-                draft_valid = _compact(draft_cache, draft_valid)
+            batch.compact()
         cycle_s = _clock(device) - cycle_begin
         for i in rows:
             traces[i][-1].cycle_s = cycle_s
-        stats.live.append(len(rows))
-        stats.width.append(width)
-        stats.draft_s.append(draft_end - cycle_begin)
-        stats.verify_s.append(verify_end - draft_end)
-        stats.cycle_s.append(cycle_s)
+        stats.record_cycle(len(rows), width, draft_end - cycle_begin, verify_end - draft_end, cycle_s)
 
     stats.wall_s = _clock(device) - begin
     results = [GenerationResult(output_ids=outputs[i][:max_new_tokens],
