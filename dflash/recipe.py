@@ -1,0 +1,194 @@
+"""`dflash train`: the DFlash draft recipe end to end for any Hugging Face causal-LM target.
+
+prompts -> the target's own greedy responses (batched self-distillation) -> cached context features -> draft
+training (random anchors, exp(-(k-1)/gamma) loss weights; dflash.train) -> greedy tau per category and block size
+on held-out prompts -> `out/` in the z-lab checkpoint format + manifest.json (command, seed, data sizes, losses,
+quality, sha256 of every file, wall time).
+
+Every stage is resumable: intermediate results live in `out/.work/` (distilled sequences, features, training
+checkpoint) and `resume=True` picks up from the last finished stage / checkpoint. `.work` is removed on success.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+
+from .evaluation import greedy_quality
+from .train import DraftTrainingConfig, TrainingSequence, context_features, self_distill, train_draft
+
+
+@dataclass
+class RecipeData:
+    """Token-id prompts for self-distillation (per category) and held-out prompts for the quality table."""
+    train_prompts: dict[str, list[list[int]]]
+    heldout_prompts: dict[str, list[list[int]]]
+    mask_token_id: int
+    stop_token_ids: list[int]
+    pad_token_id: int
+    description: dict = field(default_factory=dict)  # where the prompts came from, for the manifest
+
+
+@dataclass
+class RecipeOptions:
+    distill_max_new_tokens: int = 128
+    distill_batch_size: int = 16
+    distill_bf16_autocast: bool = False  # faster generation; context features are always computed in fp32
+    feature_batch_size: int = 8
+    checkpoint_every: int = 50
+    quality_block_sizes: tuple[int, ...] = (4, 8, 16)
+    quality_max_new_tokens: int = 96
+    resume: bool = False
+    progress: bool = True
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _stage(path: Path, resume: bool, compute):
+    """Load a finished stage's result from `path` when resuming, else compute and store it."""
+    if resume and path.is_file():
+        return torch.load(path, weights_only=False)
+    result = compute()
+    partial = path.with_name(path.name + ".partial")
+    torch.save(result, partial)
+    partial.replace(path)
+    return result
+
+
+def run_recipe(target, data: RecipeData, out_dir: str | Path, *, config: DraftTrainingConfig,
+               options: RecipeOptions, command: str, extra_manifest: dict | None = None,
+               log=print) -> dict:
+    out = Path(out_dir)
+    work = out / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    begin = time.perf_counter()
+    timings = {}
+
+    categories = list(data.train_prompts)
+    flat_prompts = [p for c in categories for p in data.train_prompts[c]]
+    category_of = [c for c in categories for _ in data.train_prompts[c]]
+    t0 = time.perf_counter()
+    sequences: list[TrainingSequence] = _stage(work / "sequences.pt", options.resume, lambda: self_distill(
+        target, flat_prompts, max_new_tokens=options.distill_max_new_tokens, stop_token_ids=data.stop_token_ids,
+        pad_token_id=data.pad_token_id, batch_size=options.distill_batch_size,
+        bf16_autocast=options.distill_bf16_autocast, progress=options.progress))
+    timings["self_distillation_s"] = round(time.perf_counter() - t0, 1)
+    log(f"self-distillation: {len(sequences)} sequences, "
+        f"{sum(s.token_ids.numel() - s.response_start for s in sequences)} response tokens")
+
+    from .model import build_target_layer_ids
+    num_target_layers = target.config.get_text_config().num_hidden_layers
+    layer_ids = config.target_layer_ids or build_target_layer_ids(num_target_layers, config.num_layers)
+    t0 = time.perf_counter()
+    features = _stage(work / "features.pt", options.resume, lambda: context_features(
+        target, sequences, layer_ids, batch_size=options.feature_batch_size, dtype=torch.bfloat16,
+        progress=options.progress))
+    timings["context_features_s"] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    draft, stats = train_draft(target, sequences, mask_token_id=data.mask_token_id, config=config,
+                               progress=options.progress, features=features,
+                               checkpoint_path=work / "checkpoint.pt", checkpoint_every=options.checkpoint_every,
+                               resume=options.resume)
+    timings["training_s"] = round(time.perf_counter() - t0, 1)
+    del features
+    log(f"draft: loss {stats.loss_first:.3f} -> {stats.loss_last:.3f} over {config.steps} steps")
+
+    staging = out / ".staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    draft.save_pretrained(staging)
+    t0 = time.perf_counter()
+    quality = greedy_quality(target, draft, data.heldout_prompts, block_sizes=options.quality_block_sizes,
+                             max_new_tokens=options.quality_max_new_tokens, stop_token_ids=data.stop_token_ids)
+    timings["quality_s"] = round(time.perf_counter() - t0, 1)
+    response_tokens = {c: sum(s.token_ids.numel() - s.response_start for s, k in zip(sequences, category_of)
+                              if k == c) for c in categories}
+    manifest = {
+        "command": command,
+        "seed": config.seed,
+        "wall_s": round(time.perf_counter() - begin, 1),
+        "stage_wall_s": timings,
+        "threads": torch.get_num_threads(),
+        "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
+                        "transformers": transformers.__version__, "machine": platform.machine(),
+                        "processor": platform.processor()},
+        "data": {**data.description,
+                 "prompts_per_category": {c: len(p) for c, p in data.train_prompts.items()},
+                 "response_tokens_per_category": response_tokens,
+                 "sequences": len(sequences),
+                 "total_tokens": sum(s.token_ids.numel() for s in sequences),
+                 "distill_max_new_tokens": options.distill_max_new_tokens,
+                 "distill_bf16_autocast": options.distill_bf16_autocast,
+                 "heldout_prompts_per_category": {c: len(p) for c, p in data.heldout_prompts.items()}},
+        "draft": {**{k: v for k, v in vars(stats).items() if k != "losses"},
+                  "loss_every_50_steps": [round(sum(stats.losses[i:i + 50]) / len(stats.losses[i:i + 50]), 4)
+                                          for i in range(0, len(stats.losses), 50)]},
+        "quality": {"metric": "greedy acceptance length tau (committed tokens per cycle) on held-out prompts",
+                    "max_new_tokens": options.quality_max_new_tokens, "by_category_and_block_size": quality},
+        **(extra_manifest or {}),
+    }
+    for path in [staging, *staging.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    manifest["files"] = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
+                         for p in sorted(staging.iterdir()) if p.is_file()}
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    for path in staging.iterdir():
+        path.replace(out / path.name)
+    staging.rmdir()
+    shutil.rmtree(work)
+    log(json.dumps({"out": str(out), "wall_s": manifest["wall_s"], "mean_tau": quality["mean"]}))
+    return manifest
+
+
+NAMED_PROMPT_SETS = ("smol-train", "smol-heldout")
+
+
+def load_prompt_texts(spec: str, *, per_category: int) -> dict[str, list[str]]:
+    """Prompts by category from a named set (smol-train, smol-heldout) or a file: .txt (one prompt per line),
+    .json ({category: [prompt, ...]}) or .jsonl (objects with "prompt" and optional "category")."""
+    from .errors import DFlashError
+    if spec == "smol-train":
+        from .smol_prompts import training_prompts
+        return training_prompts(per_category)
+    if spec == "smol-heldout":
+        from .smol_prompts import heldout_prompts
+        return heldout_prompts(per_category)
+    path = Path(spec)
+    if not path.is_file():
+        raise DFlashError(f"Prompts {spec!r}: not a named set ({', '.join(NAMED_PROMPT_SETS)}) and not a file. "
+                          "Pass a .txt (one prompt per line), .json ({category: [prompts]}) or .jsonl file.")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            table = json.loads(text)
+            if not isinstance(table, dict) or not all(isinstance(v, list) for v in table.values()):
+                raise ValueError("expected an object mapping category names to lists of prompts")
+            return {str(k): [str(p) for p in v] for k, v in table.items()}
+        if path.suffix == ".jsonl":
+            table: dict[str, list[str]] = {}
+            for line in filter(str.strip, text.splitlines()):
+                row = json.loads(line)
+                table.setdefault(str(row.get("category", "all")), []).append(str(row["prompt"]))
+            return table
+    except (ValueError, KeyError) as error:
+        raise DFlashError(f"Cannot read prompts from {path}: {error}") from None
+    return {"all": [line for line in text.splitlines() if line.strip()]}
+
+
+def tokenize_prompts(texts: dict[str, list[str]], tokenizer, *, chat: bool) -> dict[str, list[list[int]]]:
+    if chat:
+        return {c: [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False) for t in ts]
+                for c, ts in texts.items()}
+    return {c: [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ts] for c, ts in texts.items()}
