@@ -55,6 +55,7 @@ class CycleRecord:
     verified_nodes: int = 0  # tokens the target processed to verify this cycle (anchor included)
     target_forwards: int = 0  # target forward passes spent verifying this cycle
     proposal_stats: dict = field(default_factory=dict)  # the drafter's cost and counters (draft passes, seeds...)
+    accepted_path: list[int] = field(default_factory=list)  # accepted proposal nodes (0 = anchor); trees: which branch
 
 
 @dataclass
@@ -556,7 +557,8 @@ def generate(target, draft: DFlashDraftModel | None, input_ids, *, max_new_token
                              draft_end - cycle_begin, verify_end - draft_end, _clock(device) - cycle_begin,
                              generated_length=min(drafted_stops[0] + 2, length) if drafted_stops else length,
                              verified_nodes=verification.verified_nodes,
-                             target_forwards=verification.target_forwards, proposal_stats=dict(proposal.stats))
+                             target_forwards=verification.target_forwards, proposal_stats=dict(proposal.stats),
+                             accepted_path=list(path))
         records.append(record)
         acceptance_lengths.append(len(path))
         policy.observe(record)

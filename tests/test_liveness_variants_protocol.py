@@ -220,3 +220,40 @@ def test_refinement_sampled_laws(pair):
     assert bool((laws.gather(-1, proposal.tokens[:, None]) > 0).all())
     point_masses = int((laws.max(-1).values == 1.0).sum())
     assert 0 < point_masses < 7 and proposal.stats["refined_positions"] == 7 - point_masses
+
+
+# --- tree variants: acceptance through other branches is exercised and stays lossless --------------------------
+
+@pytest.fixture(scope="module")
+def tiny64():
+    """The trained tiny pair in float64 (its drafts are good enough that alternative branches get accepted; float64
+    keeps block, tree and one-token forwards far from argmax ties) and a few held-out code prompts (where the draft is unsure, so other branches win)."""
+    import json
+
+    from dflash import load_draft, load_target, load_tokenizer
+    from dflash.loading import PACKAGE_MODELS
+    tokenizer = load_tokenizer("tiny")
+    texts = json.loads((PACKAGE_MODELS / "tiny" / "heldout.json").read_text())["code"][:4]
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return load_target("tiny").to(torch.float64), load_draft("tiny").to(torch.float64), prompts
+
+
+@pytest.mark.parametrize("name,knobs", [
+    ("multiround", {"diversity": "sparse", "rounds": 3, "verifier": "tree"}),
+    ("multiround", {"diversity": "rank", "rounds": 3, "verifier": "linear"}),
+    ("candidate_diversity", {"diversity": "sparse", "verifier": "tree"}),
+    ("candidate_diversity", {"diversity": "sparse", "verifier": "linear"}),
+])
+def test_tree_variants_accept_off_the_first_branch_and_stay_lossless(tiny64, name, knobs):
+    """The registry's random cases rarely accept a non-first branch; the trained pair does, so a commit step that
+    keeps the wrong branch (or an acceptor that walks it wrongly) changes the output here."""
+    from dflash.testing import reference_greedy
+    target, draft, prompts = tiny64
+    spec = VARIANTS[name]
+    off_branch = 0
+    for prompt in prompts:
+        result = spec.decode(target, draft, prompt, max_new_tokens=48, block_size=16, **{**spec.knobs, **knobs})
+        assert result.output_ids == reference_greedy(target, prompt, 48), (name, knobs)
+        # a chain's path is 0, 1, 2, ...; any other node index means a later branch was accepted
+        off_branch += sum(r.accepted_path != list(range(len(r.accepted_path))) for r in result.trace)
+    assert off_branch >= 3, f"only {off_branch} cycles accepted a non-first branch: the check has no power"

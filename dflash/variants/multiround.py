@@ -197,10 +197,14 @@ def decode_multiround(target, draft, prompt, *, max_new_tokens, block_size, temp
 register(VariantSpec(
     name="multiround",
     decode=decode_multiround,
-    knobs={"round_block_sizes": (16, 12), "rounds": None, "proposal_depth": None, "verifier": "linear"},
+    knobs={"round_block_sizes": (16, 12), "rounds": None, "diversity": "none", "margin_threshold": 1.0,
+           "proposal_depth": None, "verifier": "linear"},
     knob_grid=({}, {"round_block_sizes": (8, 4)}, {"round_block_sizes": (4,), "rounds": 3},
                {"rounds": 1}, {"proposal_depth": 1}, {"verifier": "tree"},
-               {"round_block_sizes": (3, 16, 2), "verifier": "tree"}),
+               {"round_block_sizes": (3, 16, 2), "verifier": "tree"},
+               # greedy rounds of one size coincide: diversity makes real branching trees for both verifiers
+               {"diversity": "sparse", "rounds": 3, "verifier": "tree"}, {"diversity": "rank", "rounds": 3},
+               {"diversity": "block_sizes", "rounds": 2, "proposal_depth": 1, "verifier": "tree"}),
     sampling=True,
     description="R rounds of DFlash proposals per cycle merged into a tree; exact multi-round residual "
                 "acceptance (greedy: the argmax path)",
