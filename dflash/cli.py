@@ -96,6 +96,41 @@ def cmd_train(args) -> None:
     run_recipe(target, data, args.out, config=config, options=options, command="dflash " + " ".join(args.argv))
 
 
+def cmd_bench(args) -> None:
+    """Peer benchmark (dflash.peers) on a profile's datasets; prints the peer table, optionally writes JSON."""
+    import torch
+    torch.set_num_threads(args.threads)
+    from .harness.profiles import get_profile, load_prompts, unavailable_reason
+    from .harness.render import peers_table
+    from .loading import load_draft, load_target, load_tokenizer
+    from .peers import peer_metrics, peer_modes, run_peers
+    profile = get_profile(args.profile)
+    if not (args.target and args.draft) and (reason := unavailable_reason(profile)):
+        raise DFlashError(reason)
+    target_name, draft_name = args.target or profile.target, args.draft or profile.draft
+    target = load_target(target_name, device=profile.device, dtype=profile.dtype)
+    draft = load_draft(draft_name, device=profile.device, dtype=profile.dtype)
+    tokenizer = load_tokenizer(target_name)
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    count = args.prompts or profile.prompts
+    max_new = args.max_new_tokens or profile.max_new_tokens
+    candidates = tuple(sorted({2, *profile.scheduler_candidates}))
+    records = []
+    for name in args.dataset or [d.name for d in profile.datasets]:
+        prompts = load_prompts(profile, profile.dataset(name), tokenizer, count)
+        modes = peer_modes(target, draft, block_sizes=(4, 8, 16), scheduler_candidates=candidates)
+        runs = run_peers(modes, prompts, max_new_tokens=max_new, stop_ids=stop)
+        metrics = peer_metrics(runs, prompts, target)
+        records.append({"id": f"peers/{profile.name}-{name}", "experiment": "peers", "dataset": name,
+                        "params": {"prompts": len(prompts), "max_new_tokens": max_new}, "metrics": metrics})
+        print(f"\n{name} (n={len(prompts)}, max_new_tokens={max_new}, threads={args.threads})")
+        print(peers_table(records[-1:]), flush=True)
+    if args.json:
+        from pathlib import Path
+        Path(args.json).write_text(json.dumps({"target": target_name, "draft": draft_name, "profile": profile.name,
+                                               "threads": args.threads, "records": records}, indent=2) + "\n")
+
+
 def cmd_gate_quality(args) -> None:
     from .harness.gate_quality import main as gate_quality
     gate_quality(repeats=args.repeats, trials=args.trials, resamples=args.resamples, family=args.family)
@@ -159,6 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared machines)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/.work (finished stages, checkpoint)")
     t.set_defaults(func=cmd_train)
+
+    b = sub.add_parser("bench", help="peer benchmark: transformers greedy / prompt lookup / target-only / DFlash")
+    b.add_argument("--profile", default="smol", help="profile whose models and datasets to use (default smol)")
+    b.add_argument("--dataset", action="append", help="dataset of the profile (repeatable; default: all)")
+    b.add_argument("--prompts", type=int, default=None, help="prompts per dataset (default: the profile's)")
+    b.add_argument("--max-new-tokens", type=int, default=None)
+    b.add_argument("--target", default=None, help="override the profile's target")
+    b.add_argument("--draft", default=None, help="override the profile's draft")
+    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--json", default=None, help="also write the records to this JSON file")
+    b.set_defaults(func=cmd_bench)
 
     q = sub.add_parser("gate-quality", help="measure the gates' false-alarm and detection rates on the tiny pair")
     q.add_argument("--repeats", type=int, default=4, help="repeated measurements of unchanged code")

@@ -37,6 +37,7 @@ from .fileio import atomic_write_text
 from .stats import mean_ci, worst_verdict
 
 TITLES = {"block_size": "Block-size sweep", "full_length": "Full-length runs",
+          "peers": "Peer benchmark (transformers greedy / prompt lookup / target-only / DFlash)",
           "dynamic": "Dynamic block-size scheduling", "profiling": "Per-cycle profiling"}
 FINGERPRINT_ORDER = ("profile", "hardware", "torch", "transformers", "python", "git_sha", "seeds")
 DASH = "—"
@@ -286,8 +287,24 @@ def batched_table(records: list[dict]) -> str:
     return table(headers, rows, [False, True, False] + [True] * 8 + [False])
 
 
+def peers_table(records: list[dict]) -> str:
+    """Peer benchmark (dflash.peers): one row per decoding mode of each case, against transformers greedy."""
+    rows = []
+    for r in sorted(records, key=lambda r: r["id"]):
+        for mode, m in (_metrics(r).get("modes") or {}).items():
+            ties = len(m.get("float_ties") or {})
+            rows.append([r["id"], mode, fmt(m.get("tokens_per_s")), fmt(m.get("ratio_to_hf_greedy")),
+                         fmt(m.get("tau")), _ratio(m.get("identical_to_hf_greedy", 0), m.get("n", 0)) +
+                         (f" ({ties} float ties)" if ties else ""), fmt(m.get("ceiling")), fmt(m.get("efficiency")),
+                         fmt(m.get("efficiency_vs_target_only")), verdict_cell(r)])
+    headers = ["Case", "Mode", "Tokens/s", "Ratio to HF greedy", "Tau", "Identical to HF greedy",
+               "Ceiling tau*T(1)/(T(verify)+T(draft))", "Efficiency (ratio / ceiling)",
+               "Efficiency vs own target-only", "Verdict"]
+    return table(headers, rows, [False, False] + [True] * 7 + [False])
+
+
 RENDERERS = {"block_size": block_size_table, "full_length": full_length_table, "dynamic": dynamic_table,
-             "profiling": profiling_tables, "batched": batched_table}
+             "profiling": profiling_tables, "batched": batched_table, "peers": peers_table}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,37 @@
+"""Peer benchmark: DFlash against transformers greedy `generate`, transformers prompt-lookup decoding and this
+project's target-only loop, on the same prompts in the same process, interleaved per prompt after a warm-up
+(dflash.peers). Meant for the `smol` profile (a real pretrained target on CPU):
+
+    pytest ablations/ --profile smol -k peers --report
+
+Per mode: tokens/s, ratio to transformers greedy, tau, outputs identical to transformers greedy; per DFlash mode
+the cost-model ceiling tau * T(1) / (T(verify b) + T(draft b)) from the measured forward times and the efficiency
+(realized ratio / ceiling). Every project mode must reproduce transformers greedy output (float ties excepted).
+"""
+import pytest
+
+from dflash.peers import HF_GREEDY, peer_metrics, peer_modes, run_peers
+
+
+@pytest.mark.ablation("peers", ci_datasets=())  # slow on every dataset: a measurement, not a CI gate
+def test_peers(case):
+    models, profile = case.models, case.profile
+    prompts = case.prompts(profile.prompts)
+    candidates = tuple(sorted({2, *profile.scheduler_candidates}))
+    modes = peer_modes(models.target, models.draft, block_sizes=(4, 8, 16), scheduler_candidates=candidates)
+    runs = run_peers(modes, prompts, max_new_tokens=profile.max_new_tokens, stop_ids=models.stop_ids)
+    metrics = peer_metrics(runs, prompts, models.target)
+    best = metrics["best_dflash"]
+    hf = runs[HF_GREEDY]
+    metrics.update(
+        per_prompt_tau=metrics["modes"][best]["per_prompt_tau"],
+        speedup_samples=[(len(b.output_ids) / b.wall_s) / (len(h.output_ids) / h.wall_s)
+                         for b, h in zip(runs[best], hf)],
+        exact_match=[b.output_ids == h.output_ids for b, h in zip(runs[best], hf)],
+        float_ties=metrics["modes"][best]["float_ties"])
+    case.max_new_tokens = profile.max_new_tokens
+    record = case.finish("peers", {"prompts": len(prompts), "max_new_tokens": profile.max_new_tokens}, metrics,
+                         gates=[], lossless=True)
+    broken = {name: row["mismatched_prompts"] for name, row in record["metrics"]["modes"].items()
+              if name != "hf-prompt-lookup" and set(map(str, row["mismatched_prompts"])) - set(row["float_ties"])}
+    assert not broken, f"project modes differ from transformers greedy (not float ties): {broken}"
