@@ -133,7 +133,8 @@ def cmd_bench(args) -> None:
 
 def cmd_gate_quality(args) -> None:
     from .harness.gate_quality import main as gate_quality
-    gate_quality(repeats=args.repeats, trials=args.trials, resamples=args.resamples, family=args.family)
+    gate_quality(repeats=args.repeats, trials=args.trials, resamples=args.resamples, family=args.family,
+                 block_sizes=tuple(int(b) for b in args.block_sizes.split(",")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--trials", type=int, default=20, help="perturbed drafts for the detection rate")
     q.add_argument("--resamples", type=int, default=500, help="pseudo-runs resampled from the repeats (throughput)")
     q.add_argument("--family", type=int, default=100, help="gates in a full run (Holm/Bonferroni family size)")
+    q.add_argument("--block-sizes", default="4,8,16", help="block sizes of the gated cases (comma-separated)")
     q.set_defaults(func=cmd_gate_quality)
     return parser
 

@@ -100,14 +100,14 @@ def _gated_tau(base_taus, new_tau, start: int, family: int, margin: float, alpha
 
 
 def measure(repeats: int = 4, trials: int = 20, resamples: int = 500, family: int = 100, margin: float = 0.03,
-            alpha: float = 0.05, seed: int = 0) -> dict:
+            alpha: float = 0.05, seed: int = 0, block_sizes: tuple[int, ...] = BLOCK_SIZES) -> dict:
     torch.set_num_threads(1)
     profile = get_profile("tiny")
     target, draft, tokenizer = load_target("tiny"), load_draft("tiny"), load_tokenizer("tiny")
     stop = [tokenizer.eos_token_id]
     cap, start = profile.prompts_cap, profile.prompts
     prompts = {spec.name: load_prompts(profile, spec, tokenizer, cap) for spec in profile.datasets}
-    cases = [(d, b) for d in prompts for b in BLOCK_SIZES if len(prompts[d]) >= cap]
+    cases = [(d, b) for d in prompts for b in block_sizes if len(prompts[d]) >= cap]
     decoder = Decoder(target, prompts, stop)
     generate(target, draft, prompts["math"][0], max_new_tokens=16, block_size=8)  # warm-up
 
@@ -158,7 +158,7 @@ def measure(repeats: int = 4, trials: int = 20, resamples: int = 500, family: in
             flagged_any += gate.failed
     return {
         "command": f"dflash gate-quality --repeats {repeats} --trials {trials} --resamples {resamples} "
-                   f"--family {family}",
+                   f"--family {family} --block-sizes {','.join(map(str, block_sizes))}",
         "profile": "tiny", "prompts_per_case": {"start": start, "cap": cap}, "max_new_tokens": MAX_NEW_TOKENS,
         "cases": [f"{d}/bs={b}" for d, b in cases], "margin": margin, "alpha": alpha, "family": family,
         "false_alarms_unchanged_code": {
@@ -175,5 +175,7 @@ def measure(repeats: int = 4, trials: int = 20, resamples: int = 500, family: in
     }
 
 
-def main(repeats: int = 4, trials: int = 20, resamples: int = 500, family: int = 100) -> None:
-    print(json.dumps(measure(repeats=repeats, trials=trials, resamples=resamples, family=family), indent=2))
+def main(repeats: int = 4, trials: int = 20, resamples: int = 500, family: int = 100,
+         block_sizes: tuple[int, ...] = BLOCK_SIZES) -> None:
+    print(json.dumps(measure(repeats=repeats, trials=trials, resamples=resamples, family=family,
+                             block_sizes=block_sizes), indent=2))
