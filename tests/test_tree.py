@@ -271,3 +271,59 @@ def test_candidate_knob_errors():
                        ({"budgets": (1, 4)}, "adaptive_budgets"), ({"thresholds": (0.5, 0.9)}, "adaptive_thresholds")]:
         with pytest.raises(DFlashError, match=match):
             check_candidate_knobs(**{**good, **bad})
+
+
+# --- sampled tree acceptance: exact for point-mass candidates -------------------------------------------------
+
+import numpy as np  # noqa: E402
+from test_acceptance_exact import TOL, _SLOW_OK, extend_with_target, target_law, target_tables  # noqa: E402
+from test_acceptance_multiround_tree import enumerate_walk  # noqa: E402
+
+from dflash.engine import Proposal  # noqa: E402
+from dflash.tree import proposal_from_trie  # noqa: E402
+from dflash.variants.multiround import MultiRoundAcceptor  # noqa: E402
+from dflash.variants.tree import tree_acceptor  # noqa: E402
+
+
+@st.composite
+def point_mass_candidate_trees(draw):
+    """Deterministic candidate paths (what tree / tree_lite / candidates propose) over a random target table."""
+    V = draw(st.integers(2, 3))
+    k = draw(st.integers(1, 3))
+    cond = draw(target_tables(V, k))
+    paths = draw(st.lists(st.lists(st.integers(0, V - 1), min_size=1, max_size=k), min_size=1, max_size=4))
+    return V, k, cond, paths
+
+
+@settings(deadline=None, max_examples=60, suppress_health_check=_SLOW_OK)
+@given(point_mass_candidate_trees())
+def test_sampled_tree_walk_over_candidate_paths_commits_target_law(setup):
+    """Exact enumeration: recursive rejection over point-mass siblings commits exactly the target's law."""
+    V, k, cond, paths = setup
+    laws = [[np.eye(V)[token] for token in path] for path in paths]
+    mass = enumerate_walk(V, k, cond, laws)
+    assert abs(sum(m.sum() for m in mass[1:]) - 1.0) < TOL
+    assert np.allclose(extend_with_target(mass, cond, k), target_law(cond, k), rtol=0, atol=TOL)
+
+
+@given(st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=5), min_size=1, max_size=6))
+def test_packed_proposal_is_the_enumerated_one(paths):
+    """The variants' proposals (pack_trie -> proposal_from_trie) are the tries the enumeration walks."""
+    mine = proposal_from_trie(*pack_trie(7, paths))
+    theirs = Proposal.from_chains([torch.tensor(p) for p in paths])
+    assert mine.tokens.tolist() == theirs.tokens.tolist() and mine.parents == theirs.parents
+    assert mine.branches == theirs.branches
+
+
+def test_variants_sample_with_the_exact_walk():
+    assert isinstance(tree_acceptor(0.7), MultiRoundAcceptor)
+    target = random_target(4, vocab_size=6)
+    from dflash.testing import random_draft
+    from dflash.variants import VARIANTS
+    draft = random_draft(target, 5)
+    for name in ("tree", "tree_lite", "candidates"):
+        spec = VARIANTS[name]
+        assert spec.sampling
+        runs = [spec.decode(target, draft, [1, 2], max_new_tokens=24, block_size=8, stop_token_ids=[],
+                            temperature=1.0, seed=seed, **spec.knobs).output_ids for seed in (0, 0, 1)]
+        assert runs[0] == runs[1] and runs[0] != runs[2], name  # seeded, and the seed is live

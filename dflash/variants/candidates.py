@@ -10,17 +10,21 @@ and repeated C times). Here they are packed into one trie and verified in one ta
 (dflash.tree.TreeVerifier): candidates share their prefix up to the first replaced position, so the packed node
 count is at most C x L and usually much less (fixed_prefix_rank: p + C (L - p)); there is no cache copy, and
 keeping the winner is an index_select of its path. The best candidate is the longest accepted one, then the
-higher draft score, then the lower index (the documented tie-break); every candidate reaching the greedy walk's
-path commits the same tokens, so the tie-break only names the winner in the trace. Greedy only.
+higher draft score, then the lower index (the documented tie-break); every candidate reaching the walk's accepted
+path commits the same tokens, so the tie-break only names the winner in the trace. The research script was greedy
+only; here sampling uses the exact tree walk of dflash.variants.tree (point-mass candidates, recursive rejection
+over siblings).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from .. import candidates as build
-from ..engine import CycleOutcome, GreedyAcceptor, Proposal
+from ..engine import CycleOutcome, Proposal
 from . import VariantSpec, register
-from .tree import CandidateTreeDrafter, decode_tree_variant
+from .tree import CandidateTreeDrafter, decode_tree_variant, tree_acceptor
 
 
 class CandidateDrafter(CandidateTreeDrafter):
@@ -55,11 +59,13 @@ class CandidateDrafter(CandidateTreeDrafter):
         self.last_ratio = len(outcome.path) / (outcome.proposal.depth() + 1)  # tau / the cycle's block size
 
 
-class BestCandidateAcceptor(GreedyAcceptor):
-    """Greedy tree walk; also names the best candidate (tau, then draft score, then index) in the cycle stats."""
+@dataclass
+class BestCandidateAcceptor:
+    """The tree walk of `base`; also names the best candidate (tau, then draft score, then index) in the stats."""
+    base: object
 
     def accept(self, proposal: Proposal, logits: torch.Tensor, draw=None):
-        path, next_token = super().accept(proposal, logits, draw)
+        path, next_token = self.base.accept(proposal, logits, draw)
         if proposal.branches is None:  # a cycle with nothing drafted (length 1 at the end of the output)
             return path, next_token
         taus = []
@@ -69,7 +75,7 @@ class BestCandidateAcceptor(GreedyAcceptor):
                 matched += 1
             taus.append(matched + 1)
         chosen = build.choose_candidate(taus, proposal.stats["candidate_scores"])
-        assert taus[chosen] == len(path), "the greedy walk's path must be the best candidate's accepted prefix"
+        assert taus[chosen] == len(path), "the walk's path must be the best candidate's accepted prefix"
         proposal.stats.update(candidate_taus=taus, chosen_candidate=chosen)
         return path, next_token
 
@@ -89,7 +95,8 @@ def decode_candidates(target, draft, prompt, *, max_new_tokens, block_size, temp
                  adaptive_probe_interval=adaptive_probe_interval)
     return decode_tree_variant("candidates", lambda: CandidateDrafter(draft, target, **knobs), target, draft, prompt,
                                max_new_tokens=max_new_tokens, block_size=block_size, temperature=temperature,
-                               seed=seed, stop_token_ids=stop_token_ids, acceptor=BestCandidateAcceptor())
+                               seed=seed, stop_token_ids=stop_token_ids,
+                               acceptor=BestCandidateAcceptor(tree_acceptor(temperature)))
 
 
 register(VariantSpec(
@@ -105,6 +112,7 @@ register(VariantSpec(
                {"margin_threshold": 0.3, "branch_depth": 15}, {"max_candidates": 1},
                {"adaptive": True, "max_candidates": 8, "adaptive_warmup_cycles": 1, "adaptive_probe_interval": 3},
                {"adaptive": True, "adaptive_budgets": (2, 3, 5), "adaptive_thresholds": (0.5, 0.2)}),
+    sampling=True,
     description="candidate-solution generator: branch_beam / fixed_prefix_rank / uncertainty_sparse_rank "
-                "candidates from one draft pass, adaptive 1/4/8 budget, verified as one packed trie; greedy",
+                "candidates from one draft pass, adaptive 1/4/8 budget, verified as one packed trie",
 ))

@@ -5,7 +5,15 @@ the positions being independent in the non-autoregressive draft) are packed into
 at most `node_budget` nodes counting the anchor; later candidates are cut first) and verified by ONE target
 forward with an ancestor-only mask (dflash.tree.TreeVerifier). Greedy acceptance walks the trie along the
 target's argmax, which is the longest accepted path over all candidates; the cache keeps that path's K/V only and
-the draft's next context is that path's target features. Greedy only (temperature > 0 raises).
+the draft's next context is that path's target features.
+
+Sampling (temperature > 0) is exact: every candidate token is picked deterministically from the draft's logits,
+so its law is a point mass, and the multi-round walk (dflash.variants.multiround.MultiRoundAcceptor) is
+SpecInfer's recursive rejection over siblings for that case: at a node the children are tried in candidate
+order, child x is accepted with the running residual's r(x), a rejection zeroes x and renormalizes, and when
+every child is rejected the token is drawn from the last residual. Proven by exact enumeration in
+tests/test_acceptance_multiround_tree.py and, for these proposals, tests/test_tree.py. Candidates are built from
+the draft's raw logits at every temperature.
 
 The cost is in the trace: `verified_nodes` (packed node count) and `verify_s` per cycle.
 `CandidateTreeDrafter` and `decode_tree_variant` are shared with tree_lite and candidates.
@@ -19,6 +27,7 @@ from ..engine import DFlashDrafter, GenerationResult, GreedyAcceptor, Proposal, 
 from ..errors import DFlashError
 from ..tree import TreeVerifier, pack_trie, proposal_from_trie
 from . import VariantSpec, register
+from .multiround import MultiRoundAcceptor
 
 
 class CandidateTreeDrafter(DFlashDrafter):
@@ -49,18 +58,19 @@ class KBestTreeDrafter(CandidateTreeDrafter):
         return k_best_paths(logits, self.num_candidates)
 
 
+def tree_acceptor(temperature: float):
+    """Greedy: the argmax walk. Sampling: recursive rejection over point-mass siblings (module docstring)."""
+    return GreedyAcceptor() if temperature == 0 else MultiRoundAcceptor(temperature)
+
+
 def decode_tree_variant(name: str, make_drafter, target, draft, prompt, *, max_new_tokens, block_size,
                         temperature=0.0, seed=None, stop_token_ids=None, acceptor=None) -> GenerationResult:
-    """Decode through the engine with a candidate-tree drafter, the one-pass tree verifier and greedy acceptance."""
-    if temperature > 0:
-        raise DFlashError(f"The {name} variant verifies greedily only (temperature 0); got temperature "
-                          f"{temperature}. Exact sampled tree acceptance (recursive rejection over siblings) is not "
-                          "implemented here; use the plain engine or the multiround variant to sample.")
+    """Decode through the engine with a candidate-tree drafter, the one-pass tree verifier and the tree acceptor."""
     if draft is None:
         raise DFlashError(f"The {name} variant needs a DFlash draft model (got None).")
     return generate(target, draft, prompt, max_new_tokens=max_new_tokens, block_size=block_size,
-                    temperature=0.0, seed=seed, stop_token_ids=stop_token_ids, drafter=make_drafter(),
-                    verifier=TreeVerifier(), acceptor=acceptor or GreedyAcceptor())
+                    temperature=temperature, seed=seed, stop_token_ids=stop_token_ids, drafter=make_drafter(),
+                    verifier=TreeVerifier(), acceptor=acceptor or tree_acceptor(temperature))
 
 
 def decode_tree(target, draft, prompt, *, max_new_tokens, block_size, temperature=0.0, seed=None,
@@ -80,6 +90,7 @@ register(VariantSpec(
     knobs={"candidates": 4, "node_budget": 48},
     knob_grid=({}, {"candidates": 1}, {"candidates": 2}, {"candidates": 8, "node_budget": None},
                {"node_budget": 3}, {"node_budget": 20}, {"candidates": 6, "node_budget": 1}),
+    sampling=True,
     description="K most likely draft blocks (exact k-best under the draft's per-position laws) packed into a "
-                "trie, verified in one target pass with an ancestor-only mask; greedy",
+                "trie, verified in one target pass with an ancestor-only mask",
 ))

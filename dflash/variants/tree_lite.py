@@ -5,7 +5,7 @@ tokens at each of the first `depth` drafted positions are combined (k^depth bran
 of the greedy block unchanged (the draft is not re-run per branch, so later tokens are not conditioned on the
 branch: the non-AR caveat). The branches are packed into one trie (1 + k + ... + k^depth + k^depth (L-1-depth)
 nodes for a block of L) and verified in one target pass (dflash.tree.TreeVerifier); greedy acceptance takes the
-longest accepted path. Greedy only.
+longest accepted path; sampling uses the exact tree walk of dflash.variants.tree.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ register(VariantSpec(
     decode=decode_tree_lite,
     knobs={"top_k": 2, "depth": 2},
     knob_grid=({}, {"depth": 0}, {"depth": 1}, {"depth": 4}, {"top_k": 1}, {"top_k": 3, "depth": 3}),
+    sampling=True,
     description="top-k alternatives at the first `depth` drafted positions, the rest of the greedy block after "
-                "each branch; one packed target pass; greedy",
+                "each branch; one packed target pass",
 ))
