@@ -327,3 +327,17 @@ def test_variants_sample_with_the_exact_walk():
         runs = [spec.decode(target, draft, [1, 2], max_new_tokens=24, block_size=8, stop_token_ids=[],
                             temperature=1.0, seed=seed, **spec.knobs).output_ids for seed in (0, 0, 1)]
         assert runs[0] == runs[1] and runs[0] != runs[2], name  # seeded, and the seed is live
+
+
+def test_variant_knob_errors_are_clear():
+    from dflash.testing import random_draft
+    from dflash.variants import VARIANTS
+    target = random_target(4, vocab_size=6)
+    draft = random_draft(target, 5)
+    for name, knobs, match in [("tree", {"candidates": 0}, "candidates"), ("tree", {"node_budget": 0}, "node_budget"),
+                               ("tree_lite", {"depth": -1}, "depth"), ("tree_lite", {"depth": 13}, "4096"),
+                               ("candidates", {"mode": "beam"}, "Unknown candidate mode")]:
+        with pytest.raises(DFlashError, match=match):
+            VARIANTS[name].decode(target, draft, [1, 2], max_new_tokens=8, block_size=8, **knobs)
+    with pytest.raises(DFlashError, match="needs a DFlash draft"):
+        VARIANTS["tree"].decode(target, None, [1, 2], max_new_tokens=8, block_size=8)
