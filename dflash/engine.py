@@ -397,18 +397,21 @@ class LinearVerifier:
             out = target(input_ids=ids[None], past_key_values=cache, use_cache=True,
                          output_hidden_states=feature_layers is not None)
             verified += ids.numel()
-            if logits is None:
-                logits = out.logits.new_zeros((n + 1, out.logits.shape[-1]))
             branch_features = (extract_context_feature(out.hidden_states, feature_layers)
                                if feature_layers is not None else None)
-            if branch_features is not None and features is None:
-                features = branch_features.new_zeros((1, n + 1, branch_features.shape[-1]))
-            for row, node in enumerate([0] + path):
-                if node not in nodes_done:
-                    nodes_done.add(node)
-                    logits[node] = out.logits[0, row]
-                    if features is not None:
-                        features[0, node] = branch_features[0, row]
+            if len(branches) == 1 and len(path) == n:  # a chain: rows are already in node order
+                logits, features = out.logits[0], branch_features
+            else:
+                if logits is None:
+                    logits = out.logits.new_zeros((n + 1, out.logits.shape[-1]))
+                    if branch_features is not None:
+                        features = branch_features.new_zeros((1, n + 1, branch_features.shape[-1]))
+                rows = [row for row, node in enumerate([0] + path) if node not in nodes_done]
+                nodes = [([0] + path)[row] for row in rows]
+                nodes_done.update(nodes)
+                logits[nodes] = out.logits[0, rows]
+                if features is not None:
+                    features[0, nodes] = branch_features[0, rows]
             last = index == len(branches) - 1
             kv = None if last else [(layer.keys[..., start:, :].clone(), layer.values[..., start:, :].clone())
                                     for layer in cache.layers]
