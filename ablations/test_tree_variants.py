@@ -4,8 +4,9 @@ ancestor-only mask. Does the higher tau pay for the wider verification?
 
 Cost columns: packed nodes the target verified per cycle, target (verify) seconds per cycle, and a sweep of the
 target's verify time against the packed node count (16 / 32 / 48 nodes, plus a plain causal 16-token block for
-the mask's own overhead) measured on the case's target in the same process. "tree K=1" is the plain DFlash block
-through the same tree verifier.
+the mask's own overhead) measured on the case's target in the same process. Every case also runs plain DFlash at
+the same block size, interleaved per prompt, so `speedup_vs_dflash_samples` answers the question directly;
+"tree K=1" is the plain DFlash block through the tree verifier (the packed path's own overhead).
 """
 import statistics
 import time
@@ -16,10 +17,11 @@ import torch
 
 from dflash.cache import crop_cache, new_cache
 from dflash.engine import protocol_costs
-from dflash.harness.measure import Variant
+from dflash.harness.measure import Variant, rate
 from dflash.tree import chain_trie, verify_tree
 
 BLOCK_SIZE = 16
+PLAIN = "dflash"  # plain DFlash at the same block size, run interleaved with each case
 SWEEP_NODES = (16, 32, 48)
 CASES = [
     pytest.param("tree", {"candidates": 1}, id="tree-K=1"),
@@ -39,42 +41,45 @@ CASES = [
 
 
 @torch.inference_mode()
-def verify_cost_sweep(target, prompt, node_counts=SWEEP_NODES, repeats=7) -> dict:
+def verify_cost_sweep(target, prompt, node_counts=SWEEP_NODES, repeats=15) -> dict:
     """Median seconds of one tree-verify target forward of N packed nodes after `prompt`, per N (the node count,
     not the tree's shape, sets the work: the mask is dense). `plain_causal_16`: a 16-token block with the
-    model's own causal mask, for the custom mask's overhead."""
+    model's own causal mask, for the custom mask's overhead. Sizes are timed round-robin, so drift of the shared
+    machine spreads over all of them."""
     device = target.get_input_embeddings().weight.device
     cache = new_cache(target.config)
     target(input_ids=torch.tensor([prompt], device=device), past_key_values=cache, use_cache=True)
     start = len(prompt)
     generator = torch.Generator().manual_seed(0)
     vocab = target.get_input_embeddings().weight.shape[0]
-
-    def timed(forward) -> float:
-        samples = []
-        for _ in range(repeats):
-            begin = time.perf_counter()
-            forward()
-            samples.append(time.perf_counter() - begin)
-            crop_cache(cache, start)
-        return statistics.median(samples)
-
-    out = {}
+    forwards = {}
     for n in node_counts:
         trie = chain_trie(int(prompt[-1]), torch.randint(vocab, (n - 1,), generator=generator))
-        out[str(n)] = timed(lambda: verify_tree(target, cache, trie, start))
+        forwards[str(n)] = lambda trie=trie: verify_tree(target, cache, trie, start)
     block = torch.randint(vocab, (1, 16), generator=generator, device=device)
-    out["plain_causal_16"] = timed(lambda: target(input_ids=block, past_key_values=cache, use_cache=True))
-    return out
+    forwards["plain_causal_16"] = lambda: target(input_ids=block, past_key_values=cache, use_cache=True)
+    samples = {name: [] for name in forwards}
+    for _ in range(repeats):
+        for name, forward in forwards.items():
+            begin = time.perf_counter()
+            forward()
+            samples[name].append(time.perf_counter() - begin)
+            crop_cache(cache, start)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def tree_metrics(comparison) -> dict:
+    """Cost per cycle, and the same-process comparison with plain DFlash at the same block size."""
     records = [r for result in comparison.variant for r in result.trace]
+    plain = comparison.others[PLAIN]
     verify_s = sum(r.verify_s for r in records)
     committed = sum(r.acceptance_length for r in records)
     metrics = {**protocol_costs(comparison.variant),
                "committed_tokens_per_target_s": committed / verify_s if verify_s else 0.0,
-               "max_verified_nodes": max((r.verified_nodes for r in records), default=0)}
+               "max_verified_nodes": max((r.verified_nodes for r in records), default=0),
+               "speedup_vs_dflash_samples": [rate(v) / rate(p) for v, p in zip(comparison.variant, plain)],
+               "dflash_per_prompt_tau": [r.tau if r.num_cycles else 1.0 for r in plain],
+               "dflash_tokens_per_s_total": sum(len(r.output_ids) for r in plain) / sum(r.wall_s for r in plain)}
     budgets = Counter(str(r.proposal_stats["cycle_budget"]) for r in records if "cycle_budget" in r.proposal_stats)
     if budgets:
         metrics["cycle_budget_counts"] = dict(budgets)
@@ -90,6 +95,7 @@ def tree_metrics(comparison) -> dict:
 def test_tree_variant(case, method, knobs):
     block_size = min(BLOCK_SIZE, case.draft_block_size)
     variant = Variant(f"{method} {knobs}", block_size=block_size, method=method, knobs=tuple(sorted(knobs.items())))
-    _, metrics, gates = case.measure(variant, extra=tree_metrics)
+    plain = Variant(PLAIN, block_size=block_size)
+    _, metrics, gates = case.measure(variant, extra=tree_metrics, others=(plain,))
     metrics["verify_s_by_packed_nodes"] = verify_cost_sweep(case.models.target, case.prompts(1)[0])
     case.finish("tree_variants", {"method": method, **knobs, "block_size": block_size}, metrics, gates)
