@@ -33,7 +33,8 @@ class CandidateDrafter(CandidateTreeDrafter):
                  adaptive_warmup_cycles, adaptive_probe_interval):
         super().__init__(draft, target)
         self.mode, self.max_candidates, self.top_k, self.depth = mode, max_candidates, branch_top_k, branch_depth
-        self.margin_threshold, self.prefix_len, self.sparse_max = margin_threshold, fixed_prefix_len, sparse_max_positions
+        self.margin_threshold, self.prefix_len = margin_threshold, fixed_prefix_len
+        self.sparse_max = sparse_max_positions
         self.adaptive, self.budgets, self.thresholds = adaptive, tuple(adaptive_budgets), tuple(adaptive_thresholds)
         self.warmup, self.probe = adaptive_warmup_cycles, adaptive_probe_interval
         self.cycle, self.last_ratio, self.budget = 0, None, max_candidates
@@ -106,7 +107,8 @@ register(VariantSpec(
            "margin_threshold": -1.0, "fixed_prefix_len": 5, "sparse_max_positions": 4, "adaptive": False,
            "adaptive_budgets": (1, 4, 8), "adaptive_thresholds": (0.85, 0.65), "adaptive_warmup_cycles": 4,
            "adaptive_probe_interval": 16},
-    knob_grid=({}, {"mode": "fixed_prefix_rank", "branch_top_k": 4}, {"mode": "fixed_prefix_rank", "fixed_prefix_len": 1},
+    knob_grid=({}, {"mode": "fixed_prefix_rank", "branch_top_k": 4},
+               {"mode": "fixed_prefix_rank", "fixed_prefix_len": 1},
                {"mode": "uncertainty_sparse_rank", "branch_top_k": 3, "fixed_prefix_len": 2},
                {"mode": "uncertainty_sparse_rank", "sparse_max_positions": 1, "margin_threshold": 0.5},
                {"margin_threshold": 0.3, "branch_depth": 15}, {"max_candidates": 1},
