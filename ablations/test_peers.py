@@ -16,6 +16,8 @@ from dflash.peers import HF_GREEDY, peer_metrics, peer_modes, run_peers
 @pytest.mark.ablation("peers", ci_datasets=())  # slow on every dataset: a measurement, not a CI gate
 def test_peers(case):
     models, profile = case.models, case.profile
+    if profile.name != "smol":
+        pytest.skip("the peer benchmark runs on a real pretrained target: pytest ablations --profile smol -k peers")
     prompts = case.prompts(profile.prompts)
     candidates = tuple(sorted({2, *profile.scheduler_candidates}))
     modes = peer_modes(models.target, models.draft, block_sizes=(4, 8, 16), scheduler_candidates=candidates)

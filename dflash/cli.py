@@ -73,7 +73,7 @@ def cmd_train(args) -> None:
     if mask_id is None or mask_id == tokenizer.unk_token_id and mask_token != tokenizer.unk_token:
         raise DFlashError(f"No mask token: the tokenizer has none and --mask-token {mask_token!r} is not in its "
                           "vocabulary. Pass --mask-token with an existing, otherwise unused token.")
-    chat = args.chat if args.chat is not None else args.prompts.startswith("smol-")
+    chat = args.chat if args.chat is not None else args.target == "smol"
     train_texts = load_prompt_texts(args.prompts, per_category=args.prompts_per_category)
     heldout_texts = load_prompt_texts(args.heldout, per_category=args.heldout_per_category)
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -92,6 +92,8 @@ def cmd_train(args) -> None:
                             distill_batch_size=args.distill_batch_size, resume=args.resume,
                             distill_bf16_autocast=args.distill_bf16_autocast,
                             quality_max_new_tokens=args.quality_max_new_tokens,
+                            quality_block_sizes=tuple(int(b) for b in args.quality_block_sizes.split(",")),
+                            feature_batch_size=args.feature_batch_size, feature_dtype=args.feature_dtype,
                             checkpoint_every=args.checkpoint_every)
     run_recipe(target, data, args.out, config=config, options=options, command="dflash " + " ".join(args.argv))
 
@@ -172,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompts", help="training prompts: smol-train, or a .txt/.json/.jsonl file")
     t.add_argument("--heldout", default="smol-heldout", help="held-out prompts for the tau table (same formats)")
     t.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="wrap prompts in the target's chat template (default: on for the smol-* sets)")
+                   help="wrap prompts in the target's chat template (default: on for --target smol)")
     t.add_argument("--prompts-per-category", type=int, default=180, help="size of a generated prompt set")
     t.add_argument("--heldout-per-category", type=int, default=6)
     t.add_argument("--mask-token", default=None, help="token used as the draft's mask (default: tokenizer's)")
@@ -191,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--distill-max-new-tokens", type=int, default=128)
     t.add_argument("--distill-batch-size", type=int, default=16)
     t.add_argument("--quality-max-new-tokens", type=int, default=96)
+    t.add_argument("--quality-block-sizes", default="4,8,16", help="block sizes of the held-out tau table")
+    t.add_argument("--feature-batch-size", type=int, default=8, help="1: no padding (exact tiny numerics)")
+    t.add_argument("--feature-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="storage of the cached context features")
     t.add_argument("--checkpoint-every", type=int, default=50)
     t.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared machines)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/.work (finished stages, checkpoint)")

@@ -42,7 +42,8 @@ class RecipeOptions:
     distill_max_new_tokens: int = 128
     distill_batch_size: int = 16
     distill_bf16_autocast: bool = False  # faster generation; context features are always computed in fp32
-    feature_batch_size: int = 8
+    feature_batch_size: int = 8  # 1: no padding (the tiny build's original numerics)
+    feature_dtype: str = "bfloat16"  # how cached features are stored (half the memory); float32: exact
     checkpoint_every: int = 50
     quality_block_sizes: tuple[int, ...] = (4, 8, 16)
     quality_max_new_tokens: int = 96
@@ -91,7 +92,7 @@ def run_recipe(target, data: RecipeData, out_dir: str | Path, *, config: DraftTr
     layer_ids = config.target_layer_ids or build_target_layer_ids(num_target_layers, config.num_layers)
     t0 = time.perf_counter()
     features = _stage(work / "features.pt", options.resume, lambda: context_features(
-        target, sequences, layer_ids, batch_size=options.feature_batch_size, dtype=torch.bfloat16,
+        target, sequences, layer_ids, batch_size=options.feature_batch_size, dtype=getattr(torch, options.feature_dtype),
         progress=options.progress))
     timings["context_features_s"] = round(time.perf_counter() - t0, 1)
 
@@ -130,6 +131,7 @@ def run_recipe(target, data: RecipeData, out_dir: str | Path, *, config: DraftTr
                  "total_tokens": sum(s.token_ids.numel() for s in sequences),
                  "distill_max_new_tokens": options.distill_max_new_tokens,
                  "distill_bf16_autocast": options.distill_bf16_autocast,
+                 "feature_batch_size": options.feature_batch_size, "feature_dtype": options.feature_dtype,
                  "heldout_prompts_per_category": {c: len(p) for c, p in data.heldout_prompts.items()}},
         "draft": {**{k: v for k, v in vars(stats).items() if k != "losses"},
                   "loss_every_50_steps": [round(sum(stats.losses[i:i + 50]) / len(stats.losses[i:i + 50]), 4)
@@ -151,7 +153,7 @@ def run_recipe(target, data: RecipeData, out_dir: str | Path, *, config: DraftTr
     return manifest
 
 
-NAMED_PROMPT_SETS = ("smol-train", "smol-heldout")
+NAMED_PROMPT_SETS = ("smol-train", "smol-heldout", "tiny-train", "tiny-heldout")
 
 
 def load_prompt_texts(spec: str, *, per_category: int) -> dict[str, list[str]]:
@@ -164,6 +166,14 @@ def load_prompt_texts(spec: str, *, per_category: int) -> dict[str, list[str]]:
     if spec == "smol-heldout":
         from .smol_prompts import heldout_prompts
         return heldout_prompts(per_category)
+    if spec == "tiny-train":  # the tiny build's distillation prompts (corpus windows + fresh code headers)
+        from .loading import load_tokenizer
+        from .tinyworld.build import tiny_distillation_prompts
+        return tiny_distillation_prompts(load_tokenizer("tiny"))
+    if spec == "tiny-heldout":
+        from .loading import PACKAGE_MODELS
+        table = json.loads((PACKAGE_MODELS / "tiny" / "heldout.json").read_text())
+        return {c: prompts[:per_category] for c, prompts in table.items()}
     path = Path(spec)
     if not path.is_file():
         raise DFlashError(f"Prompts {spec!r}: not a named set ({', '.join(NAMED_PROMPT_SETS)}) and not a file. "

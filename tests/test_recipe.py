@@ -1,0 +1,137 @@
+"""`dflash train` (dflash.recipe), resumable draft training, batched self-distillation, the smol prompt sets and
+the peer benchmark, on the embedded tiny target (fast)."""
+import json
+
+import pytest
+import torch
+
+from dflash.engine import generate
+from dflash.errors import DFlashError
+from dflash.loading import load_draft, load_target, load_tokenizer
+from dflash.recipe import RecipeData, RecipeOptions, load_prompt_texts, run_recipe
+from dflash.train import DraftTrainingConfig, self_distill, train_draft
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = load_tokenizer("tiny")
+    return load_target("tiny"), tok
+
+
+def _ids(tok, texts):
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+PROMPTS = ["def add(a, b):", "What is 3 plus 4?", "import os\n", "def parse_line(line):\n    "]
+
+
+def test_self_distill_equals_unbatched_greedy(tiny):
+    target, tok = tiny
+    prompts = _ids(tok, PROMPTS)
+    sequences = self_distill(target, prompts, max_new_tokens=12, stop_token_ids=[tok.eos_token_id],
+                             pad_token_id=tok.pad_token_id, batch_size=3, progress=False)
+    for prompt, sequence in zip(prompts, sequences):
+        reference = generate(target, None, prompt, max_new_tokens=12, stop_token_ids=[tok.eos_token_id])
+        assert sequence.response_start == len(prompt)
+        assert sequence.token_ids[:len(prompt)].tolist() == prompt
+        assert sequence.token_ids[len(prompt):].tolist() == reference.output_ids
+
+
+def test_resumed_training_equals_uninterrupted(tiny, tmp_path, monkeypatch):
+    import dflash.train as train_module
+    target, tok = tiny
+    sequences = self_distill(target, _ids(tok, PROMPTS), max_new_tokens=16, stop_token_ids=[],
+                             pad_token_id=tok.pad_token_id, progress=False)
+    mask = tok.convert_tokens_to_ids("<|MASK|>")
+    config = DraftTrainingConfig(num_layers=1, block_size=4, steps=6, batch_size=2, anchors_per_sequence=2)
+    full, full_stats = train_draft(target, sequences, mask_token_id=mask, config=config, progress=False)
+
+    class Crash(Exception):
+        pass
+
+    save = train_module._save_checkpoint
+
+    def save_then_crash(path, state):  # the process dies right after the step-4 checkpoint
+        save(path, state)
+        if state["step"] == 4:
+            raise Crash
+
+    checkpoint = tmp_path / "checkpoint.pt"
+    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        train_draft(target, sequences, mask_token_id=mask, config=config, progress=False,
+                    checkpoint_path=checkpoint, checkpoint_every=2)
+    monkeypatch.setattr(train_module, "_save_checkpoint", save)
+    resumed, resumed_stats = train_draft(target, sequences, mask_token_id=mask, config=config, progress=False,
+                                         checkpoint_path=checkpoint, checkpoint_every=2, resume=True)
+    assert resumed_stats.losses == full_stats.losses
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    other = DraftTrainingConfig(**{**vars(config), "steps": 7})
+    with pytest.raises(ValueError, match="another training config"):
+        train_draft(target, sequences, mask_token_id=mask, config=other, progress=False,
+                    checkpoint_path=checkpoint, resume=True)
+
+
+def test_run_recipe_writes_loadable_draft_and_manifest(tiny, tmp_path):
+    target, tok = tiny
+    data = RecipeData({"code": _ids(tok, PROMPTS[:2]), "chat": _ids(tok, PROMPTS[2:])},
+                      {"code": _ids(tok, ["def mul(a, b):"])}, mask_token_id=tok.convert_tokens_to_ids("<|MASK|>"),
+                      stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    config = DraftTrainingConfig(num_layers=1, block_size=8, steps=3, batch_size=2, anchors_per_sequence=2)
+    options = RecipeOptions(distill_max_new_tokens=10, quality_block_sizes=(2, 8), quality_max_new_tokens=8,
+                            progress=False)
+    manifest = run_recipe(target, data, tmp_path / "draft", config=config, options=options, command="test",
+                          log=lambda *_: None)
+    on_disk = json.loads((tmp_path / "draft" / "manifest.json").read_text())
+    assert on_disk == manifest
+    assert set(manifest["files"]) == {"config.json", "model.safetensors"}
+    assert manifest["data"]["prompts_per_category"] == {"code": 2, "chat": 2}
+    assert set(manifest["quality"]["by_category_and_block_size"]["code"]) == {"2", "8"}
+    assert manifest["draft"]["config"]["steps"] == 3 and len(manifest["draft"]["loss_every_50_steps"]) == 1
+    assert not (tmp_path / "draft" / ".work").exists()
+    draft = load_draft(str(tmp_path / "draft"))
+    assert draft.block_size == 8 and draft.mask_token_id == data.mask_token_id
+
+
+def test_prompt_files_and_bad_input(tmp_path):
+    (tmp_path / "p.txt").write_text("one\n\ntwo\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a", "category": "x"}\n{"prompt": "b"}\n')
+    (tmp_path / "p.json").write_text('{"math": ["1+1"], "chat": ["hi"]}')
+    assert load_prompt_texts(str(tmp_path / "p.txt"), per_category=0) == {"all": ["one", "two"]}
+    assert load_prompt_texts(str(tmp_path / "p.jsonl"), per_category=0) == {"x": ["a"], "all": ["b"]}
+    assert load_prompt_texts(str(tmp_path / "p.json"), per_category=0) == {"math": ["1+1"], "chat": ["hi"]}
+    (tmp_path / "bad.json").write_text('["not", "a", "table"]')
+    with pytest.raises(DFlashError, match="category"):
+        load_prompt_texts(str(tmp_path / "bad.json"), per_category=0)
+    with pytest.raises(DFlashError, match="named set"):
+        load_prompt_texts(str(tmp_path / "missing.txt"), per_category=0)
+
+
+def test_smol_prompt_sets_disjoint():
+    from dflash.smol_prompts import heldout_prompts, training_prompts
+    train, heldout = training_prompts(40), heldout_prompts(12)
+    for category in ("math", "chat", "code"):
+        assert heldout[category] and not set(heldout[category]) & set(train[category])
+    assert heldout_prompts(5)["math"] == heldout["math"][:5]  # the draft's table uses a prefix of the profile's
+
+
+def test_peer_benchmark_on_tiny(tiny):
+    from dflash.peers import HF_GREEDY, TARGET_ONLY, peer_metrics, peer_modes, run_peers
+    target, tok = tiny
+    draft = load_draft("tiny")
+    prompts = _ids(tok, PROMPTS[:2])
+    modes = peer_modes(target, draft, block_sizes=(4, 8), scheduler_candidates=(2, 4))
+    runs = run_peers(modes, prompts, max_new_tokens=16, stop_ids=[tok.eos_token_id])
+    metrics = peer_metrics(runs, prompts, target)
+    rows = metrics["modes"]
+    assert list(rows) == [HF_GREEDY, "hf-prompt-lookup", TARGET_ONLY, "dflash bs=4", "dflash bs=8",
+                          "dflash scheduler"]
+    for name in (TARGET_ONLY, "dflash bs=4", "dflash bs=8", "dflash scheduler"):
+        assert rows[name]["identical_to_hf_greedy"] == 2, name
+    bs8 = rows["dflash bs=8"]
+    assert bs8["ceiling"] == pytest.approx(bs8["tau"] * bs8["t1_s"] / (bs8["t_verify_s"] + bs8["t_draft_s"]))
+    assert bs8["efficiency"] == pytest.approx(bs8["ratio_to_hf_greedy"] / bs8["ceiling"])
+    assert 1.0 <= bs8["tau"] <= 8.0
