@@ -23,7 +23,8 @@ The protocol (every research variant is a small plug-in, never a copy of this lo
   target argmax (chains and trees); `ChainSamplingAcceptor` is speculative/match sampling for chains.
 * The **commit** step is shared: extend the output, stop tokens (new tokens only), `verifier.commit`, the
   committed nodes' context features for the next draft, a `CycleRecord` (with cost: `verified_nodes`,
-  `target_forwards`, `proposal_stats`), `policy.observe`, `drafter.observe`.
+  `target_forwards`, `proposal_stats`, and the `accepted_path`), `policy.observe`, `drafter.observe`.
+  `protocol_costs(results)` turns those into per-cycle cost metrics for an ablation table.
 
 `generate(..., drafter=, verifier=, acceptor=)` takes the plug-ins; a variant module builds them and calls it.
 Target-only decoding is the same loop with block size 1 and no draft, so timings compare like with like.
