@@ -133,6 +133,11 @@ def cmd_bench(args) -> None:
                                                "threads": args.threads, "records": records}, indent=2) + "\n")
 
 
+def cmd_baselines(args) -> None:
+    from .harness.plugin import baselines_from_run
+    print(baselines_from_run(args.from_run, args.baselines_dir, ablations=args.ablation) or "no change")
+
+
 def cmd_gate_quality(args) -> None:
     from .harness.gate_quality import main as gate_quality
     gate_quality(repeats=args.repeats, trials=args.trials, resamples=args.resamples, family=args.family,
@@ -220,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--family", type=int, default=100, help="gates in a full run (Holm/Bonferroni family size)")
     q.add_argument("--block-sizes", default="4,8,16", help="block sizes of the gated cases (comma-separated)")
     q.set_defaults(func=cmd_gate_quality)
+
+    b = sub.add_parser("baselines", help="write baselines from a killed --update-baselines run's results file")
+    b.add_argument("--from-run", required=True, help="run directory, e.g. reports/tiny-20261125-145546")
+    b.add_argument("--ablation", action="append", help="only this ablation (repeatable)")
+    b.add_argument("--baselines-dir", default="baselines")
+    b.set_defaults(func=cmd_baselines)
     return parser
 
 

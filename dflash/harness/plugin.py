@@ -47,8 +47,9 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "ablation(name, ci_datasets=None): an ablation case; name is its baseline "
-                            "file; with ci_datasets, cases on other datasets are marked slow")
+    config.addinivalue_line("markers", "ablation(name, ci_datasets=None, prompts_cap=None): an ablation case; "
+                            "name is its baseline file; with ci_datasets, cases on other datasets are marked slow; "
+                            "prompts_cap lowers the profile's cap for an expensive ablation")
     config.addinivalue_line("markers", "gpu: needs CUDA and real checkpoints in the local HF cache")
     config.addinivalue_line("markers", "slow: long-running; excluded from make test")
     name = config.getoption("profile")
@@ -176,6 +177,13 @@ class Case:
         self._warmed = False
 
     @property
+    def prompts_cap(self) -> int:
+        """Prompts a baseline records (and a run may gather up to): the profile's cap, or a lower one that an
+        expensive ablation sets with `@pytest.mark.ablation(name, prompts_cap=N)`."""
+        cap = self.request.node.get_closest_marker("ablation").kwargs.get("prompts_cap")
+        return min(cap, self.profile.prompts_cap) if cap else self.profile.prompts_cap
+
+    @property
     def draft_block_size(self) -> int:
         return self.models.draft.block_size
 
@@ -191,7 +199,7 @@ class Case:
                 others: tuple[Variant, ...] = (), first: int = 0):
         """Interleaved baseline/variant runs on prompts first..count-1 (all of them when recording baselines,
         so later runs can gather more prompts up to the cap against it)."""
-        count = count or (self.profile.prompts_cap if self.update else self.profile.prompts)
+        count = count or (self.prompts_cap if self.update else self.profile.prompts)
         prompts = self.prompts(count)
         if not self._warmed:
             warm_up(self.models, prompts[0], [TARGET_ONLY, variant, *others], self.models.stop_ids)
@@ -206,7 +214,7 @@ class Case:
         multiplicity correction, gather more prompts (Pinpoint style: doubling, only the new prompts are run) up
         to what the baseline holds; at that cap an inconclusive case is reported, never failed or retried."""
         max_new = self.max_new_tokens = max_new_tokens or self.profile.max_new_tokens
-        count = self.profile.prompts_cap if self.update else self.profile.prompts
+        count = self.prompts_cap if self.update else self.profile.prompts
         comparison, done = None, 0
         while True:
             more = self.compare(variant, max_new_tokens=max_new, count=count, others=others, first=done)
@@ -285,16 +293,7 @@ class Case:
         self.state.results(self.profile.name).append(record)
         self.request.node.user_properties.append((RECORD_KEY, record))
         if self.update:
-            self.request.node.user_properties.append((BASELINE_KEY, {
-                "profile": self.profile.name, "ablation": self.ablation, "id": self.experiment_id,
-                "per_prompt_tau": metrics["per_prompt_tau"], "speedup_samples": metrics["speedup_samples"],
-                "counters": {k: metrics[k] for k in ("committed_tokens", "cycles", "hit_cap") if k in metrics},
-                "fingerprint": record["fingerprint"],
-                "provenance": {"command": "pytest ablations --update-baselines", "recorded": time.strftime("%F %T"),
-                               "prompts": len(metrics["per_prompt_tau"])},
-                "reference": self.profile.reference.get(self.spec.name) and {
-                    **self.profile.reference[self.spec.name], "source": self.profile.reference["source"]},
-            }))
+            self.request.node.user_properties.append((BASELINE_KEY, baseline_payload(record)))
         ties = metrics.get("float_ties", {})
         bad = [i for i, ok in enumerate(metrics.get("exact_match", [])) if not ok and str(i) not in ties]
         if lossless and bad:
@@ -309,6 +308,45 @@ class Case:
                             f"(x{family} cases = {min(1.0, gate.p_value * family):.2e} < {gate.alpha})",
                             pytrace=False)
         return record
+
+
+def baseline_payload(record: dict) -> dict:
+    """A case's baseline entry from its results record: per-prompt taus, speedup samples, raw counters,
+    fingerprint, provenance and the profile's published reference values (GPU profiles)."""
+    metrics, profile = record["metrics"], get_profile(record["profile"])
+    reference = profile.reference.get(record["dataset"])
+    return {
+        "profile": record["profile"], "ablation": record["ablation"], "id": record["id"],
+        "per_prompt_tau": metrics["per_prompt_tau"], "speedup_samples": metrics["speedup_samples"],
+        "counters": {k: metrics[k] for k in ("committed_tokens", "cycles", "hit_cap") if k in metrics},
+        "fingerprint": record["fingerprint"],
+        "provenance": {"command": "pytest ablations --update-baselines", "recorded": time.strftime("%F %T"),
+                       "prompts": len(metrics["per_prompt_tau"])},
+        "reference": reference and {**reference, "source": profile.reference["source"]},
+    }
+
+
+def baselines_from_run(run_dir: str | Path, baselines_dir: str | Path, ablations=None) -> str:
+    """Write baselines from a run's results file: recovers a recording (`--update-baselines`) that was killed
+    before its session ended, since every finished case was already appended there. Only records measured on
+    at least the profile's gated prompt count qualify (a baseline must cover what a run compares)."""
+    results = ResultsFile(Path(run_dir) / "results.jsonl")
+    if not results.path.exists():
+        raise DFlashError(f"{results.path} does not exist: pass a run directory under reports/ that has a "
+                          "results.jsonl (e.g. reports/tiny-20261125-145546).")
+    payloads = []
+    for record in results.load():
+        if ablations and record["ablation"] not in ablations:
+            continue
+        needed = get_profile(record["profile"]).prompts
+        if len(record["metrics"]["per_prompt_tau"]) < needed:
+            raise DFlashError(f"{record['id']} in {results.path} covers {len(record['metrics']['per_prompt_tau'])} "
+                              f"prompts, fewer than the {needed} a run gates: it was not a baseline recording. "
+                              "Re-record with pytest ablations --update-baselines.")
+        payload = baseline_payload(record)
+        payload["provenance"]["command"] += f" (recovered from {results.path})"
+        payloads.append(payload)
+    return _write_baselines(Path(baselines_dir), payloads)
 
 
 @pytest.fixture
@@ -370,7 +408,7 @@ class Controller:
         if any(g["verdict"] == "regression" for g in state.holm) and session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
         if session.config.getoption("update_baselines") and state.baseline_payloads:
-            state.baseline_diff = _write_baselines(state)
+            state.baseline_diff = _write_baselines(state.baselines_dir, state.baseline_payloads)
 
     def pytest_terminal_summary(self, terminalreporter):
         state = self.state
@@ -398,13 +436,13 @@ def _holm_over_run(state: RunState) -> list[dict]:
     return [g.to_dict() for g in apply_holm(gates)]
 
 
-def _write_baselines(state: RunState) -> str:
+def _write_baselines(baselines_dir: Path, payloads: list[dict]) -> str:
     by_file: dict[tuple, list] = {}
-    for payload in state.baseline_payloads:
+    for payload in payloads:
         by_file.setdefault((payload["profile"], payload["ablation"]), []).append(payload)
     diffs = []
     for (profile, ablation), payloads in sorted(by_file.items()):
-        path = baseline_store.baseline_path(state.baselines_dir, profile, ablation)
+        path = baseline_store.baseline_path(baselines_dir, profile, ablation)
         cases = {}
         if path.exists():
             old = baseline_store.load_baselines(path, profile=profile, ablation=ablation)
