@@ -197,3 +197,30 @@ def test_concurrent_appends_from_two_processes_lose_nothing(tmp_path):
     records = load(path)
     assert len(records) == 300
     assert {r["id"] for r in records} == {f"w{w}-{i}" for w in range(2) for i in range(150)}
+
+
+def test_baselines_recovered_from_a_killed_recording_run(tmp_path):
+    """`dflash baselines --from-run`: the finished cases of a killed --update-baselines run become baselines;
+    a record measured on fewer prompts than a run gates is refused with the reason."""
+    import json as json_
+
+    from dflash.errors import DFlashError
+    from dflash.harness.plugin import baselines_from_run
+    from dflash.harness.results import ResultsFile
+
+    def record(case_id, taus):
+        return {"id": case_id, "ablation": "block_size", "profile": "tiny", "dataset": "math",
+                "metrics": {"per_prompt_tau": taus, "speedup_samples": [1.5] * len(taus), "cycles": 9},
+                "fingerprint": {"hardware": "cpu", "torch": "2", "transformers": "5", "python": "3", "git_sha": "0",
+                                "profile": "tiny", "seeds": {}}}
+    run = tmp_path / "reports" / "tiny-1"
+    ResultsFile(run / "results.jsonl").append(record("block_size/a", [2.0] * 12))
+    diff = baselines_from_run(run, tmp_path / "baselines")
+    saved = json_.loads((tmp_path / "baselines" / "tiny" / "block_size.json").read_text())
+    assert "block_size/a" in diff and saved["cases"][0]["per_prompt_tau"] == [2.0] * 12
+    assert "recovered from" in saved["cases"][0]["provenance"]["command"]
+    ResultsFile(run / "results.jsonl").append(record("block_size/b", [2.0] * 3))
+    with pytest.raises(DFlashError, match="covers 3 prompts"):
+        baselines_from_run(run, tmp_path / "baselines")
+    with pytest.raises(DFlashError, match="does not exist"):
+        baselines_from_run(tmp_path / "nowhere", tmp_path / "baselines")
