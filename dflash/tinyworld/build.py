@@ -1,7 +1,9 @@
 """`dflash train tiny`: build the embedded tiny target + DFlash draft from scratch, deterministically.
 
-corpus -> BPE tokenizer -> Qwen3 target -> the target's greedy responses to training prompts
-(self-distillation) -> DFlash draft (dflash.train) -> measured quality -> manifest with sha256 of every file.
+corpus -> BPE tokenizer -> Qwen3 target -> the DFlash recipe of `dflash train` (dflash.recipe: the target's
+greedy responses to training prompts, cached features, draft training, measured quality) -> manifest with
+sha256 of every file. `dflash train --target tiny --prompts tiny-train ...` retrains the draft alone through the
+same recipe, for the shipped (frozen) target.
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ import transformers
 
 from ..evaluation import greedy_quality
 from ..loading import PACKAGE_MODELS
-from ..train import DraftTrainingConfig, TrainingSequence, train_draft
+from ..recipe import RecipeData, RecipeOptions, run_recipe
+from ..train import DraftTrainingConfig
 from .corpus import build_corpus
-from .target import distillation_prompts, greedy_continuations, train_target
+from .target import distillation_prompts, train_target
 from .tokenizer import MASK_TOKEN, train_tokenizer
 
 SEED = 0
@@ -56,43 +59,63 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def tiny_distillation_prompts(tokenizer, corpus=None, budget: dict = FULL) -> dict[str, list[str]]:
+    """The draft's training prompts: windows of the training corpus and fresh code headers."""
+    corpus = corpus or build_corpus(seed=SEED)
+    return {"corpus": distillation_prompts(corpus, tokenizer, budget["distill_prompts"], seed=SEED + 1),
+            "fresh_code": fresh_code_prompts(budget["fresh_code_prompts"], seed=SEED + 2)}
+
+
+def tiny_draft_recipe(tokenizer, prompts: dict[str, list[str]], heldout: dict[str, list[str]], steps: int
+                      ) -> tuple[RecipeData, DraftTrainingConfig, RecipeOptions]:
+    """The tiny draft's recipe settings (also what `dflash train --target tiny` reproduces)."""
+    def ids(table):
+        return {c: [tokenizer(p, add_special_tokens=False)["input_ids"] for p in ps] for c, ps in table.items()}
+    data = RecipeData(ids(prompts), ids(heldout), mask_token_id=tokenizer.convert_tokens_to_ids(MASK_TOKEN),
+                      stop_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+                      description={"target": "tiny", "prompts": "tiny-train", "heldout": "tiny-heldout",
+                                   "chat_template": False, "mask_token": MASK_TOKEN})
+    config = DraftTrainingConfig(num_layers=2, block_size=16, steps=steps, seed=SEED)
+    options = RecipeOptions(distill_max_new_tokens=FULL["distill_tokens"], distill_batch_size=32,
+                            feature_batch_size=1, feature_dtype="float32", quality_block_sizes=QUALITY_BLOCK_SIZES,
+                            quality_max_new_tokens=QUALITY_MAX_NEW_TOKENS, progress=True)
+    return data, config, options
+
+
 def build_tiny_world(out_dir: str | None = None, *, quick: bool = False) -> dict:
     budget = QUICK if quick else FULL
     out = Path(out_dir) if out_dir else PACKAGE_MODELS / "tiny"
     begin = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # reproducible kernels and no oversubscription on a shared 2-core machine
+    staging = None
     try:
         corpus = build_corpus(seed=SEED)
         tokenizer = train_tokenizer(corpus.train_texts)
         target, target_stats = train_target(corpus, tokenizer, seed=SEED, steps=budget["target_steps"])
 
-        prompts = distillation_prompts(corpus, tokenizer, budget["distill_prompts"], seed=SEED + 1)
-        prompts += fresh_code_prompts(budget["fresh_code_prompts"], seed=SEED + 2)
-        responses = greedy_continuations(target, tokenizer, prompts, budget["distill_tokens"])
-        sequences = []
-        for prompt, response in zip(prompts, responses):
-            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            sequences.append(TrainingSequence(torch.tensor(prompt_ids + response), len(prompt_ids)))
-        mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
-        draft_config = DraftTrainingConfig(num_layers=2, block_size=16, steps=budget["draft_steps"], seed=SEED)
-        draft, draft_stats = train_draft(target, sequences, mask_token_id=mask_id, config=draft_config)
-
-        heldout_ids = {c: [tokenizer(p, add_special_tokens=False)["input_ids"] for p in ps]
-                       for c, ps in corpus.heldout.items()}
-        quality = greedy_quality(target, draft, heldout_ids, block_sizes=QUALITY_BLOCK_SIZES,
-                                 max_new_tokens=QUALITY_MAX_NEW_TOKENS, stop_token_ids=[tokenizer.eos_token_id])
+        # Write to a temporary directory first, then swap it in: a failed build never leaves half a model behind.
+        staging = Path(tempfile.mkdtemp(prefix="tiny-", dir=out.parent if out.parent.exists() else None))
+        target.save_pretrained(staging / "target")
+        tokenizer.save_pretrained(staging / "target")
+        (staging / "heldout.json").write_text(json.dumps(corpus.heldout, indent=2) + "\n")
+        prompts = tiny_distillation_prompts(tokenizer, corpus, budget)
+        heldout = {c: ps[:2] for c, ps in corpus.heldout.items()} if quick else corpus.heldout  # quick: pipeline only
+        data, config, options = tiny_draft_recipe(tokenizer, prompts, heldout, budget["draft_steps"])
+        options.distill_max_new_tokens = budget["distill_tokens"]
+        command = "dflash train tiny" + (" --quick" if quick else "")
+        recipe = run_recipe(target, data, staging / "draft", config=config, options=options, command=command)
+        quality = recipe["quality"]["by_category_and_block_size"]
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     finally:
         torch.set_num_threads(threads)
 
-    # Write to a temporary directory first, then swap it in: a failed build never leaves half a model behind.
-    staging = Path(tempfile.mkdtemp(prefix="tiny-", dir=out.parent if out.parent.exists() else None))
-    target.save_pretrained(staging / "target")
-    tokenizer.save_pretrained(staging / "target")
-    draft.save_pretrained(staging / "draft")
-    (staging / "heldout.json").write_text(json.dumps(corpus.heldout, indent=2) + "\n")
+    mask_id = data.mask_token_id
     manifest = {
-        "build_command": "dflash train tiny" + (" --quick" if quick else ""),
+        "build_command": command,
         "seed": SEED,
         "budget": budget,
         "wall_s": round(time.perf_counter() - begin, 1),
@@ -109,12 +132,12 @@ def build_tiny_world(out_dir: str | None = None, *, quick: bool = False) -> dict
         "tokenizer": {"vocab_size": len(tokenizer), "mask_token": MASK_TOKEN, "mask_token_id": mask_id,
                       "eos_token": tokenizer.eos_token},
         "target": target_stats,
-        "distillation": {"prompts": len(prompts), "fresh_code_prompts": budget["fresh_code_prompts"],
+        "distillation": {"prompts": sum(len(p) for p in prompts.values()),
+                         "fresh_code_prompts": budget["fresh_code_prompts"],
                          "max_new_tokens": budget["distill_tokens"],
-                         "response_tokens": sum(len(r) for r in responses)},
-        "draft": {k: v for k, v in vars(draft_stats).items() if k != "losses"},
-        "quality": {"metric": "greedy acceptance length tau on held-out prompts", "max_new_tokens":
-                    QUALITY_MAX_NEW_TOKENS, "by_category_and_block_size": quality},
+                         "response_tokens": sum(recipe["data"]["response_tokens_per_category"].values())},
+        "draft": recipe["draft"],
+        "quality": recipe["quality"],
     }
     for path in [staging, *staging.rglob("*")]:  # mkdtemp and safetensors create private modes; ship readable files
         path.chmod(0o755 if path.is_dir() else 0o644)
