@@ -55,14 +55,22 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _stage(path: Path, resume: bool, compute):
-    """Load a finished stage's result from `path` when resuming, else compute and store it."""
+def _stage(path: Path, resume: bool, compute, timings: dict, name: str):
+    """Load a finished stage's result from `path` when resuming, else compute and store it. Stage wall times
+    are kept in `timings.json` next to it, so a resumed run still reports what the stage cost."""
+    times_file = path.parent / "timings.json"
+    times = json.loads(times_file.read_text()) if times_file.is_file() else {}
     if resume and path.is_file():
+        timings[name] = times.get(name)
+        timings[f"{name}_resumed"] = True
         return torch.load(path, weights_only=False)
+    begin = time.perf_counter()
     result = compute()
     partial = path.with_name(path.name + ".partial")
     torch.save(result, partial)
     partial.replace(path)
+    timings[name] = times[name] = round(time.perf_counter() - begin, 1)
+    times_file.write_text(json.dumps(times))
     return result
 
 
@@ -78,23 +86,19 @@ def run_recipe(target, data: RecipeData, out_dir: str | Path, *, config: DraftTr
     categories = list(data.train_prompts)
     flat_prompts = [p for c in categories for p in data.train_prompts[c]]
     category_of = [c for c in categories for _ in data.train_prompts[c]]
-    t0 = time.perf_counter()
     sequences: list[TrainingSequence] = _stage(work / "sequences.pt", options.resume, lambda: self_distill(
         target, flat_prompts, max_new_tokens=options.distill_max_new_tokens, stop_token_ids=data.stop_token_ids,
         pad_token_id=data.pad_token_id, batch_size=options.distill_batch_size,
-        bf16_autocast=options.distill_bf16_autocast, progress=options.progress))
-    timings["self_distillation_s"] = round(time.perf_counter() - t0, 1)
+        bf16_autocast=options.distill_bf16_autocast, progress=options.progress), timings, "self_distillation_s")
     log(f"self-distillation: {len(sequences)} sequences, "
         f"{sum(s.token_ids.numel() - s.response_start for s in sequences)} response tokens")
 
     from .model import build_target_layer_ids
     num_target_layers = target.config.get_text_config().num_hidden_layers
     layer_ids = config.target_layer_ids or build_target_layer_ids(num_target_layers, config.num_layers)
-    t0 = time.perf_counter()
     features = _stage(work / "features.pt", options.resume, lambda: context_features(
         target, sequences, layer_ids, batch_size=options.feature_batch_size, dtype=getattr(torch, options.feature_dtype),
-        progress=options.progress))
-    timings["context_features_s"] = round(time.perf_counter() - t0, 1)
+        progress=options.progress), timings, "context_features_s")
 
     t0 = time.perf_counter()
     draft, stats = train_draft(target, sequences, mask_token_id=data.mask_token_id, config=config,
