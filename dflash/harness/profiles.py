@@ -82,7 +82,7 @@ SEED_REFERENCE = {  # shared/reference/DFLASH_SEED_REPO_SPEC.md section 9 (Athar
 PROFILES = {p.name: p for p in [
     Profile("tiny", "tiny", "tiny", "cpu", "float32", TINY_DATASETS, prompts=12, prompts_cap=48,
             max_new_tokens=64, full_length_max_new_tokens=160, scheduler_candidates=(2, 4, 8, 16)),
-    Profile("smol", "smol", "smol", "cpu", "float32", SMOL_DATASETS, prompts=6, prompts_cap=12,
+    Profile("smol", "smol", "smol", "cpu", "float32", SMOL_DATASETS, prompts=5, prompts_cap=12,
             max_new_tokens=128, full_length_max_new_tokens=256, scheduler_candidates=(4, 8, 16)),
     Profile("gpu-qwen3-4b", "Qwen/Qwen3-4B", "z-lab/Qwen3-4B-DFlash-b16", "cuda", "bfloat16", GPU_DATASETS,
             prompts=30, prompts_cap=60, max_new_tokens=512, full_length_max_new_tokens=2048, needs_cuda=True,
