@@ -303,8 +303,33 @@ def peers_table(records: list[dict]) -> str:
     return table(headers, rows, [False, False] + [True] * 7 + [False])
 
 
+def protocol_variant_table(records: list[dict]) -> str:
+    """Backlog variants through the engine protocol (multiround, suffix_recycling, refinement,
+    candidate_diversity): knobs, tau, throughput and speedup vs target-only, and what the variant costs per cycle
+    (the `*_per_cycle` metrics of dflash.engine.protocol_costs)."""
+    costs = sorted({k for r in records for k in _metrics(r) if k.endswith("_per_cycle")}
+                   - {"draft_s_per_cycle", "verify_s_per_cycle"})  # seconds get their own ms columns
+    rows = []
+    for r in sorted(records, key=lambda r: r["id"]):
+        m, p = _metrics(r), _params(r)
+        exact = m.get("exact_match") or []
+        knobs = ", ".join(f"{k}={_generic_value(v) if not isinstance(v, list) else tuple(v)}" for k, v in p.items())
+        rows.append([r["id"].split("[")[-1].rstrip("]"), knobs, str(len(m.get("per_prompt_tau") or [])),
+                     mean_ci_cell(m.get("per_prompt_tau")), fmt(m.get("tokens_per_s_total")),
+                     mean_ci_cell(m.get("speedup_samples")), _ratio(sum(bool(x) for x in exact), len(exact)),
+                     fmt(1e3 * m["draft_s_per_cycle"]) if "draft_s_per_cycle" in m else DASH,
+                     fmt(1e3 * m["verify_s_per_cycle"]) if "verify_s_per_cycle" in m else DASH,
+                     *(fmt(m.get(k)) if k in m else DASH for k in costs), verdict_cell(r)])
+    headers = ["Case", "Knobs", "Prompts (n)", "Tau mean [95% CI]", "Tokens/s", "Speedup vs target-only [95% CI]",
+               "Exact match", "Draft ms/cycle", "Verify ms/cycle",
+               *(k.removesuffix("_per_cycle").replace("_", " ") + "/cycle" for k in costs), "Verdict"]
+    return table(headers, rows, [False, False] + [True] * (7 + len(costs)) + [False])
+
+
 RENDERERS = {"block_size": block_size_table, "full_length": full_length_table, "dynamic": dynamic_table,
-             "profiling": profiling_tables, "batched": batched_table, "peers": peers_table}
+             "profiling": profiling_tables, "batched": batched_table, "peers": peers_table,
+             **dict.fromkeys(("multiround", "suffix_recycling", "refinement", "candidate_diversity"),
+                             protocol_variant_table)}
 
 
 # --------------------------------------------------------------------------------------------------
