@@ -208,3 +208,20 @@ def test_false_alarm_rate_from_a_measured_rerun(taus):
     assert quality.rate == 0.0 and "measured rerun" in quality.simulation
     with pytest.raises(DFlashError, match="paired"):
         false_alarm_rate(taus, trials=5, rerun_taus=rerun[:-1])
+
+
+def test_tau_gather_more_rule():
+    """More prompts while a drop is beyond the margin but not significant after the family factor, or within
+    the margin but suggestive; never for identical taus; never beyond the cap."""
+    from dflash.harness.stats import tau_needs_more_prompts
+    base = [3.0, 2.5, 4.0, 3.5, 2.0, 3.0, 5.0, 2.5, 3.0, 4.5, 3.5, 2.0]
+    unchanged = tau_gate(base, base)
+    assert not tau_needs_more_prompts(unchanged, family=50, max_prompts=48).gather_more
+    big = tau_gate(base, [t * 0.85 for t in base])  # -15%: significant alone (p 2.4e-4), not after x500
+    decision = tau_needs_more_prompts(big, family=500, max_prompts=48)
+    assert decision.gather_more and decision.next_n == 24
+    assert not tau_needs_more_prompts(big, family=1, max_prompts=48).gather_more  # already a regression
+    small = tau_gate(base, [t * 0.98 for t in base])  # -2%: within the margin, but every prompt dropped
+    assert small.verdict == "pass" and small.p_value < 0.1
+    assert tau_needs_more_prompts(small, family=50, max_prompts=48).gather_more
+    assert not tau_needs_more_prompts(small, family=50, max_prompts=12).gather_more  # at the cap

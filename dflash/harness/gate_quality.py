@@ -142,7 +142,7 @@ def measure(repeats: int = 4, trials: int = 20, resamples: int = 500, family: in
         drop = 1 - (sum(decoder.tau(probe, key, c, i) for c in cases for i in range(start))
                     / sum(sum(base_taus[c][:start]) for c in cases))
     detected = eligible = flagged_any = prompts_used = 0
-    true_drops = []
+    true_drops, missed = [], []
     for trial in range(trials):
         probe, key = perturbed(draft, scale, seed=trial), ("trial", trial)
         gates = [_gated_tau(base_taus[c], lambda i, c=c: decoder.tau(probe, key, c, i), start, family, margin, alpha)
@@ -155,6 +155,10 @@ def measure(repeats: int = 4, trials: int = 20, resamples: int = 500, family: in
             if true_drop >= 0.10:
                 eligible += 1
                 detected += gate.failed
+                if not gate.failed:
+                    missed.append({"trial": trial, "case": f"{case[0]}/bs={case[1]}", "true_drop": round(true_drop, 4),
+                                   "measured_drop": round(-gate.rel_change, 4), "prompts": gate.n_new,
+                                   "p": gate.p_value, "p_holm": gate.p_adjusted})
             flagged_any += gate.failed
     return {
         "command": f"dflash gate-quality --repeats {repeats} --trials {trials} --resamples {resamples} "
@@ -170,7 +174,7 @@ def measure(repeats: int = 4, trials: int = 20, resamples: int = 500, family: in
             "noise_scale": round(scale, 4), "trials": trials,
             "mean_true_case_drop": round(sum(true_drops) / len(true_drops), 4),
             "mean_prompts_per_case": round(prompts_used / (trials * len(cases)), 1),
-            "cases_with_true_drop_ge_10pct": _rate(detected, eligible),
+            "cases_with_true_drop_ge_10pct": _rate(detected, eligible), "missed": missed,
             "all_cases_flagged": _rate(flagged_any, len(true_drops))},
     }
 

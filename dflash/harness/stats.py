@@ -385,8 +385,21 @@ def detection_rate(baseline_taus: Sequence[float], drop: float = 0.10, *, trials
                           noise_rel=noise_rel, rerun_taus=rerun_taus, what=f"detection of a {drop:.0%} drop")
 
 
+SUGGESTIVE_P = 0.10  # unadjusted one-sided p below which a smaller-than-margin drop still asks for more prompts
+
+
 def tau_needs_more_prompts(result: TauGateResult, *, family: int, max_prompts: int) -> AdaptiveDecision:
-    """The ablation cases' rule: gather more prompts while the tau drop is beyond the margin but not
-    significant after Bonferroni over the run's `family` of gated cases (what a failing case must reach)."""
+    """The ablation cases' rule (Pinpoint's "unknown -> more samples"): gather more prompts while the evidence
+    is neither a regression nor a clear pass: the drop is beyond the margin but not significant after
+    Bonferroni over the run's `family` of gated cases, or a drop within the margin is suggestive (unadjusted
+    p < SUGGESTIVE_P; a large drop often looks small on the first 12 prompts). Unchanged code gives identical
+    greedy taus (p = 1), so it never pays for more prompts."""
     adjusted = replace(result, p_adjusted=min(1.0, result.p_value * max(1, family)))
-    return adaptive_decision(adjusted, max_samples=max_prompts)
+    decision = adaptive_decision(adjusted, max_samples=max_prompts)
+    n = result.n_new
+    if not decision.gather_more and adjusted.verdict == PASS and result.rel_change < 0 \
+            and result.p_value < SUGGESTIVE_P and n < max_prompts:
+        next_n = min(max_prompts, max(n + 1, math.ceil(n * 2.0)))
+        return AdaptiveDecision(True, next_n, f"drop within the margin but suggestive (p {result.p_value:.2g}) "
+                                              f"with {n} prompts; gather up to {next_n}")
+    return decision
