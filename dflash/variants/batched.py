@@ -20,7 +20,7 @@ The pieces are the engine protocol's: `check_pair`, a `Proposal` chain per seque
 for in the newly committed tokens), the DFlash draft forward and `extract_context_feature`. The loop itself is
 batched (one forward for all rows), which the engine's one-sequence Drafter/Verifier cannot express.
 Greedy only: every committed token is the target's argmax given that sequence's committed prefix, so each
-sequence's output equals its own target-only greedy output (the registry's lossless test, tests/test_batched.py).
+sequence's output equals its own target-only greedy output (the registry's lossless test, tests/test_batched_decoding.py).
 """
 from __future__ import annotations
 
