@@ -8,7 +8,8 @@ from dflash.engine import DFlashDrafter, LinearVerifier
 from dflash.testing import random_draft, random_target
 from dflash.variants import VARIANTS
 from dflash.variants import suffix_recycling
-from dflash.variants.multiround import MultiRoundDrafter, PackedTreeVerifier, diversify, uncertain_positions
+from dflash.tree import TreeVerifier
+from dflash.variants.multiround import MultiRoundDrafter, diversify, uncertain_positions
 from dflash.variants.refinement import RefinementDrafter
 from dflash.variants.suffix_recycling import seed_plan
 
@@ -23,7 +24,7 @@ def run(pair, name, temperature=0.0, block_size=8, **knobs):
     """Decode with a variant; the result also carries every proposal the verifier saw (`result.proposals`)."""
     target, draft = pair
     spec = VARIANTS[name]
-    proposals, originals = [], {cls: cls.verify for cls in (LinearVerifier, PackedTreeVerifier)}
+    proposals, originals = [], {cls: cls.verify for cls in (LinearVerifier, TreeVerifier)}
 
     def spying(original):
         def verify(self, target, cache, anchor, proposal, start, feature_layers):

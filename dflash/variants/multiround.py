@@ -33,10 +33,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import acceptance as rules
-from ..engine import (DFlashDrafter, GenerationResult, GreedyAcceptor, LinearVerifier, Proposal, Verification,
-                      generate, one_hot_law)
+from ..engine import DFlashDrafter, GenerationResult, GreedyAcceptor, LinearVerifier, Proposal, generate, one_hot_law
 from ..errors import DFlashError
-from ..model import extract_context_feature
+from ..tree import TreeVerifier
 from . import VariantSpec, register
 
 DIVERSITY_MODES = ("none", "rank", "sparse", "block_sizes")
@@ -156,27 +155,7 @@ def multiround_tree_accept(tokens: torch.Tensor, branches: list[list[int]], bran
         path.append(branches[alive[accepted]][depth])
 
 
-class PackedTreeVerifier:
-    """One target forward over the whole proposal tree (dflash.tree: ancestor-only mask, per-node positions);
-    commit compacts the cache to the accepted path."""
-
-    def verify(self, target, cache, anchor, proposal: Proposal, start, feature_layers) -> Verification:
-        from ..tree import Trie, verify_tree
-        parents = torch.tensor([-1] + proposal.parents, dtype=torch.long)
-        depths = torch.zeros(parents.numel(), dtype=torch.long)
-        for node in range(1, parents.numel()):
-            depths[node] = depths[int(parents[node])] + 1
-        trie = Trie(torch.cat([torch.tensor([anchor]), proposal.tokens.cpu()]), parents, depths)
-        out = verify_tree(target, cache, trie, start, output_hidden_states=feature_layers is not None)
-        features = extract_context_feature(out.hidden_states, feature_layers) if feature_layers is not None else None
-        return Verification(out.logits[0], features, trie.num_nodes, 1)
-
-    def commit(self, cache, start, path) -> None:
-        from ..tree import compact_cache
-        compact_cache(cache, start, path)
-
-
-VERIFIERS = {"linear": LinearVerifier, "tree": PackedTreeVerifier}
+VERIFIERS = {"linear": LinearVerifier, "tree": TreeVerifier}  # tree: one forward, ancestor-only mask
 
 
 def decode_multiround(target, draft, prompt, *, max_new_tokens, block_size, temperature=0.0, seed=None,
