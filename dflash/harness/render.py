@@ -289,9 +289,15 @@ def batched_table(records: list[dict]) -> str:
 
 def peers_table(records: list[dict]) -> str:
     """Peer benchmark (dflash.peers): one row per decoding mode of each case, against transformers greedy."""
+    def mode_order(mode: str) -> tuple:  # peers first, then DFlash by block size, the scheduler last
+        fixed = {"hf-greedy": 0, "hf-prompt-lookup": 1, "target-only": 2, "dflash scheduler": 99}
+        return (fixed.get(mode, 3), _numeric_key(mode.rpartition("=")[2]))
+
     rows = []
     for r in sorted(records, key=lambda r: r["id"]):
-        for mode, m in (_metrics(r).get("modes") or {}).items():
+        modes = _metrics(r).get("modes") or {}
+        for mode in sorted(modes, key=mode_order):
+            m = modes[mode]
             ties = len(m.get("float_ties") or {})
             rows.append([r["id"], mode, fmt(m.get("tokens_per_s")), fmt(m.get("ratio_to_hf_greedy")),
                          fmt(m.get("tau")), _ratio(m.get("identical_to_hf_greedy", 0), m.get("n", 0)) +
