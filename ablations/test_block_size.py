@@ -9,7 +9,7 @@ from dflash.harness.measure import Variant
 BLOCK_SIZES = [pytest.param(b, id=f"bs={b}") for b in (1, 2, 4, 8, 12, 16, 20, 24)]
 
 
-@pytest.mark.ablation("block_size", ci_datasets=("math", "code"))
+@pytest.mark.ablation("block_size")
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 def test_block_size(case, block_size):
     if block_size > case.draft_block_size:

@@ -19,7 +19,7 @@ def _rate(results):
     return sum(len(r.output_ids) for r in results) / sum(r.wall_s for r in results)
 
 
-@pytest.mark.ablation("dynamic", prompts_cap=24, ci_datasets=("math",))  # six modes per prompt
+@pytest.mark.ablation("dynamic", prompts_cap=24)  # six modes per prompt
 @pytest.mark.parametrize("name,make_scheduler", SCHEDULERS)
 def test_dynamic_scheduler(case, name, make_scheduler):
     candidates = tuple(b for b in case.profile.scheduler_candidates if b <= case.draft_block_size)

@@ -9,7 +9,7 @@ from dflash.harness.measure import Variant
 MODES = [pytest.param(b, id=f"bs={b}") for b in (1, 8, 16)]
 
 
-@pytest.mark.ablation("full_length", ci_datasets=("math",))
+@pytest.mark.ablation("full_length")
 @pytest.mark.parametrize("block_size", MODES)
 def test_full_length(case, block_size):
     max_new = case.profile.full_length_max_new_tokens
