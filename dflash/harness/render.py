@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import statistics
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -311,10 +312,12 @@ def peers_table(records: list[dict]) -> str:
 
 def protocol_variant_table(records: list[dict]) -> str:
     """Backlog variants through the engine protocol (multiround, suffix_recycling, refinement,
-    candidate_diversity): knobs, tau, throughput and speedup vs target-only, and what the variant costs per cycle
-    (the `*_per_cycle` metrics of dflash.engine.protocol_costs)."""
+    candidate_diversity, the tree variants): knobs, tau, throughput and speedup vs target-only (and vs plain
+    DFlash where the case measured it), and what the variant costs per cycle (the `*_per_cycle` metrics of
+    dflash.engine.protocol_costs). A verify-time-vs-packed-nodes sweep, when recorded, follows the table."""
     costs = sorted({k for r in records for k in _metrics(r) if k.endswith("_per_cycle")}
                    - {"draft_s_per_cycle", "verify_s_per_cycle"})  # seconds get their own ms columns
+    versus_dflash = any("speedup_vs_dflash_samples" in _metrics(r) for r in records)
     rows = []
     for r in sorted(records, key=lambda r: r["id"]):
         m, p = _metrics(r), _params(r)
@@ -322,20 +325,30 @@ def protocol_variant_table(records: list[dict]) -> str:
         knobs = ", ".join(f"{k}={_generic_value(v) if not isinstance(v, list) else tuple(v)}" for k, v in p.items())
         rows.append([r["id"].split("[")[-1].rstrip("]"), knobs, str(len(m.get("per_prompt_tau") or [])),
                      mean_ci_cell(m.get("per_prompt_tau")), fmt(m.get("tokens_per_s_total")),
-                     mean_ci_cell(m.get("speedup_samples")), _ratio(sum(bool(x) for x in exact), len(exact)),
+                     mean_ci_cell(m.get("speedup_samples")),
+                     *([mean_ci_cell(m.get("speedup_vs_dflash_samples"))] if versus_dflash else []),
+                     _ratio(sum(bool(x) for x in exact), len(exact)),
                      fmt(1e3 * m["draft_s_per_cycle"]) if "draft_s_per_cycle" in m else DASH,
                      fmt(1e3 * m["verify_s_per_cycle"]) if "verify_s_per_cycle" in m else DASH,
                      *(fmt(m.get(k)) if k in m else DASH for k in costs), verdict_cell(r)])
     headers = ["Case", "Knobs", "Prompts (n)", "Tau mean [95% CI]", "Tokens/s", "Speedup vs target-only [95% CI]",
-               "Exact match", "Draft ms/cycle", "Verify ms/cycle",
-               *(k.removesuffix("_per_cycle").replace("_", " ") + "/cycle" for k in costs), "Verdict"]
-    return table(headers, rows, [False, False] + [True] * (7 + len(costs)) + [False])
+               *(["Speed vs plain DFlash [95% CI]"] if versus_dflash else []), "Exact match", "Draft ms/cycle",
+               "Verify ms/cycle", *(k.removesuffix("_per_cycle").replace("_", " ") + "/cycle" for k in costs),
+               "Verdict"]
+    text = table(headers, rows, [False, False] + [True] * (7 + versus_dflash + len(costs)) + [False])
+    sweeps = [m["verify_s_by_packed_nodes"] for m in map(_metrics, records) if m.get("verify_s_by_packed_nodes")]
+    if sweeps:
+        nodes = sorted({k for sweep in sweeps for k in sweep}, key=_numeric_key)
+        cells = [f"{k}: {fmt(1e3 * statistics.median(s[k] for s in sweeps if k in s))} ms" for k in nodes]
+        text += (f"\n\nTarget verify time by packed node count (median over {len(sweeps)} cases): "
+                 + ", ".join(cells) + ".")
+    return text
 
 
 RENDERERS = {"block_size": block_size_table, "full_length": full_length_table, "dynamic": dynamic_table,
              "profiling": profiling_tables, "batched": batched_table, "peers": peers_table,
-             **dict.fromkeys(("multiround", "suffix_recycling", "refinement", "candidate_diversity"),
-                             protocol_variant_table)}
+             **dict.fromkeys(("multiround", "suffix_recycling", "refinement", "candidate_diversity",
+                              "tree_variants"), protocol_variant_table)}
 
 
 # --------------------------------------------------------------------------------------------------
