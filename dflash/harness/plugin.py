@@ -210,9 +210,10 @@ class Case:
 
     def measure(self, variant: Variant, *, max_new_tokens: int | None = None, extra=None,
                 others: tuple[Variant, ...] = ()):
-        """Compare, then gate. While the tau drop is beyond the margin but not significant after the run's
-        multiplicity correction, gather more prompts (Pinpoint style: doubling, only the new prompts are run) up
-        to what the baseline holds; at that cap an inconclusive case is reported, never failed or retried."""
+        """Compare, then gate. While the tau evidence is unknown (`stats.tau_needs_more_prompts`: a drop beyond
+        the margin but not significant after the run's multiplicity correction, or a suggestive smaller one),
+        gather more prompts (Pinpoint style: doubling, only the new prompts are run) up to what the baseline
+        holds; at that cap an inconclusive case is reported, never failed or retried."""
         max_new = self.max_new_tokens = max_new_tokens or self.profile.max_new_tokens
         count = self.prompts_cap if self.update else self.profile.prompts
         comparison, done = None, 0
