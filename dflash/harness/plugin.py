@@ -209,11 +209,12 @@ class Case:
                        repeats=self.profile.timing_repeats, label=self.experiment_id, first_index=first)
 
     def measure(self, variant: Variant, *, max_new_tokens: int | None = None, extra=None,
-                others: tuple[Variant, ...] = ()):
+                others: tuple[Variant, ...] = (), gate_tau: bool = True):
         """Compare, then gate. While the tau evidence is unknown (`stats.tau_needs_more_prompts`: a drop beyond
         the margin but not significant after the run's multiplicity correction, or a suggestive smaller one),
         gather more prompts (Pinpoint style: doubling, only the new prompts are run) up to what the baseline
-        holds; at that cap an inconclusive case is reported, never failed or retried."""
+        holds; at that cap an inconclusive case is reported, never failed or retried. `gate_tau=False`: tau is
+        reported only (no tau gate, so no prompts are gathered for it)."""
         max_new = self.max_new_tokens = max_new_tokens or self.profile.max_new_tokens
         count = self.prompts_cap if self.update else self.profile.prompts
         comparison, done = None, 0
@@ -224,7 +225,7 @@ class Case:
             metrics = comparison_metrics(comparison, max_new)
             if extra is not None:
                 metrics.update(extra(comparison))
-            gates = self._gates(metrics)
+            gates = [g for g in self._gates(metrics) if gate_tau or g.kind != "tau"]
             tau = next((g for g in gates if g.kind == "tau"), None)
             if not (self.update or tau is None) and (decision := tau_needs_more_prompts(
                     tau, family=self._family, max_prompts=self._baseline_prompts())).gather_more:
