@@ -5,13 +5,14 @@ The harness's `case.measure` times one prompt at a time, so this case times grou
 itself, the same way: warm-up first, then per group every mode in turn with the order rotating per group, token
 normalized. Modes: target-only one prompt at a time (the baseline of every ratio), batched DFlash (the variant),
 and two references: unbatched DFlash (same block size) and batched target-only, so the table separates what
-speculation buys from what batching buys. One throughput sample per group (aggregate tokens / wall seconds),
+speculation buys from what batching buys. One throughput sample per group (aggregate tokens / seconds on the profile's clock),
 so a batch of 4 prompts gives one sample, not four copies of one.
 """
 import pytest
 
 from dflash import generate
 from dflash.evaluation import float_tie
+from dflash.harness.measure import seconds
 from dflash.variants.batched import decode_batch
 
 BLOCK_SIZE = 8
@@ -28,51 +29,60 @@ def _total_rate(results) -> float:
     return sum(len(r.output_ids) for r in results) / sum(r.wall_s for r in results)
 
 
-def _timed_batch(models, group, max_new_tokens, block_size, compact, repeats, use_draft=True):
-    """(results, stats, wall seconds) of the fastest of `repeats` batched decodes of one group."""
+def _timed_batch(models, group, max_new_tokens, block_size, compact, repeats, clock, use_draft=True):
+    """(results, stats, seconds on `clock`) of the fastest of `repeats` batched decodes of one group."""
     runs = [decode_batch(models.target, models.draft if use_draft else None, group, max_new_tokens=max_new_tokens,
                          block_size=block_size if use_draft else 1, stop_token_ids=models.stop_ids, compact=compact)
             for _ in range(repeats)]
-    best = min(runs, key=lambda run: run.stats.wall_s)
-    return best.results, best.stats, best.stats.wall_s
+    best = min(runs, key=lambda run: run.stats.cpu_s if clock == "cpu" else run.stats.wall_s)
+    return best.results, best.stats, best.stats.cpu_s if clock == "cpu" else best.stats.wall_s
 
 
-def _timed_alone(models, group, max_new_tokens, block_size, repeats):
-    """(results, None, total wall seconds) of the group's prompts decoded one at a time (fastest of `repeats`
-    each)."""
+def _timed_alone(models, group, max_new_tokens, block_size, repeats, clock):
+    """(results, None, total seconds on `clock`) of the group's prompts decoded one at a time (fastest of
+    `repeats` each)."""
     draft = models.draft if block_size > 1 else None
     results = [min((generate(models.target, draft, prompt, max_new_tokens=max_new_tokens, block_size=block_size,
-                             stop_token_ids=models.stop_ids) for _ in range(repeats)), key=lambda r: r.wall_s)
-               for prompt in group]
-    return results, None, sum(r.wall_s for r in results)
+                             stop_token_ids=models.stop_ids) for _ in range(repeats)),
+                   key=lambda r: seconds(r, clock)) for prompt in group]
+    return results, None, sum(seconds(r, clock) for r in results)
 
 
 @pytest.mark.ablation("batched", ci_datasets=("math",))
 @pytest.mark.parametrize("batch_size,compact", CASES)
 def test_batched(case, batch_size, compact):
-    models, profile = case.models, case.profile
-    max_new = case.max_new_tokens = profile.max_new_tokens
+    models, profile, clock = case.models, case.profile, case.clock
+    max_new = case.max_new_tokens
     prompts = case.prompts(max(profile.prompts, MIN_GROUPS * batch_size))
     groups = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     repeats = profile.timing_repeats
     modes = {
-        "target-only": lambda g: _timed_alone(models, g, max_new, 1, repeats),
-        "batched": lambda g: _timed_batch(models, g, max_new, BLOCK_SIZE, compact, repeats),
-        "dflash-unbatched": lambda g: _timed_alone(models, g, max_new, BLOCK_SIZE, repeats),
-        "target-only-batched": lambda g: _timed_batch(models, g, max_new, 1, compact, repeats, use_draft=False),
+        "target-only": lambda g: _timed_alone(models, g, max_new, 1, repeats, clock),
+        "batched": lambda g: _timed_batch(models, g, max_new, BLOCK_SIZE, compact, repeats, clock),
+        "dflash-unbatched": lambda g: _timed_alone(models, g, max_new, BLOCK_SIZE, repeats, clock),
+        "target-only-batched": lambda g: _timed_batch(models, g, max_new, 1, compact, repeats, clock,
+                                                      use_draft=False),
     }
     for run in modes.values():  # warm-up: allocator growth, kernel selection, lazy imports
         run([p[:8] for p in groups[0]])
 
-    names = list(modes)
-    out = {name: [] for name in names}  # per group: (results, stats or None, wall seconds)
-    for index, group in enumerate(groups):
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
-            out[name].append(modes[name](group))
+    def interleaved(names):
+        """Per mode, per group: (results, stats or None, seconds); every mode on a group before the next group,
+        the order rotating per group."""
+        out = {name: [] for name in names}
+        for index, group in enumerate(groups):
+            shift = index % len(names)
+            for name in names[shift:] + names[:shift]:
+                out[name].append(modes[name](group))
+        return out
+
+    def rates(runs):
+        return [sum(len(r.output_ids) for r in results) / elapsed for results, _, elapsed in runs]
+
+    out = interleaved(list(modes))
 
     def group_rates(name):
-        return [sum(len(r.output_ids) for r in results) / wall for results, _, wall in out[name]]
+        return rates(out[name])
 
     def flat(name):
         return [r for results, _, _ in out[name] for r in results]
@@ -90,7 +100,7 @@ def test_batched(case, batch_size, compact):
         "speedup_vs_unbatched_samples": [v / b for v, b in zip(group_rates("batched"),
                                                                group_rates("dflash-unbatched"))],
         "target_batched_speedup_samples": [v / b for v, b in zip(group_rates("target-only-batched"), base_rates)],
-        "tokens_per_s_total": sum(len(r.output_ids) for r in batched) / sum(w for _, _, w in out["batched"]),
+        "tokens_per_s_total": sum(len(r.output_ids) for r in batched) / sum(s.wall_s for s in stats),
         "baseline_tokens_per_s_total": _total_rate(baseline),
         "unbatched_tokens_per_s_total": _total_rate(unbatched),
         "same_acceptance_as_unbatched": sum(b.acceptance_lengths == u.acceptance_lengths
@@ -107,6 +117,11 @@ def test_batched(case, batch_size, compact):
         "cycles": sum(r.num_cycles for r in batched),
         "hit_cap": sum(len(r.output_ids) >= max_new for r in batched),
     }
-    gates = case._gates(metrics)
+
+    def remeasure():
+        fresh = interleaved(["target-only", "batched"])
+        return [v / b for v, b in zip(rates(fresh["batched"]), rates(fresh["target-only"]))]
+
+    gates = case.gate(metrics, remeasure)
     case.finish("batched", {"batch_size": batch_size, "compact": compact, "block_size": BLOCK_SIZE,
                             "groups": len(groups)}, metrics, gates)

@@ -31,6 +31,7 @@ Target-only decoding is the same loop with block size 1 and no draft, so timings
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
@@ -70,6 +71,9 @@ class GenerationResult:
     temperature: float
     stopped: bool  # ended on a stop token
     trace: list[CycleRecord] = field(default_factory=list)
+    # Process CPU seconds of the whole decode (NaN on CUDA, where host CPU time is not the cost). On a CPU with
+    # one torch thread this is the decode's compute cost, unaffected by other processes taking turns on the core.
+    cpu_s: float = math.nan
 
     @property
     def num_cycles(self) -> int:
@@ -116,7 +120,8 @@ class GenerationResult:
         out = {
             "output_ids": self.output_ids, "acceptance_lengths": self.acceptance_lengths, "tau": self.tau,
             "num_cycles": self.num_cycles, "ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "decode_s": self.decode_s,
-            "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s, "block_size": self.block_size,
+            "wall_s": self.wall_s, "cpu_s": None if math.isnan(self.cpu_s) else self.cpu_s, "tokens_per_s": self.tokens_per_s,
+            "block_size": self.block_size,
             "temperature": self.temperature, "stopped": self.stopped,
             "acceptance_histogram": self.acceptance_histogram,
             "per_position_acceptance": [list(c) for c in self.per_position_acceptance],
@@ -289,6 +294,11 @@ def _check_arguments(draft, input_ids, max_new_tokens, block_size, temperature, 
             raise DFlashError(f"block_size must be between 1 and {limit}, got {block_size}: " + (
                 f"the draft was trained with block size {draft.block_size}." if draft is not None else
                 "target-only decoding (no draft) verifies one token per cycle; pass block_size=1."))
+
+
+def cpu_seconds(device: torch.device, since: float) -> float:
+    """Process CPU seconds since `since` (a `time.process_time()`), NaN on CUDA."""
+    return math.nan if device.type == "cuda" else time.process_time() - since
 
 
 def _clock(device: torch.device) -> float:
@@ -510,7 +520,7 @@ def generate(target, draft: DFlashDraftModel | None, input_ids, *, max_new_token
     def next_uniforms(n: int) -> torch.Tensor:
         return torch.rand(n, generator=generator, dtype=torch.float64)
 
-    begin = _clock(device)
+    begin, begin_cpu = _clock(device), time.process_time()
     target_cache = new_cache(target.config)
     prefill = target(input_ids=input_ids, past_key_values=target_cache, use_cache=True,
                      output_hidden_states=draft is not None, logits_to_keep=1)
@@ -573,7 +583,8 @@ def generate(target, draft: DFlashDraftModel | None, input_ids, *, max_new_token
     return GenerationResult(output_ids=output[:max_new_tokens], acceptance_lengths=acceptance_lengths, ttft_s=ttft,
                             decode_s=end - begin - ttft, wall_s=end - begin,
                             block_size=block_size if isinstance(block_size, int) else 0,
-                            temperature=temperature, stopped=stopped, trace=records)
+                            temperature=temperature, stopped=stopped, trace=records,
+                            cpu_s=cpu_seconds(device, begin_cpu))
 
 
 def protocol_costs(results: list[GenerationResult]) -> dict:

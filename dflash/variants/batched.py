@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import new_cache
-from ..engine import CycleRecord, GenerationResult, GreedyAcceptor, Proposal, check_pair
+from ..engine import CycleRecord, GenerationResult, GreedyAcceptor, Proposal, check_pair, cpu_seconds
 from ..errors import DFlashError
 from ..model import extract_context_feature
 from . import VariantSpec, register
@@ -48,6 +48,7 @@ class BatchStats:
     cycle_s: list[float] = field(default_factory=list)
     prefill_s: float = 0.0
     wall_s: float = 0.0
+    cpu_s: float = 0.0  # process CPU seconds of the whole batch (NaN on CUDA; see GenerationResult.cpu_s)
 
     def record_cycle(self, live: int, width: int, draft_s: float, verify_s: float, cycle_s: float) -> None:
         self.live.append(live)
@@ -301,7 +302,7 @@ def decode_batch(target, draft, prompts, *, max_new_tokens: int, block_size: int
     traces: list[list[CycleRecord]] = [[] for _ in range(n)]
     finished_at, stopped = [0.0] * n, [False] * n
 
-    begin = _clock(device)
+    begin, begin_cpu = _clock(device), time.process_time()
     ids, valid, positions = (t.to(device) for t in left_pad(prompts, pad_id=0))
     target_cache = new_cache(target.config)
     prefill = target(input_ids=ids, position_ids=positions, past_key_values=target_cache, use_cache=True,
@@ -366,6 +367,7 @@ def decode_batch(target, draft, prompts, *, max_new_tokens: int, block_size: int
         stats.record_cycle(len(rows), width, draft_end - cycle_begin, verify_end - draft_end, cycle_s)
 
     stats.wall_s = _clock(device) - begin
+    stats.cpu_s = cpu_seconds(device, begin_cpu)
     results = [GenerationResult(output_ids=outputs[i][:max_new_tokens],
                                 acceptance_lengths=[r.acceptance_length for r in traces[i]], ttft_s=ttft,
                                 decode_s=finished_at[i] - ttft, wall_s=finished_at[i], block_size=block_size,
