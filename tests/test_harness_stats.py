@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from scipy import stats as sps
 
 from dflash.errors import DFlashError
-from dflash.harness.stats import (IMPROVEMENT, INCONCLUSIVE, NOT_GATED_HARDWARE, PASS, REGRESSION,
-                                  adaptive_decision, apply_holm, detection_rate, false_alarm_rate,
-                                  hardware_matches, holm, mean_ci, tau_gate, throughput_gate, worst_verdict)
+from dflash.harness.stats import (IMPROVEMENT, INCONCLUSIVE, NOT_GATED_HARDWARE, PASS, REGRESSION, alpha_shares,
+                                  apply_holm, confirm, hardware_matches, holm, look_schedule, mean_ci, sequential_tau_gate,
+                                  tau_gate, tau_needs_more_prompts, throughput_gate, worst_verdict)
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +140,35 @@ def test_throughput_significant_but_within_factor_passes():
 
 
 def test_throughput_beyond_factor_with_too_few_samples_is_inconclusive():
-    result = throughput_gate([2.0, 2.1, 1.9], [1.6, 1.7, 1.5])  # 3 vs 3: exact MWU floor is 1/20
-    assert result.min_achievable_p == pytest.approx(0.05)
+    result = throughput_gate([2.0, 2.1, 1.9], [1.6, 2.05, 1.5])  # 3 pairs, one barely slower: not significant
+    assert result.baseline / result.new > 1.10 and result.p_value > 0.05
     assert result.verdict == INCONCLUSIVE
+
+
+def test_throughput_gate_is_paired_by_prompt():
+    """The run's n samples are compared with the baseline's first n (the same prompts), whatever the rest of
+    the baseline holds: here the baseline's later prompts are 3x faster, and an unpaired test on all of them
+    would call the unchanged first prompts a regression."""
+    first = [0.8, 1.2, 0.9, 1.1, 1.0, 0.95]
+    baseline = first + [3.0] * 18
+    same = [v * f for v, f in zip(first, (1.01, 0.99, 1.0, 1.02, 0.98, 1.0))]
+    result = throughput_gate(baseline, same)
+    assert result.n_baseline == 6 and result.verdict == PASS
+    assert result.baseline == pytest.approx(math.exp(np.mean(np.log(first))))  # geometric mean of the pairs
+    assert sps.mannwhitneyu(same, baseline, alternative="less").pvalue < 1e-3  # what unpaired would say
+    with pytest.raises(DFlashError, match="pairs samples by prompt"):
+        throughput_gate(first, baseline)
+
+
+def test_confirm_needs_both_measurements_to_regress():
+    slower = [1.70, 1.72, 1.69, 1.75, 1.71, 1.73]
+    first = throughput_gate(BASE_SPEEDUP, slower)
+    assert first.verdict == REGRESSION
+    recovered = confirm(first, throughput_gate(BASE_SPEEDUP, BASE_SPEEDUP[::-1]))
+    assert recovered.verdict != REGRESSION and len(recovered.measurements) == 2
+    again = confirm(first, throughput_gate(BASE_SPEEDUP, [v * 0.99 for v in slower]))
+    assert again.verdict == REGRESSION and again.p_value == max(m["p_value"] for m in again.measurements)
+    assert again.rel_change == max(m["rel_change"] for m in again.measurements)  # the milder of the two
 
 
 def test_throughput_improvement_not_failed():
@@ -179,49 +205,54 @@ def test_worst_verdict():
     assert worst_verdict([]) == PASS
 
 
-# --- adaptive sampling -------------------------------------------------------------------------------
+# --- sequential looks -------------------------------------------------------------------------------
 
-def test_adaptive_decision_gathers_more_only_while_inconclusive_below_cap():
-    inconclusive = throughput_gate([2.0, 2.1, 1.9], [1.6, 1.7, 1.5])
-    more = adaptive_decision(inconclusive, max_samples=10)
-    assert more.gather_more and more.next_n == 6
-    assert adaptive_decision(inconclusive, max_samples=10, n_samples=8).next_n == 10
-    at_cap = adaptive_decision(inconclusive, max_samples=3)
-    assert not at_cap.gather_more and "cap" in at_cap.reason
-    settled = adaptive_decision(throughput_gate(BASE_SPEEDUP, BASE_SPEEDUP), max_samples=10)
-    assert not settled.gather_more
+def test_look_schedule():
+    assert look_schedule(12, 48) == [12, 24, 48]
+    assert look_schedule(12, 24) == [12, 24]
+    assert look_schedule(12, 12) == [12]
+    assert look_schedule(12, 30) == [12, 24, 30]
 
 
-# --- gate quality ------------------------------------------------------------------------------------
-
-def test_false_alarm_and_detection_rates(taus):
-    alarms = false_alarm_rate(taus, trials=150, rng=3)
-    assert alarms.rate <= 0.05 and alarms.trials == 150 and "assumed" in alarms.simulation
-    detected = detection_rate(taus, 0.10, trials=150, rng=3)
-    assert detected.rate >= 0.95 and "10% drop" in detected.simulation
-    assert false_alarm_rate(taus, trials=150, rng=3) == alarms  # deterministic for a seed
-
-
-def test_false_alarm_rate_from_a_measured_rerun(taus):
-    rerun = noisy(taus, 0.01, 5)
-    quality = false_alarm_rate(taus, trials=50, rng=0, rerun_taus=rerun)
-    assert quality.rate == 0.0 and "measured rerun" in quality.simulation
-    with pytest.raises(DFlashError, match="paired"):
-        false_alarm_rate(taus, trials=5, rerun_taus=rerun[:-1])
+def test_a_look_spends_its_share_of_alpha():
+    base = np.arange(1.0, 13.0) + 3.0
+    whole = tau_gate(base, base * 0.9)
+    third = tau_gate(base, base * 0.9, alpha_share=1 / 3)
+    assert third.p_value == pytest.approx(3 * whole.p_value) and third.p_raw == pytest.approx(whole.p_value)
+    early = tau_gate(base, base * 0.5, alpha_share=0.0)  # a futility look: it can stop a pass, never fail
+    assert early.p_value == 1.0 and early.verdict == INCONCLUSIVE
+    assert alpha_shares(3) == [0.0, 0.0, 1.0] and alpha_shares(3, "equal") == pytest.approx([1 / 3] * 3)
+    assert sum(alpha_shares(4, "uncorrected")) == 4
 
 
 def test_tau_gather_more_rule():
     """More prompts while a drop is beyond the margin but not significant after the family factor, or within
-    the margin but suggestive; never for identical taus; never beyond the cap."""
-    from dflash.harness.stats import tau_needs_more_prompts
+    the margin but suggestive; never for identical taus; never after the last look."""
     base = [3.0, 2.5, 4.0, 3.5, 2.0, 3.0, 5.0, 2.5, 3.0, 4.5, 3.5, 2.0]
-    unchanged = tau_gate(base, base)
-    assert not tau_needs_more_prompts(unchanged, family=50, max_prompts=48).gather_more
-    big = tau_gate(base, [t * 0.85 for t in base])  # -15%: significant alone (p 2.4e-4), not after x500
-    decision = tau_needs_more_prompts(big, family=500, max_prompts=48)
+    schedule = [12, 24, 48]
+    unchanged = tau_gate(base, base, alpha_share=0.0)
+    assert not tau_needs_more_prompts(unchanged, family=50, schedule=schedule).gather_more
+    big = tau_gate(base, [t * 0.85 for t in base], alpha_share=1 / 3)  # -15%: p 7e-4, not significant x500
+    decision = tau_needs_more_prompts(big, family=500, schedule=schedule)
     assert decision.gather_more and decision.next_n == 24
-    assert not tau_needs_more_prompts(big, family=1, max_prompts=48).gather_more  # already a regression
-    small = tau_gate(base, [t * 0.98 for t in base])  # -2%: within the margin, but every prompt dropped
-    assert small.verdict == "pass" and small.p_value < 0.1
-    assert tau_needs_more_prompts(small, family=50, max_prompts=48).gather_more
-    assert not tau_needs_more_prompts(small, family=50, max_prompts=12).gather_more  # at the cap
+    assert not tau_needs_more_prompts(big, family=1, schedule=schedule).gather_more  # already a regression
+    small = tau_gate(base, [t * 0.98 for t in base], alpha_share=0.0)  # -2%: within the margin, all dropped
+    assert small.verdict == "pass" and small.p_raw < 0.1
+    assert tau_needs_more_prompts(small, family=50, schedule=schedule).gather_more
+    assert not tau_needs_more_prompts(small, family=50, schedule=[12]).gather_more  # the last look
+
+
+def test_sequential_gate_measures_only_what_it_looks_at(taus):
+    """A 10% drop on every prompt looks like a regression at 12 prompts, but only the last look (all 40
+    baseline prompts) may fail a case, so the flow asks for 24, then 40 prompts and ends with a regression;
+    unchanged taus stop at the first look."""
+    asked = []
+
+    def measure(n):
+        asked.append(n)
+        return list(taus[:n] * 0.9)
+    gate = sequential_tau_gate(taus, measure, start=12, family=200)
+    assert asked == [12, 24, 40] and gate.n_new == 40 and gate.alpha_share == 1 and gate.p_value * 200 < 0.05
+    asked.clear()
+    sequential_tau_gate(taus, lambda n: asked.append(n) or list(taus[:n]), start=12, family=200)
+    assert asked == [12]

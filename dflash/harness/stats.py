@@ -1,23 +1,34 @@
 """Statistical gates for ablation cases (model-free; all tests come from scipy.stats).
 
-Two gates, both "significant AND beyond a practical threshold" (asv, Perfherder), never one alone:
+Two gates, both "significant AND beyond a practical threshold" (asv, Perfherder), never one alone, and both
+paired: element i of the baseline and of the new vector is the same prompt (or prompt group).
 
-* `tau_gate`: paired per-prompt acceptance length (same prompts, same order), one-sided Wilcoxon
-  signed-rank; a regression needs the Holm-adjusted p < alpha AND a relative drop of the mean > margin.
-* `throughput_gate`: asv-style on speedup-ratio samples measured in-run (variant / target-only), one-sided
-  Mann-Whitney U; a regression needs p < alpha AND median(baseline) / median(new) > factor. Not gated
-  when the hardware differs from the baseline's (it is still reported).
+* `tau_gate`: per-prompt acceptance length, one-sided Wilcoxon signed-rank; a regression needs p < alpha
+  after the run's correction AND a relative drop of the mean > margin. A case that gathers more prompts looks
+  at the data several times (12, 24, 48 prompts); look k may spend the share w_k of alpha (sum of shares <= 1,
+  Bonferroni over looks), so the sequential procedure keeps its false-alarm rate <= alpha whatever rule
+  decides to look again. The default spends all of it at the last look: earlier looks can only stop a case
+  that is clearly passing (a futility stop), which is where the power is (the Wilcoxon floor at 12 prompts,
+  2.4e-4, cannot clear alpha / family for a family of more than ~200 gates anyway).
+* `throughput_gate`: per-prompt speedup ratios measured in-run (variant / target-only), compared on the same
+  prompt indices as log(new / baseline); one-sided paired t-test on the log ratios (the mean log ratio is the
+  log of the geometric-mean slowdown, so the test and the effect size measure the same thing). A regression
+  needs p < alpha AND geometric-mean slowdown > factor. `confirm` combines a re-measurement: the gate fails
+  only when both measurements are regressions (intersection-union test, p = max of the two). Not gated when
+  the hardware differs from the baseline's (it is still reported).
 
-Verdicts: "regression" (the only failing one), "inconclusive" (beyond the threshold but not significant:
-gather more samples, see `adaptive_decision`), "improvement" (reported, never failed), "pass", and
-"not gated: hardware differs". Verdicts are computed from the stored numbers, so `apply_holm` only has to
-fill in the adjusted p-values and every verdict follows.
+Verdicts: "regression" (the only failing one), "inconclusive" (beyond the threshold but not significant),
+"improvement" (reported, never failed), "pass", and "not gated: hardware differs". Verdicts are computed from
+the stored numbers, so `apply_holm` only has to fill in the adjusted p-values and every verdict follows.
+The family of a run is fixed before any case runs (`apply_holm(..., family=m)`): per-case Bonferroni and the
+session-end Holm use the same m.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, replace
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 from scipy import stats as sps
@@ -99,10 +110,11 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 @dataclass(frozen=True)
 class GateResult:
-    """Common fields of a gate. `baseline`/`new` are the compared centres (mean tau, median speedup);
+    """Common fields of a gate. `baseline`/`new` are the compared centres (mean tau, geometric-mean speedup);
     rel_change = (new - baseline) / |baseline| (negative = worse: higher is better for tau and speedup).
-    p_value tests "new worse than baseline", p_improvement "new better"; both one-sided and raw.
-    The *_adjusted fields are set by `apply_holm`; until then the raw p-values decide."""
+    p_value tests "new worse than baseline", p_improvement "new better"; both one-sided and valid for the
+    gate's own design (looks, confirmation), before the run's multiplicity correction.
+    The *_adjusted fields are set by `apply_holm`; until then the unadjusted p-values decide."""
     case_id: str
     baseline: float
     new: float
@@ -152,6 +164,8 @@ class GateResult:
 @dataclass(frozen=True)
 class TauGateResult(GateResult):
     margin: float = 0.03
+    alpha_share: float = 1.0  # share of alpha this look may spend; p_value = min(1, p_raw / share), 1 at share 0
+    p_raw: float | None = None  # the Wilcoxon p-value of this look alone
 
     kind = "tau"
 
@@ -166,7 +180,7 @@ class TauGateResult(GateResult):
 class ThroughputGateResult(GateResult):
     factor: float = 1.10
     hardware_differs: bool = False
-    min_achievable_p: float = 0.0  # exact one-sided MWU floor 1/C(m+n, m): below alpha or the gate can't fire
+    measurements: tuple = ()  # with `confirm`: each measurement's {"new", "rel_change", "p_value", "n"}
 
     kind = "throughput"
 
@@ -198,8 +212,10 @@ def _relative_change(baseline: float, new: float) -> float:
 
 
 def tau_gate(baseline_taus: Sequence[float], new_taus: Sequence[float], *, margin: float = 0.03,
-             alpha: float = 0.05, zero_method: str = "pratt", case_id: str = "") -> TauGateResult:
-    """Paired per-prompt tau comparison: element i of both vectors must be the same prompt.
+             alpha: float = 0.05, zero_method: str = "pratt", case_id: str = "",
+             alpha_share: float = 1.0) -> TauGateResult:
+    """Paired per-prompt tau comparison: element i of both vectors must be the same prompt. `alpha_share`: the
+    share of alpha the sequential design lets this look spend (`alpha_shares`); p_value = p_raw / share.
 
     One-sided Wilcoxon signed-rank on d = new - baseline (alternative "less" for the regression p, "greater"
     for the improvement p). zero_method "pratt" ranks the zero differences (common under greedy decoding,
@@ -217,17 +233,27 @@ def tau_gate(baseline_taus: Sequence[float], new_taus: Sequence[float], *, margi
     if np.all(diff == 0):
         p_less = p_greater = 1.0
     else:
-        p_less = float(sps.wilcoxon(diff, alternative="less", zero_method=zero_method).pvalue)
-        p_greater = float(sps.wilcoxon(diff, alternative="greater", zero_method=zero_method).pvalue)
+        # The method is pinned (scipy's "auto" changed across versions; 1.17 runs a 4096-sign permutation test
+        # for 12 prompts with ties, ~1.5 s a call): exact without ties or zeros up to 50 prompts, else the normal
+        # approximation with tie correction.
+        exact = diff.size <= 50 and np.all(diff != 0) and np.unique(np.abs(diff)).size == diff.size
+        method = "exact" if exact else "approx"
+        p_less = float(sps.wilcoxon(diff, alternative="less", zero_method=zero_method, method=method).pvalue)
+        p_greater = float(sps.wilcoxon(diff, alternative="greater", zero_method=zero_method, method=method).pvalue)
+    if not 0 <= alpha_share <= 1:
+        raise DFlashError(f"alpha_share must lie in [0, 1], got {alpha_share}.")
+
+    def spend(p: float) -> float:
+        return min(1.0, p / alpha_share) if alpha_share > 0 else 1.0
     base_mean, new_mean = float(base.mean()), float(new.mean())
     return TauGateResult(case_id=case_id, baseline=base_mean, new=new_mean,
-                         rel_change=_relative_change(base_mean, new_mean), p_value=p_less,
-                         p_improvement=p_greater, alpha=alpha, n_baseline=base.size, n_new=new.size,
-                         margin=margin)
+                         rel_change=_relative_change(base_mean, new_mean), p_value=spend(p_less),
+                         p_improvement=spend(p_greater), alpha=alpha, n_baseline=base.size, n_new=new.size,
+                         margin=margin, alpha_share=alpha_share, p_raw=p_less)
 
 
 # --------------------------------------------------------------------------------------------------
-# throughput gate (unpaired, asv-style)
+# throughput gate (paired)
 
 
 def hardware_matches(fp_a: dict | None, fp_b: dict | None, keys: Sequence[str] = ("hardware",)) -> bool:
@@ -242,42 +268,71 @@ def hardware_matches(fp_a: dict | None, fp_b: dict | None, keys: Sequence[str] =
     return all(fp_a.get(k) not in (None, "") and norm(fp_a.get(k)) == norm(fp_b.get(k)) for k in keys)
 
 
+def _geomean(x: np.ndarray) -> float:
+    return float(np.exp(np.mean(np.log(x))))
+
+
 def throughput_gate(baseline_ratio_samples: Sequence[float], new_ratio_samples: Sequence[float], *,
                     factor: float = 1.10, alpha: float = 0.05, baseline_fingerprint: dict | None = None,
                     current_fingerprint: dict | None = None, case_id: str = "") -> ThroughputGateResult:
     """Speedup-ratio samples (variant / target-only, both measured in the same run, so machine drift
-    cancels). Regression iff one-sided Mann-Whitney U (new < baseline) has p < alpha AND
-    median(baseline) / median(new) > factor; beyond the factor but not significant is "inconclusive" (asv
-    prints it as "~"). Pass both fingerprints to report-not-gate across different hardware."""
+    cancels), paired by index: the run's n samples are compared with the baseline's first n. Regression iff
+    the one-sided paired t-test on log(new_i / baseline_i) has p < alpha AND the geometric-mean slowdown
+    geomean(baseline) / geomean(new) > factor; beyond the factor but not significant is "inconclusive".
+    Pass both fingerprints to report-not-gate across different hardware."""
     base = _as_1d(baseline_ratio_samples, "baseline_ratio_samples")
     new = _as_1d(new_ratio_samples, "new_ratio_samples")
     if (baseline_fingerprint is None) != (current_fingerprint is None):
         raise DFlashError("throughput_gate needs both fingerprints (baseline and current) or neither.")
+    if base.size < new.size:
+        raise DFlashError(f"throughput_gate{f' ({case_id})' if case_id else ''} pairs samples by prompt: the "
+                          f"baseline has {base.size}, the run {new.size}. Re-record the baseline with "
+                          "--update-baselines.")
+    base = base[: new.size]
+    if np.any(base <= 0) or np.any(new <= 0):
+        raise DFlashError(f"speedup samples must be positive (a ratio of two rates), got baseline {base.tolist()} "
+                          f"and new {new.tolist()}.")
     differs = baseline_fingerprint is not None and not hardware_matches(baseline_fingerprint, current_fingerprint)
-    if np.ptp(np.concatenate([base, new])) == 0:
-        p_less = p_greater = 1.0  # all samples equal: no evidence either way (scipy's approximation is 0/0)
+    log_ratio = np.log(new) - np.log(base)
+    if new.size < 2 or np.ptp(log_ratio) == 0:
+        p_less = p_greater = 1.0  # no spread to estimate: no evidence either way (t would divide by zero)
     else:
-        p_less = float(sps.mannwhitneyu(new, base, alternative="less").pvalue)
-        p_greater = float(sps.mannwhitneyu(new, base, alternative="greater").pvalue)
-    base_median, new_median = float(np.median(base)), float(np.median(new))
-    return ThroughputGateResult(case_id=case_id, baseline=base_median, new=new_median,
-                                rel_change=_relative_change(base_median, new_median), p_value=p_less,
+        with warnings.catch_warnings():  # near-identical ratios (a constant factor): t is huge, p ~ 0, correctly
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p_less = float(sps.ttest_1samp(log_ratio, 0.0, alternative="less").pvalue)
+            p_greater = float(sps.ttest_1samp(log_ratio, 0.0, alternative="greater").pvalue)
+    base_centre, new_centre = _geomean(base), _geomean(new)
+    return ThroughputGateResult(case_id=case_id, baseline=base_centre, new=new_centre,
+                                rel_change=_relative_change(base_centre, new_centre), p_value=p_less,
                                 p_improvement=p_greater, alpha=alpha, n_baseline=base.size, n_new=new.size,
-                                factor=factor, hardware_differs=differs,
-                                min_achievable_p=1.0 / math.comb(base.size + new.size, base.size))
+                                factor=factor, hardware_differs=differs)
+
+
+def confirm(first: ThroughputGateResult, second: ThroughputGateResult) -> ThroughputGateResult:
+    """One gate from a measurement and its re-measurement on the same prompts: it says "regression" only when
+    both do. Intersection-union test: p = max of the two p-values (valid at alpha, no correction needed), and
+    the centre and change of the milder measurement, so the threshold must be crossed twice as well."""
+    milder = max((first, second), key=lambda g: g.rel_change)
+    measurements = tuple({"new": g.new, "rel_change": g.rel_change, "p_value": g.p_value, "n": g.n_new}
+                         for g in (first, second))
+    return replace(second, new=milder.new, rel_change=milder.rel_change,
+                   p_value=max(first.p_value, second.p_value),
+                   p_improvement=max(first.p_improvement, second.p_improvement), measurements=measurements)
 
 
 # --------------------------------------------------------------------------------------------------
 # Multiple comparisons over one run
 
 
-def apply_holm(results: Sequence[GateResult]) -> list[GateResult]:
-    """Holm across all gated results of one run (the family is exactly the list passed in; results that are
-    not gated take no part). Regression and improvement p-values are adjusted as two separate families.
-    Returns new result objects in the same order; verdicts follow from the adjusted p-values."""
+def apply_holm(results: Sequence[GateResult], family: int | None = None) -> list[GateResult]:
+    """Holm across all gated results of one run. `family` is the run's number of gates fixed in advance (gates
+    that did not run count with p = 1); None: exactly the gated results passed in. Results that are not gated
+    take no part. Regression and improvement p-values are adjusted as two separate families. Returns new
+    result objects in the same order; verdicts follow from the adjusted p-values."""
     gated = [i for i, r in enumerate(results) if r.gated]
-    worse = holm([results[i].p_value for i in gated])
-    better = holm([results[i].p_improvement for i in gated])
+    padding = [1.0] * max(0, (family or 0) - len(gated))
+    worse = holm([results[i].p_value for i in gated] + padding)
+    better = holm([results[i].p_improvement for i in gated] + padding)
     adjusted = list(results)
     for i, p_w, p_b in zip(gated, worse, better):
         adjusted[i] = replace(results[i], p_adjusted=p_w, p_improvement_adjusted=p_b)
@@ -285,7 +340,34 @@ def apply_holm(results: Sequence[GateResult]) -> list[GateResult]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Sequential sampling (Pinpoint-style UNKNOWN -> more samples)
+# Sequential sampling (Pinpoint-style "unknown -> more samples") with the looks planned in advance
+
+
+def look_schedule(start: int, cap: int, growth: float = 2.0) -> list[int]:
+    """Prompt counts at which a case may look at its tau evidence: `start`, then growing geometrically, up to
+    `cap` (12, 24, 48). Fixed before the first look, like the alpha each look may spend (`alpha_shares`)."""
+    if start < 1 or cap < 1:
+        raise DFlashError(f"look_schedule needs start and cap >= 1, got {start} and {cap}.")
+    schedule = [min(start, cap)]
+    while schedule[-1] < cap:
+        schedule.append(min(cap, max(schedule[-1] + 1, math.ceil(schedule[-1] * growth))))
+    return schedule
+
+
+SPENDING = ("final", "equal", "uncorrected")
+
+
+def alpha_shares(looks: int, spending: str = "final") -> list[float]:
+    """The share of alpha each look may spend. "final" (the default): all at the last look, earlier looks only
+    stop clear passes; "equal": Bonferroni over looks, alpha / looks each; "uncorrected": alpha at every look
+    (shares summing to more than 1: the error rate is not controlled; kept to show why in the simulation)."""
+    if spending == "final":
+        return [0.0] * (looks - 1) + [1.0]
+    if spending == "equal":
+        return [1.0 / looks] * looks
+    if spending == "uncorrected":
+        return [1.0] * looks
+    raise DFlashError(f"spending must be one of {SPENDING}, got {spending!r}.")
 
 
 @dataclass(frozen=True)
@@ -295,23 +377,47 @@ class AdaptiveDecision:
     reason: str
 
 
-def adaptive_decision(result: GateResult, *, max_samples: int, n_samples: int | None = None,
-                      growth: float = 2.0) -> AdaptiveDecision:
-    """Whether to gather more samples before the verdict is final.
+SUGGESTIVE_P = 0.10  # one look's own p below which a smaller-than-margin drop still asks for more prompts
 
-    Only "inconclusive" (beyond the threshold, not significant) asks for more, and only while below the cap;
-    the next size grows geometrically (default: doubles) so few rounds are needed. At the cap an
-    inconclusive result stays inconclusive: it is reported, not failed (no retry-until-green). Unlike
-    Pinpoint there is no "same" threshold: "pass" already means "not beyond the margin".
-    n_samples defaults to result.n_new (prompts for tau, repeats for throughput)."""
-    n = result.n_new if n_samples is None else n_samples
-    if result.verdict != INCONCLUSIVE:
-        return AdaptiveDecision(False, n, f"verdict is {result.verdict!r}; no more samples needed")
-    if n >= max_samples:
-        return AdaptiveDecision(False, n, f"still inconclusive at the cap of {max_samples} samples; "
-                                          "report it as inconclusive (not a failure)")
-    next_n = min(max_samples, max(n + 1, math.ceil(n * growth)))
-    return AdaptiveDecision(True, next_n, f"inconclusive with {n} samples; gather up to {next_n}")
+
+def tau_needs_more_prompts(result: TauGateResult, *, family: int, schedule: Sequence[int]) -> AdaptiveDecision:
+    """Whether a case looks again (at the next count of `schedule`): while the drop is beyond the margin but
+    not significant after Bonferroni over the run's `family` of gates, or a drop within the margin is
+    suggestive (this look's own p < SUGGESTIVE_P; a large drop often looks small on the first 12 prompts).
+    Any such rule keeps the error rate, because the looks' shares of alpha sum to at most 1. Unchanged code gives
+    identical greedy taus (p = 1), so it never pays for more prompts."""
+    n = result.n_new
+    later = [k for k in schedule if k > n]
+    if not later:
+        return AdaptiveDecision(False, n, f"{n} prompts is the last look; the verdict is final")
+    adjusted = replace(result, p_adjusted=min(1.0, result.p_value * max(1, family)))
+    if adjusted.verdict == INCONCLUSIVE:
+        return AdaptiveDecision(True, later[0], f"inconclusive with {n} prompts; look again at {later[0]}")
+    p_look = result.p_raw if result.p_raw is not None else result.p_value
+    if adjusted.verdict == PASS and result.rel_change < 0 and p_look < SUGGESTIVE_P:
+        return AdaptiveDecision(True, later[0], f"drop within the margin but suggestive (p {p_look:.2g}) with "
+                                                f"{n} prompts; look again at {later[0]}")
+    return AdaptiveDecision(False, n, f"verdict is {adjusted.verdict!r} with {n} prompts")
+
+
+def sequential_tau_gate(baseline_taus: Sequence[float], new_taus: Callable[[int], Sequence[float]], *,
+                        start: int, family: int, margin: float = 0.03, alpha: float = 0.05,
+                        spending: str = "final", case_id: str = "") -> TauGateResult:
+    """The ablation cases' tau flow: look at `start` prompts, then at the next count of the schedule (up to
+    every baseline prompt) while `tau_needs_more_prompts` says so. `new_taus(n)` returns the run's first n
+    per-prompt taus (measuring only what it has not measured yet). Returns the last look's gate, p-values
+    already divided by the look's share of alpha (`alpha_shares(looks, spending)`); the caller corrects for the
+    family."""
+    schedule = look_schedule(start, len(baseline_taus))
+    shares = dict(zip(schedule, alpha_shares(len(schedule), spending)))
+    n = schedule[0]
+    while True:
+        gate = tau_gate(list(baseline_taus)[:n], list(new_taus(n))[:n], margin=margin, alpha=alpha,
+                        case_id=case_id, alpha_share=shares[n])
+        decision = tau_needs_more_prompts(gate, family=family, schedule=schedule)
+        if not decision.gather_more:
+            return gate
+        n = decision.next_n
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,86 +426,44 @@ def adaptive_decision(result: GateResult, *, max_samples: int, n_samples: int | 
 
 @dataclass(frozen=True)
 class GateQuality:
-    """How often the simulated gate said "regression" (rate, with a 95% Clopper-Pearson interval from
-    scipy's binomtest) and how often "inconclusive", over `trials`; `simulation` says what was simulated."""
+    """How often the simulated flow said "regression" (rate, with a 95% Clopper-Pearson interval from scipy's
+    binomtest) and "inconclusive", over `trials` independent simulated runs; `simulation` says what."""
     rate: float
     low: float
     high: float
     hits: int
     inconclusive: int
     trials: int
+    mean_prompts: float
     simulation: str
 
 
-def _simulate_gate(baseline_taus, *, drop: float, trials: int, rng, margin: float, alpha: float,
-                   noise_rel: float, rerun_taus, what: str) -> GateQuality:
+def simulate_tau_flow(baseline_taus: Sequence[float], *, drop: float = 0.0, noise_rel: float = 0.15,
+                      trials: int = 1000, start: int = 12, family: int = 1, margin: float = 0.03,
+                      alpha: float = 0.05, rng=0, spending: str = "final") -> GateQuality:
+    """Type-I error (drop = 0) or power (drop > 0) of `sequential_tau_gate` with Bonferroni over `family`.
+    Each trial is an independent run: new tau_i = baseline tau_i * (1 + N(0, noise_rel)) * (1 - drop), so
+    under drop = 0 every per-prompt difference is symmetric about 0 (the Wilcoxon null holds exactly).
+    Deterministic for a given `rng` (seed or numpy Generator)."""
     base = _as_1d(baseline_taus, "baseline_taus")
-    rerun = None if rerun_taus is None else _as_1d(rerun_taus, "rerun_taus")
-    if rerun is not None and rerun.size != base.size:
-        raise DFlashError(f"rerun_taus has {rerun.size} prompts, baseline_taus {base.size}: they must be paired.")
     if trials < 1:
         raise DFlashError("trials must be >= 1.")
     generator = np.random.default_rng(rng)
-    hits = inconclusive = 0
+    hits = inconclusive = prompts = 0
     for _ in range(trials):
-        idx = generator.integers(0, base.size, base.size)  # bootstrap the prompt set (paired: same idx)
-        old = base[idx]
-        if rerun is not None:
-            new = rerun[idx]  # measured rerun of unchanged code on the same prompts
-        else:
-            new = old * (1.0 + generator.normal(0.0, noise_rel, base.size))
-        verdict = tau_gate(old, new * (1.0 - drop), margin=margin, alpha=alpha).verdict
+        new = base * (1.0 + generator.normal(0.0, noise_rel, base.size)) * (1.0 - drop)
+        gate = sequential_tau_gate(base, lambda n, new=new: new[:n], start=start, family=family, margin=margin,
+                                   alpha=alpha, spending=spending)
+        verdict = replace(gate, p_adjusted=min(1.0, gate.p_value * family)).verdict
         hits += verdict == REGRESSION
         inconclusive += verdict == INCONCLUSIVE
+        prompts += gate.n_new
     ci = sps.binomtest(hits, trials).proportion_ci(confidence_level=0.95)
-    noise = ("measured rerun differences (rerun_taus)" if rerun is not None
-             else f"assumed per-prompt noise: tau_i * (1 + N(0, {noise_rel:g}))")
-    simulation = (f"{what}: {trials} paired bootstrap resamples of {base.size} prompts; new = baseline with "
-                  f"{noise}" + (f", then every prompt's tau scaled by {1 - drop:g}" if drop else "")
-                  + f"; tau_gate margin={margin:g}, alpha={alpha:g}, single test (no Holm)")
-    return GateQuality(hits / trials, float(ci.low), float(ci.high), hits, inconclusive, trials, simulation)
-
-
-def false_alarm_rate(baseline_taus: Sequence[float], *, trials: int = 200, rng=0, margin: float = 0.03,
-                     alpha: float = 0.05, noise_rel: float = 0.05,
-                     rerun_taus: Sequence[float] | None = None) -> GateQuality:
-    """Fraction of simulated unchanged-code runs that `tau_gate` calls a regression.
-
-    Each trial resamples the prompts with replacement (the same indices for both sides, so the comparison
-    stays paired). The "new" side is, if `rerun_taus` (a second measurement of unchanged code on the same
-    prompts) is given, that rerun at the same indices: the measured noise including any systematic
-    numerics drift. Otherwise it is the baseline perturbed by independent multiplicative Gaussian noise of
-    relative sd `noise_rel` per prompt: an assumption, stated in the result's `simulation` text.
-    Deterministic for a given `rng` (seed or numpy Generator)."""
-    return _simulate_gate(baseline_taus, drop=0.0, trials=trials, rng=rng, margin=margin, alpha=alpha,
-                          noise_rel=noise_rel, rerun_taus=rerun_taus, what="false alarms")
-
-
-def detection_rate(baseline_taus: Sequence[float], drop: float = 0.10, *, trials: int = 200, rng=0,
-                   margin: float = 0.03, alpha: float = 0.05, noise_rel: float = 0.05,
-                   rerun_taus: Sequence[float] | None = None) -> GateQuality:
-    """Fraction of simulated runs with a planted regression that `tau_gate` flags: as `false_alarm_rate`,
-    then every prompt's new tau is multiplied by (1 - drop), a uniform relative drop. A real regression
-    that hits only some prompts is harder to detect than this."""
-    return _simulate_gate(baseline_taus, drop=drop, trials=trials, rng=rng, margin=margin, alpha=alpha,
-                          noise_rel=noise_rel, rerun_taus=rerun_taus, what=f"detection of a {drop:.0%} drop")
-
-
-SUGGESTIVE_P = 0.10  # unadjusted one-sided p below which a smaller-than-margin drop still asks for more prompts
-
-
-def tau_needs_more_prompts(result: TauGateResult, *, family: int, max_prompts: int) -> AdaptiveDecision:
-    """The ablation cases' rule (Pinpoint's "unknown -> more samples"): gather more prompts while the evidence
-    is neither a regression nor a clear pass: the drop is beyond the margin but not significant after
-    Bonferroni over the run's `family` of gated cases, or a drop within the margin is suggestive (unadjusted
-    p < SUGGESTIVE_P; a large drop often looks small on the first 12 prompts). Unchanged code gives identical
-    greedy taus (p = 1), so it never pays for more prompts."""
-    adjusted = replace(result, p_adjusted=min(1.0, result.p_value * max(1, family)))
-    decision = adaptive_decision(adjusted, max_samples=max_prompts)
-    n = result.n_new
-    if not decision.gather_more and adjusted.verdict == PASS and result.rel_change < 0 \
-            and result.p_value < SUGGESTIVE_P and n < max_prompts:
-        next_n = min(max_prompts, max(n + 1, math.ceil(n * 2.0)))
-        return AdaptiveDecision(True, next_n, f"drop within the margin but suggestive (p {result.p_value:.2g}) "
-                                              f"with {n} prompts; gather up to {next_n}")
-    return decision
+    schedule = look_schedule(start, base.size)
+    shares = ", ".join(f"{w:.2g}" for w in alpha_shares(len(schedule), spending))
+    simulation = (f"{trials} independent runs over {base.size} baseline prompts, looks at {schedule} "
+                  f"spending alpha shares ({shares}) ({spending}); "
+                  f"new = baseline * (1 + N(0, {noise_rel:g}))" + (f" * {1 - drop:g}" if drop else "")
+                  + f"; margin={margin:g}, alpha={alpha:g}, Bonferroni over {family} gate(s)")
+    return GateQuality(hits / trials, float(ci.low), float(ci.high), hits, inconclusive, trials,
+                       prompts / trials, simulation)
