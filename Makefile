@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Unit, property and lossless tests plus the tiny-profile ablations gated against baselines/.
+# Baseline coverage (every gated case has an entry, no entry is orphaned), then unit, property and lossless
+# tests plus the tiny-profile ablations gated against baselines/.
 test: install
+	$(VENV)/bin/dflash baselines --check --profile tiny
 	$(PY) -m pytest tests ablations --profile tiny -n auto -q -m "not slow"
 
 # The main job: every tiny-profile ablation, gated, with a markdown summary under reports/.

@@ -133,15 +133,69 @@ def cmd_bench(args) -> None:
                                                "threads": args.threads, "records": records}, indent=2) + "\n")
 
 
-def cmd_baselines(args) -> None:
+def cmd_baselines(args) -> int:
+    if args.check:
+        return check_baselines(args.profile, args.baselines_dir)
+    if not args.from_run:
+        raise DFlashError("dflash baselines needs --check or --from-run RUN_DIR.")
     from .harness.plugin import baselines_from_run
-    print(baselines_from_run(args.from_run, args.baselines_dir, ablations=args.ablation) or "no change")
+    print(baselines_from_run(args.from_run, args.baselines_dir, ablations=args.ablation, write=args.write)
+          or "no change")
+    if not args.write:
+        print("(preview: nothing written; add --write to write these baselines)")
+    return 0
+
+
+def collected_family(selection: list[str], profile: str = "tiny") -> int:
+    """The gate family (2 per gated case) that `pytest ablations <selection>` would correct for."""
+    from pathlib import Path
+
+    import pytest
+
+    from .harness.plugin import STATE
+
+    class Capture:
+        family = 0
+
+        @pytest.hookimpl(trylast=True)
+        def pytest_collection_finish(self, session):
+            Capture.family = session.config.stash[STATE].family
+    if not Path("ablations").is_dir():
+        raise DFlashError("the gate family is counted from ./ablations: run from the project root or pass --family.")
+    pytest.main(["ablations", "--collect-only", "-qq", "--profile", profile, "-p", "no:xdist", "-p",
+                 "no:cacheprovider", "-W", "ignore::pytest.PytestAssertRewriteWarning", *selection],
+                plugins=[Capture()])
+    return Capture.family
+
+
+def check_baselines(profile: str, baselines_dir: str) -> int:
+    """Collect the ablations (nothing runs) and list gated cases without a baseline entry and entries that no
+    case produces; exit 1 when there is any."""
+    from pathlib import Path
+
+    import pytest
+    if not Path("ablations").is_dir():
+        raise DFlashError("dflash baselines --check collects ./ablations: run it from the project root.")
+    code = pytest.main(["ablations", "--collect-only", "-qq", "--profile", profile, "--check-baselines",
+                        "--baselines-dir", baselines_dir, "-p", "no:xdist", "-p", "no:cacheprovider",
+                        "-W", "ignore::pytest.PytestAssertRewriteWarning"])
+    return 0 if code == 0 else 1
 
 
 def cmd_gate_quality(args) -> None:
     from .harness.gate_quality import main as gate_quality
-    gate_quality(repeats=args.repeats, trials=args.trials, resamples=args.resamples, family=args.family,
-                 block_sizes=tuple(int(b) for b in args.block_sizes.split(",")))
+    try:
+        block_sizes = tuple(int(b) for b in args.block_sizes.split(","))
+    except ValueError:
+        raise DFlashError(f"--block-sizes must be comma-separated integers, got {args.block_sizes!r}.") from None
+    if args.family is None:
+        args.family = collected_family(["-m", "not slow"])
+        print(f"gate family of make test's ablations: {args.family} gates", file=sys.stderr)
+    for name in ("repeats", "tau_trials", "slow_repeats", "family"):
+        if getattr(args, name) < 1:
+            raise DFlashError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    gate_quality(repeats=args.repeats, tau_trials=args.tau_trials, slow_repeats=args.slow_repeats,
+                 family=args.family, hogs=max(0, args.hogs), block_sizes=block_sizes, out=args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,15 +273,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     q = sub.add_parser("gate-quality", help="measure the gates' false-alarm and detection rates on the tiny pair")
-    q.add_argument("--repeats", type=int, default=4, help="repeated measurements of unchanged code")
-    q.add_argument("--trials", type=int, default=20, help="perturbed drafts for the detection rate")
-    q.add_argument("--resamples", type=int, default=500, help="pseudo-runs resampled from the repeats (throughput)")
-    q.add_argument("--family", type=int, default=100, help="gates in a full run (Holm/Bonferroni family size)")
+    q.add_argument("--repeats", type=int, default=25, help="independent runs of every case on unchanged code, "
+                   "quiet and again with --hogs busy processes")
+    q.add_argument("--tau-trials", type=int, default=15, help="perturbed drafts (planted tau drop)")
+    q.add_argument("--slow-repeats", type=int, default=10, help="runs of every case with a drafter that burns 20%% "
+                   "more CPU per cycle (planted slowdown)")
+    q.add_argument("--family", type=int, default=None, help="gates the flow is corrected for (default: those of "
+                   "make test's ablations, counted by collecting them)")
+    q.add_argument("--hogs", type=int, default=2, help="busy processes during the loaded false-alarm runs")
     q.add_argument("--block-sizes", default="4,8,16", help="block sizes of the gated cases (comma-separated)")
+    q.add_argument("--out", default=None, help="also write the JSON result to this file")
     q.set_defaults(func=cmd_gate_quality)
 
-    b = sub.add_parser("baselines", help="write baselines from a killed --update-baselines run's results file")
-    b.add_argument("--from-run", required=True, help="run directory, e.g. reports/tiny-20261125-145546")
+    b = sub.add_parser("baselines", help="check baseline coverage, or recover baselines from a killed "
+                       "--update-baselines run")
+    b.add_argument("--check", action="store_true", help="list gated cases without a baseline and orphaned entries")
+    b.add_argument("--profile", default="tiny", help="profile whose baselines --check reads (default tiny)")
+    b.add_argument("--from-run", help="a recording run's directory, e.g. reports/tiny-20261125-145546")
+    b.add_argument("--write", action="store_true", help="with --from-run: write (default: print the diff only)")
     b.add_argument("--ablation", action="append", help="only this ablation (repeatable)")
     b.add_argument("--baselines-dir", default="baselines")
     b.set_defaults(func=cmd_baselines)
@@ -239,11 +302,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
-        args.func(args)
+        return args.func(args) or 0
     except DFlashError as error:
         print(f"dflash: error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

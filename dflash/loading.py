@@ -92,3 +92,27 @@ def load_draft(name_or_path: str, *, device: str = "cpu", dtype=None) -> DFlashD
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(resolve(name_or_path, "target")), local_files_only=True)
+
+
+DIGEST_MAX_BYTES = 256 << 20  # hash file contents up to this total size; larger checkpoints: names and sizes
+
+
+def model_digest(name_or_path: str, which: str) -> str:
+    """A short digest of a model directory's files (config, weights, tokenizer): two runs with the same digest
+    used the same model. Never converts or downloads: a model that is not on disk digests as "unavailable"."""
+    import hashlib
+    known = KNOWN_MODELS.get(name_or_path)
+    try:
+        path = Path(known.location(which, convert=False)) if known else resolve(name_or_path, which)
+    except DFlashError:
+        return "unavailable"
+    if not path.is_dir():
+        return "unavailable"
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    digest = hashlib.sha256()
+    contents = sum(p.stat().st_size for p in files) <= DIGEST_MAX_BYTES
+    for file in files:
+        digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
+        if contents:
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]

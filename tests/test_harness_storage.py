@@ -200,27 +200,51 @@ def test_concurrent_appends_from_two_processes_lose_nothing(tmp_path):
 
 
 def test_baselines_recovered_from_a_killed_recording_run(tmp_path):
-    """`dflash baselines --from-run`: the finished cases of a killed --update-baselines run become baselines;
-    a record measured on fewer prompts than a run gates is refused with the reason."""
+    """`dflash baselines --from-run`: the finished cases of a killed --update-baselines run become baselines,
+    shown as a diff first and written only with write=True; failed cases are left out; a run that was not a
+    recording (no --update-baselines, an overridden draft, no run.json) or a record of another run is refused."""
     import json as json_
 
     from dflash.errors import DFlashError
-    from dflash.harness.plugin import baselines_from_run
+    from dflash.harness.plugin import RUN_FILE, baselines_from_run, identity_digest
     from dflash.harness.results import ResultsFile
 
-    def record(case_id, taus):
+    identity = {"profile": "tiny", "target": "tiny", "draft": "tiny", "overrides": [], "code": "abc",
+                "options": {"update_baselines": True}}
+
+    def record(case_id, taus, outcome="passed", of=identity):
         return {"id": case_id, "ablation": "block_size", "profile": "tiny", "dataset": "math",
                 "metrics": {"per_prompt_tau": taus, "speedup_samples": [1.5] * len(taus), "cycles": 9},
+                "outcome": outcome, "recording": of["options"]["update_baselines"], "identity": identity_digest(of),
                 "fingerprint": {"hardware": "cpu", "torch": "2", "transformers": "5", "python": "3", "git_sha": "0",
                                 "profile": "tiny", "seeds": {}}}
     run = tmp_path / "reports" / "tiny-1"
-    ResultsFile(run / "results.jsonl").append(record("block_size/a", [2.0] * 12))
-    diff = baselines_from_run(run, tmp_path / "baselines")
-    saved = json_.loads((tmp_path / "baselines" / "tiny" / "block_size.json").read_text())
-    assert "block_size/a" in diff and saved["cases"][0]["per_prompt_tau"] == [2.0] * 12
+    run.mkdir(parents=True)
+    (run / RUN_FILE).write_text(json_.dumps(identity))
+    ResultsFile(run / "results.jsonl").append(record("block_size/a", [2.0] * 48))
+    ResultsFile(run / "results.jsonl").append(record("block_size/lost", [1.0] * 48, outcome="failed"))
+    stored = tmp_path / "baselines" / "tiny" / "block_size.json"
+    preview = baselines_from_run(run, tmp_path / "baselines")
+    assert "+ block_size/a" in preview and "left out (failed cases): block_size/lost" in preview
+    assert not stored.exists()  # a preview writes nothing
+    baselines_from_run(run, tmp_path / "baselines", write=True)
+    saved = json_.loads(stored.read_text())
+    assert [c["id"] for c in saved["cases"]] == ["block_size/a"]
     assert "recovered from" in saved["cases"][0]["provenance"]["command"]
-    ResultsFile(run / "results.jsonl").append(record("block_size/b", [2.0] * 3))
-    with pytest.raises(DFlashError, match="covers 3 prompts"):
+
+    gated_run = {**identity, "options": {"update_baselines": False}}
+    (run / RUN_FILE).write_text(json_.dumps(gated_run))
+    with pytest.raises(DFlashError, match="not a baseline recording"):
+        baselines_from_run(run, tmp_path / "baselines")
+    (run / RUN_FILE).write_text(json_.dumps({**identity, "overrides": ["draft"], "draft": "/tmp/perturbed"}))
+    with pytest.raises(DFlashError, match="overrode the profile's draft"):
+        baselines_from_run(run, tmp_path / "baselines")
+    (run / RUN_FILE).write_text(json_.dumps(identity))
+    ResultsFile(run / "results.jsonl").append(record("block_size/b", [2.0] * 12, of=gated_run))
+    with pytest.raises(DFlashError, match="not recorded by this run's recording"):
+        baselines_from_run(run, tmp_path / "baselines")
+    (run / RUN_FILE).unlink()
+    with pytest.raises(DFlashError, match="no readable run.json"):
         baselines_from_run(run, tmp_path / "baselines")
     with pytest.raises(DFlashError, match="does not exist"):
         baselines_from_run(tmp_path / "nowhere", tmp_path / "baselines")

@@ -19,6 +19,8 @@ caller decides when to call it (only on an explicit --update-baselines style fla
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -32,6 +34,7 @@ from ..errors import DFlashError
 from .fileio import atomic_write_text
 
 SCHEMA_VERSION = 1
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding dflash/ (git runs there, whatever the cwd)
 FINGERPRINT_KEYS = ("hardware", "torch", "transformers", "python", "git_sha", "profile", "seeds")
 CASE_KEYS = ("id", "per_prompt_tau", "counters", "speedup_samples", "fingerprint", "provenance")
 
@@ -216,9 +219,25 @@ def load_baselines(path: str | os.PathLike, *, profile: str | None = None, ablat
     return baselines
 
 
-def write_baselines(path: str | os.PathLike, data: BaselineFile | dict) -> str:
+@contextlib.contextmanager
+def locked(directory: str | os.PathLike):
+    """Exclusive lock on a baselines directory (flock on the directory itself, so no lock file is left behind)
+    around a read-modify-write: two runs updating the same profile's baselines at once wait for each other
+    instead of losing one's update."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield directory
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def write_baselines(path: str | os.PathLike, data: BaselineFile | dict, *, dry_run: bool = False) -> str:
     """Validate `data` (a BaselineFile or its JSON dict), replace the file atomically (the old file stays
-    intact if anything fails) and return a human-readable summary of what changed."""
+    intact if anything fails) and return a human-readable summary of what changed. `dry_run`: only the
+    summary, nothing written."""
     path = Path(path)
     document = data.to_json() if isinstance(data, BaselineFile) else data
     problems = _validate(document, path, profile=None, ablation=None)
@@ -232,7 +251,8 @@ def write_baselines(path: str | os.PathLike, data: BaselineFile | dict) -> str:
             old = load_baselines(path)
         except BaselineError as error:
             note = f"replaced an unreadable file ({error})\n"
-    atomic_write_text(path, json.dumps(new.to_json(), indent=2, sort_keys=True) + "\n")
+    if not dry_run:
+        atomic_write_text(path, json.dumps(new.to_json(), indent=2, sort_keys=True) + "\n")
     return note + diff_baselines(old, new, path)
 
 
@@ -283,9 +303,40 @@ def collect_fingerprint(profile: str, seeds, *, git_sha: str | None = None) -> d
             "seeds": seeds}
 
 
+def code_identity() -> str:
+    """The code a run measured: the git commit plus a digest of uncommitted changes to tracked files
+    ("<sha>" or "<sha>+<digest>"); "unknown" outside a git checkout."""
+    import hashlib
+    sha = _git_sha()
+    try:
+        diff = subprocess.run(["git", "-C", str(PROJECT_ROOT), "diff", "HEAD", "--", "dflash", "ablations"],
+                              capture_output=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return sha
+    return f"{sha}+{hashlib.sha256(diff).hexdigest()[:12]}" if diff else sha
+
+
 def _git_sha() -> str:
     try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        result = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return result.stdout.strip() or "unknown"
+
+
+def coverage(baselines_dir: str | os.PathLike, profile: str, expected: Mapping[str, set[str]]) -> dict:
+    """Which gated cases lack a baseline entry and which entries no case produces. `expected`: ablation name ->
+    case ids the collected tests produce on `profile`. Returns {"missing": [...], "orphaned": [...]} (sorted
+    case ids; an unreadable file is reported under "unreadable")."""
+    root = Path(baselines_dir) / profile
+    stored: dict[str, set[str]] = {}
+    unreadable = []
+    for path in sorted(root.glob("*.json")) if root.is_dir() else []:
+        try:
+            stored[path.stem] = set(load_baselines(path, profile=profile, ablation=path.stem).cases)
+        except BaselineError as error:
+            unreadable.append(str(error))
+    missing = sorted(i for ablation, ids in expected.items() for i in ids - stored.get(ablation, set()))
+    orphaned = sorted(i for ablation, ids in stored.items() for i in ids - expected.get(ablation, set()))
+    return {"missing": missing, "orphaned": orphaned, "unreadable": unreadable}

@@ -7,7 +7,9 @@ correction over the whole run, baseline updates and the markdown report happen o
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +18,14 @@ import pytest
 
 from ..errors import DFlashError
 from . import baselines as baseline_store
-from .measure import TARGET_ONLY, Variant, compare, comparison_metrics, extend, warm_up
+from .fileio import atomic_write_text
+from .measure import (TARGET_ONLY, Variant, compare, comparison_metrics, extend, per_prompt_tau, speedup_samples,
+                      warm_up)
 from .profiles import PROFILES, get_profile, load_prompts, unavailable_reason
-from .results import ResultsFile
-from .stats import apply_holm, tau_needs_more_prompts, throughput_gate, tau_gate
+from .results import ResultsFile, latest_by_id
+from .stats import REGRESSION, apply_holm, confirm, sequential_tau_gate, tau_gate, throughput_gate
 
-RECORD_KEY, BASELINE_KEY = "dflash_record", "dflash_baseline"
+RECORD_KEY = "dflash_record"
 DEFAULT_PROFILES = ("tiny", "gpu-qwen3-4b", "gpu-qwen3-8b")
 SEEDS = {"prompt_seed": "index of the prompt", "torch": 0}
 
@@ -33,8 +37,9 @@ def pytest_addoption(parser):
     group.addoption("--report", action="store_true", help="write reports/<profile>-<time>/summary.md (+ plots)")
     group.addoption("--update-baselines", action="store_true", help="rewrite baselines/<profile>/*.json from "
                     "this run (the only way baselines change)")
-    group.addoption("--resume", action="store_true", help="continue the latest run of the profile: skip cases "
-                    "already in its results file")
+    group.addoption("--resume", action="store_true", help="continue the latest run of the profile: recorded "
+                    "cases are not measured again, their verdicts count (refused if target, draft, code or "
+                    "gate options differ from that run's)")
     group.addoption("--tau-margin", type=float, default=0.03, help="practical margin of the tau gate (0.03 = 3%%)")
     group.addoption("--throughput-factor", type=float, default=1.10, help="asv-style factor of the speedup gate")
     group.addoption("--gate-alpha", type=float, default=0.05, help="family-wise significance level of the gates")
@@ -44,27 +49,34 @@ def pytest_addoption(parser):
                     help="override the profile's draft, e.g. a perturbed copy to check that the gates fire")
     group.addoption("--reports-dir", default="reports", help="where run directories are written")
     group.addoption("--baselines-dir", default="baselines", help="where baseline files live")
+    group.addoption("--check-baselines", action="store_true", help="with --collect-only: list gated cases "
+                    "without a baseline entry and entries no case produces (what `dflash baselines --check` runs)")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "ablation(name, ci_datasets=None, prompts_cap=None): an ablation case; "
-                            "name is its baseline file; with ci_datasets, cases on other datasets are marked slow; "
-                            "prompts_cap lowers the profile's cap for an expensive ablation")
-    config.addinivalue_line("markers", "gpu: needs CUDA and real checkpoints in the local HF cache")
-    config.addinivalue_line("markers", "slow: long-running; excluded from make test")
+    config.addinivalue_line("markers", "ablation(name, ci_datasets=None, prompts_cap=None, gated=True): an "
+                            "ablation case; name is its baseline file; with ci_datasets, cases on other datasets "
+                            "are marked slow; prompts_cap lowers the profile's cap for an expensive ablation; "
+                            "gated=False: a measurement that is reported, never gated (needs no baseline)")
     name = config.getoption("profile")
     if name is not None and name not in PROFILES:
         raise pytest.UsageError(f"unknown --profile {name!r}; choose one of {', '.join(PROFILES)}")
     state = RunState(config)
     config.stash[STATE] = state
     if not hasattr(config, "workerinput"):
+        state.open_runs()
         config.pluginmanager.register(Controller(state), "dflash-controller")
         if config.getoption("report"):
             config.pluginmanager.register(ReportWriter(state), "dflash-report")
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
 class RunState:
-    """What one pytest run shares: profiles, where results go, loaded models per profile, the gate family."""
+    """What one pytest run shares: profiles, where results go, the run's identity, loaded models per profile,
+    the gate family, and what the controller gathers (collected cases, their outcomes, records)."""
 
     def __init__(self, config):
         self.config = config
@@ -73,38 +85,108 @@ class RunState:
         self.root = Path(config.rootpath)
         self.reports_dir = self.root / config.getoption("reports_dir")
         self.baselines_dir = self.root / config.getoption("baselines_dir")
-        worker_input = getattr(config, "workerinput", None)
-        if worker_input and "dflash_run_dirs" in worker_input:
-            self.run_dirs = {k: Path(v) for k, v in worker_input["dflash_run_dirs"].items()}
-        else:
-            self.run_dirs = {p: self._run_dir(p) for p in self.profiles}
+        self.update = config.getoption("update_baselines")
+        worker_input = getattr(config, "workerinput", None) or {}
+        self.run_dirs = {k: Path(v) for k, v in worker_input.get("dflash_run_dirs", {}).items()}
+        self.identities: dict[str, dict] = worker_input.get("dflash_identities", {})
+        self.family = 0
         self.models: dict[str, object] = {}
         self.prompts: dict[tuple, list] = {}
-        self.gated_cases = 0
-        self.records: list[dict] = []
-        self.baseline_payloads: list[dict] = []
+        self.collected: dict[str, dict] = {}  # nodeid -> {"id", "profile", "gated"}
+        self.outcomes: dict[str, tuple[str, str]] = {}  # nodeid -> (outcome, reason)
+        self.records: dict[str, dict] = {}  # case id -> record (this session's and re-applied ones)
         self.holm: list[dict] = []
         self.baseline_diff = ""
+        self.exitstatus = 0
+        self.coverage_problems = 0
+        self._recorded: dict[str, dict] = {}
 
-    def _run_dir(self, profile: str) -> Path:
-        if self.config.getoption("resume"):
-            runs = sorted(self.reports_dir.glob(f"{profile}-*/results.jsonl"))
-            if runs:
-                return runs[-1].parent
-        return self.reports_dir / f"{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+    def open_runs(self) -> None:
+        """Controller: the run directory and identity of every profile; --resume continues the latest run of
+        a profile only when its identity is the same (else a usage error saying what differs)."""
+        resume = self.config.getoption("resume")
+        for profile in self.profiles:
+            identity = run_identity(self.config, profile)
+            self.identities[profile] = identity
+            latest = self._latest_run(profile) if resume else None
+            if latest is not None:
+                self._check_resumable(latest, identity)
+                self.run_dirs[profile] = latest
+            else:
+                self.run_dirs[profile] = self._new_run_dir(profile, identity)
+
+    def _latest_run(self, profile: str) -> Path | None:
+        runs = sorted(self.reports_dir.glob(f"{profile}-*/results.jsonl"))
+        return runs[-1].parent if runs else None
+
+    def _new_run_dir(self, profile: str, identity: dict) -> Path:
+        """A directory of its own: two runs started in the same second get -02, -03, ... (mkdir is atomic)."""
+        stem = f"{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.reports_dir.mkdir(parents=True, exist_ok=True)
+        for k in range(1, 1000):
+            path = self.reports_dir / (stem if k == 1 else f"{stem}-{k:02d}")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            atomic_write_text(path / RUN_FILE, json.dumps(identity, indent=2, sort_keys=True) + "\n")
+            return path
+        raise DFlashError(f"could not create a run directory under {self.reports_dir}: 999 runs in one second?")
+
+    @staticmethod
+    def _check_resumable(run_dir: Path, identity: dict) -> None:
+        try:
+            stored = json.loads((run_dir / RUN_FILE).read_text())
+        except (OSError, ValueError):
+            raise pytest.UsageError(f"--resume: {run_dir} has no readable {RUN_FILE}, so what it measured is "
+                                    "unknown; start a new run (without --resume).") from None
+        differs = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
+        if differs:
+            details = "; ".join(f"{k}: {stored.get(k)!r} then, {identity.get(k)!r} now" for k in differs)
+            raise pytest.UsageError(f"--resume refuses to mix runs: {run_dir} was made with a different "
+                                    f"{', '.join(differs)} ({details}). Resume with the same target, draft, code "
+                                    "and options, or start a new run without --resume.")
 
     def results(self, profile: str) -> ResultsFile:
         return ResultsFile(self.run_dirs[profile] / "results.jsonl")
 
+    def recorded(self, profile: str) -> dict[str, dict]:
+        """--resume: the records already in the run's results file, by case id (the latest of each)."""
+        if profile not in self._recorded:
+            self._recorded[profile] = latest_by_id(self.results(profile).load())
+        return self._recorded[profile]
 
+
+RUN_FILE = "run.json"
 STATE = pytest.StashKey[RunState]()
+IDENTITY_OPTIONS = ("tau_margin", "throughput_factor", "gate_alpha", "update_baselines")
+
+
+def run_identity(config, profile_name: str) -> dict:
+    """What makes two runs' records comparable: target and draft (their names, whether overridden, a digest of
+    their files), the code (git commit and a digest of uncommitted changes), the clock and the options that
+    change measurement or gating. Stored as run.json in the run directory; every record carries its digest."""
+    from ..loading import model_digest
+    profile = get_profile(profile_name)
+    target = config.getoption("dflash_target") or profile.target
+    draft = config.getoption("dflash_draft") or profile.draft
+    return {"profile": profile_name, "target": target, "draft": draft,
+            "target_files": model_digest(target, "target"), "draft_files": model_digest(draft, "draft"),
+            "overrides": sorted(k for k in ("target", "draft") if config.getoption(f"dflash_{k}")),
+            "code": baseline_store.code_identity(), "clock": profile.clock,
+            "options": {k: config.getoption(k) for k in IDENTITY_OPTIONS}}
+
+
+def identity_digest(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node):
-    """xdist: every worker writes into the run directories the controller chose."""
+    """xdist: every worker writes into the run directories the controller chose, with its identities."""
     state = node.config.stash[STATE]
     node.workerinput["dflash_run_dirs"] = {k: str(v) for k, v in state.run_dirs.items()}
+    node.workerinput["dflash_identities"] = state.identities
 
 
 def pytest_generate_tests(metafunc):
@@ -121,26 +203,67 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("case", params, indirect=True)
 
 
+def ablation_case(item) -> dict | None:
+    """{"id", "profile", "ablation", "gated"} of a collected ablation case; None for any other test."""
+    marker = item.get_closest_marker("ablation")
+    callspec = getattr(item, "callspec", None)
+    if marker is None or callspec is None or "case" not in callspec.params:
+        return None
+    return {"id": f"{marker.args[0]}/{item.name}", "profile": callspec.params["case"][0],
+            "ablation": marker.args[0], "gated": marker.kwargs.get("gated", True)}
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: it must see the slow marks added here
 def pytest_collection_modifyitems(config, items):
     """`@pytest.mark.ablation(name, ci_datasets=(...))`: cases on other datasets are marked slow, so `make test`
     (-m "not slow") gates a representative subset within its budget and `pytest ablations` runs them all."""
-    state = config.stash[STATE]
     for item in items:
         marker = item.get_closest_marker("ablation")
-        callspec = getattr(item, "callspec", None)
-        if marker is None or callspec is None or "case" not in callspec.params:
+        if ablation_case(item) is None:
             continue
         ci_datasets = marker.kwargs.get("ci_datasets")
-        if ci_datasets is not None and callspec.params["case"][1] not in ci_datasets:
+        if ci_datasets is not None and item.callspec.params["case"][1] not in ci_datasets:
             item.add_marker(pytest.mark.slow)
 
 
+GATES_PER_CASE = 2  # tau and throughput: the family counts both for every gated case that will run
+
+
 def pytest_collection_finish(session):
-    """The gate family is the cases that will run (after -m / -k deselection)."""
-    session.config.stash[STATE].gated_cases = sum(
-        1 for item in session.items if item.get_closest_marker("ablation") and "case" in
-        getattr(item, "fixturenames", ()))
+    """The gate family is fixed here, before any case runs: two gates per gated case that will run (after -m /
+    -k deselection). Every per-case decision and the session-end Holm use this same number."""
+    state = session.config.stash[STATE]
+    for item in session.items:
+        info = ablation_case(item)
+        if info is not None:
+            state.collected[item.nodeid] = info
+    state.family = GATES_PER_CASE * sum(1 for info in state.collected.values() if info["gated"])
+    if hasattr(session.config, "workeroutput"):  # xdist: the controller does not collect; it reads this
+        session.config.workeroutput["dflash_collected"] = state.collected
+    if session.config.getoption("check_baselines"):
+        _check_baselines(session, state)
+
+
+def _check_baselines(session, state: RunState) -> None:
+    """--check-baselines: missing and orphaned baseline entries of every profile run, printed; exit 1 if any."""
+    problems = 0
+    for profile in state.profiles:
+        expected: dict[str, set[str]] = {}
+        for info in state.collected.values():
+            if info["profile"] == profile and info["gated"]:
+                expected.setdefault(info["ablation"], set()).add(info["id"])
+        found = baseline_store.coverage(state.baselines_dir, profile, expected)
+        cases = sum(len(v) for v in expected.values())
+        print(f"\nbaselines {state.baselines_dir / profile}: {cases} gated cases, {len(found['missing'])} missing, "
+              f"{len(found['orphaned'])} orphaned, {len(found['unreadable'])} unreadable file(s)")
+        for key in ("missing", "orphaned", "unreadable"):
+            for entry in found[key]:
+                print(f"  {key}: {entry}")
+        problems += sum(len(found[k]) for k in ("missing", "orphaned", "unreadable"))
+    if problems:
+        print("record missing entries with `pytest ablations --profile PROFILE --update-baselines -k ...`; remove "
+              "orphaned ones from the file (a renamed case leaves its old entry behind)")
+    state.coverage_problems = problems
 
 
 @dataclass
@@ -172,9 +295,17 @@ class Case:
         self.spec = profile.dataset(dataset)
         self.ablation = request.node.get_closest_marker("ablation").args[0]
         self.experiment_id = f"{self.ablation}/{request.node.name}"  # e.g. block_size/test_sweep[tiny-math-bs=8]
-        self.models = _models(state, profile)
-        self.update = request.config.getoption("update_baselines")
+        self.update = state.update
+        self.max_new_tokens = profile.max_new_tokens
+        self.recorded: dict | None = None  # --resume: this case's record from the run being continued
         self._warmed = False
+        self._models: Models | None = None
+
+    @property
+    def models(self) -> Models:
+        if self._models is None:
+            self._models = _models(self.state, self.profile)
+        return self._models
 
     @property
     def prompts_cap(self) -> int:
@@ -184,8 +315,18 @@ class Case:
         return min(cap, self.profile.prompts_cap) if cap else self.profile.prompts_cap
 
     @property
+    def start_prompts(self) -> int:
+        """Prompts a case measures first: all of the cap when recording a baseline, else the profile's count
+        (never more than the cap)."""
+        return self.prompts_cap if self.update else min(self.profile.prompts, self.prompts_cap)
+
+    @property
     def draft_block_size(self) -> int:
         return self.models.draft.block_size
+
+    @property
+    def clock(self) -> str:
+        return self.profile.clock
 
     def prompts(self, count: int) -> list[list[int]]:
         key = (self.profile.name, self.spec.name)
@@ -199,40 +340,86 @@ class Case:
                 others: tuple[Variant, ...] = (), first: int = 0):
         """Interleaved baseline/variant runs on prompts first..count-1 (all of them when recording baselines,
         so later runs can gather more prompts up to the cap against it)."""
-        count = count or (self.prompts_cap if self.update else self.profile.prompts)
+        count = count or self.start_prompts
         prompts = self.prompts(count)
         if not self._warmed:
             warm_up(self.models, prompts[0], [TARGET_ONLY, variant, *others], self.models.stop_ids)
             self._warmed = True
         return compare(self.models, prompts[first:], variant, stop_ids=self.models.stop_ids,
                        max_new_tokens=max_new_tokens or self.profile.max_new_tokens, others=others,
-                       repeats=self.profile.timing_repeats, label=self.experiment_id, first_index=first)
+                       repeats=self.profile.timing_repeats, label=self.experiment_id, first_index=first,
+                       clock=self.clock)
 
     def measure(self, variant: Variant, *, max_new_tokens: int | None = None, extra=None,
                 others: tuple[Variant, ...] = (), gate_tau: bool = True):
-        """Compare, then gate. While the tau evidence is unknown (`stats.tau_needs_more_prompts`: a drop beyond
-        the margin but not significant after the run's multiplicity correction, or a suggestive smaller one),
-        gather more prompts (Pinpoint style: doubling, only the new prompts are run) up to what the baseline
-        holds; at that cap an inconclusive case is reported, never failed or retried. `gate_tau=False`: tau is
-        reported only (no tau gate, so no prompts are gathered for it)."""
+        """Compare, then gate. Tau: `stats.sequential_tau_gate`, which looks again at more prompts (doubling,
+        only the new prompts are run) while the evidence is unclear, up to what the baseline holds; only the last
+        look spends alpha, and an inconclusive case there is reported, never failed or retried.
+        Throughput: `gate_throughput`, re-measured once when it reads as a regression. `gate_tau=False`: tau
+        is reported only (no tau gate, so no prompts are gathered for it)."""
         max_new = self.max_new_tokens = max_new_tokens or self.profile.max_new_tokens
-        count = self.prompts_cap if self.update else self.profile.prompts
-        comparison, done = None, 0
-        while True:
-            more = self.compare(variant, max_new_tokens=max_new, count=count, others=others, first=done)
-            comparison = more if comparison is None else extend(comparison, more)
-            done = count
-            metrics = comparison_metrics(comparison, max_new)
-            if extra is not None:
-                metrics.update(extra(comparison))
-            gates = [g for g in self._gates(metrics) if gate_tau or g.kind != "tau"]
-            tau = next((g for g in gates if g.kind == "tau"), None)
-            if not (self.update or tau is None) and (decision := tau_needs_more_prompts(
-                    tau, family=self._family, max_prompts=self._baseline_prompts())).gather_more:
-                count = decision.next_n
-                continue
-            metrics["float_ties"] = self._float_ties(comparison)
-            return comparison, metrics, gates
+        count = self.start_prompts
+        comparison = self.compare(variant, max_new_tokens=max_new, count=count, others=others)
+        baseline = self.baseline()
+        gates = []
+        if baseline is not None:
+            if gate_tau:
+                def new_taus(n: int) -> list[float]:
+                    nonlocal comparison
+                    if n > len(comparison.variant):
+                        comparison = extend(comparison, self.compare(
+                            variant, max_new_tokens=max_new, count=n, others=others, first=len(comparison.variant)))
+                    return per_prompt_tau(comparison.variant)
+                gates.append(sequential_tau_gate(
+                    baseline.per_prompt_tau, new_taus, start=count, family=self.family,
+                    margin=self._option("tau_margin"), alpha=self._option("gate_alpha"), case_id=self.experiment_id))
+            n = len(comparison.variant)
+
+            def remeasure() -> list[float]:
+                fresh = self.compare(variant, max_new_tokens=max_new, count=n)
+                return speedup_samples(fresh.variant, fresh.baseline, self.clock)
+            gates.append(self.gate_throughput(baseline, speedup_samples(comparison.variant, comparison.baseline,
+                                                                        self.clock), remeasure))
+        metrics = comparison_metrics(comparison, max_new, self.clock)
+        if extra is not None:
+            metrics.update(extra(comparison))
+        metrics["float_ties"] = self._float_ties(comparison)
+        return comparison, metrics, gates
+
+    def gate(self, metrics: dict, remeasure=None) -> list:
+        """Gates of a case that measures itself (one look, no gathering): tau on `per_prompt_tau`, throughput on
+        `speedup_samples`; `remeasure()` returns fresh speedup samples of the same prompts for the confirmation
+        step (without it a throughput regression stands unconfirmed)."""
+        baseline = self.baseline()
+        if baseline is None:
+            return []
+        n = len(metrics["per_prompt_tau"])
+        if len(baseline.per_prompt_tau) < n:
+            raise DFlashError(f"baseline of {self.experiment_id} has {len(baseline.per_prompt_tau)} prompts, the "
+                              f"run has {n}: re-record with --update-baselines")
+        tau = tau_gate(baseline.per_prompt_tau[:n], metrics["per_prompt_tau"], margin=self._option("tau_margin"),
+                       alpha=self._option("gate_alpha"), case_id=self.experiment_id)
+        return [tau, self.gate_throughput(baseline, metrics["speedup_samples"], remeasure)]
+
+    def gate_throughput(self, baseline, samples: list[float], remeasure=None):
+        """Paired speedup gate; a first reading of "regression" (before the run's multiplicity correction, so
+        that every gate the session-end Holm could flag has been confirmed) is re-measured once on the same
+        prompts, and the gate fails only when the re-measurement is a regression too (`stats.confirm`)."""
+        def gate(values):
+            return throughput_gate(baseline.speedup_samples, values, factor=self._option("throughput_factor"),
+                                   alpha=self._option("gate_alpha"), baseline_fingerprint=baseline.fingerprint,
+                                   current_fingerprint=self.fingerprint, case_id=self.experiment_id)
+        first = gate(samples)
+        if first.verdict != REGRESSION or remeasure is None:
+            return first
+        return confirm(first, gate(remeasure()))
+
+    def _option(self, name: str):
+        return self.request.config.getoption(name)
+
+    @property
+    def fingerprint(self) -> dict:
+        return baseline_store.collect_fingerprint(self.profile.name, SEEDS)
 
     def _float_ties(self, comparison) -> dict:
         """Greedy outputs that differ from target-only, each proven a float tie ({prompt index: explanation});
@@ -250,66 +437,88 @@ class Case:
         return ties
 
     @property
-    def _family(self) -> int:
-        return max(1, self.state.gated_cases)
+    def family(self) -> int:
+        return max(1, self.state.family)
 
-    def _baseline_case(self):
+    def baseline(self):
+        """This case's baseline entry; None when recording (--update-baselines never reads the old file, so a
+        broken one can be replaced) or when there is none: under CI that fails the case, since a gate that
+        silently switches off (a renamed test or param id) would keep CI green; elsewhere the case is recorded
+        as "no baseline" and listed loudly at the end."""
+        if self.update:
+            return None
         if not hasattr(self, "_baseline"):
             path = baseline_store.baseline_path(self.state.baselines_dir, self.profile.name, self.ablation)
             self._baseline = baseline_store.load_baselines(
                 path, profile=self.profile.name, ablation=self.ablation).get(self.experiment_id) \
                 if path.exists() else None
+            if self._baseline is None and in_ci():
+                pytest.fail(f"{self.experiment_id}: no baseline entry in {path}, so this case would not be gated. "
+                            f"Record one with `pytest {self.request.node.nodeid} --profile {self.profile.name} "
+                            "--update-baselines` (on the baseline machine) and commit it.", pytrace=False)
         return self._baseline
 
-    def _baseline_prompts(self) -> int:
-        baseline = self._baseline_case()
-        return len(baseline.per_prompt_tau) if baseline else self.profile.prompts
-
-    def _gates(self, metrics):
-        baseline = self._baseline_case()
-        if baseline is None or self.update:
-            return []
-        n = len(metrics["per_prompt_tau"])
-        if len(baseline.per_prompt_tau) < n:
-            raise DFlashError(f"baseline of {self.experiment_id} has {len(baseline.per_prompt_tau)} prompts, the "
-                              f"run has {n}: re-record with --update-baselines")
-        config = self.request.config
-        fingerprint = baseline_store.collect_fingerprint(self.profile.name, SEEDS)
-        return [
-            tau_gate(baseline.per_prompt_tau[:n], metrics["per_prompt_tau"], margin=config.getoption("tau_margin"),
-                     alpha=config.getoption("gate_alpha"), case_id=self.experiment_id),
-            throughput_gate(baseline.speedup_samples, metrics["speedup_samples"],
-                            factor=config.getoption("throughput_factor"), alpha=config.getoption("gate_alpha"),
-                            baseline_fingerprint=baseline.fingerprint, current_fingerprint=fingerprint,
-                            case_id=self.experiment_id),
-        ]
-
     def finish(self, experiment: str, params: dict, metrics: dict, gates, *, lossless: bool = True) -> dict:
-        """Record the case (results file + user_properties), then fail on a lost invariant or a regression."""
+        """Decide, record (results file + user_properties), then fail on a lost invariant or a regression.
+        The record carries the outcome, so `--resume` re-applies it."""
+        failures = []
+        ties = metrics.get("float_ties", {})
+        bad = [i for i, ok in enumerate(metrics.get("exact_match", [])) if not ok and str(i) not in ties]
+        if lossless and bad:
+            failures.append(f"{self.experiment_id}: greedy output differs from target-only on prompts {bad} (not "
+                            "float ties): the lossless invariant is broken")
+        family = self.family
+        for gate in gates:
+            # Bonferroni within the case test (it implies Holm); Holm over the whole run runs at session end.
+            if gate.gated and gate.verdict == REGRESSION and gate.p_value * family < gate.alpha:
+                failures.append(regression_message(gate.to_dict(), family))
+        gated = bool(self.request.node.get_closest_marker("ablation").kwargs.get("gated", True))
         record = {"id": self.experiment_id, "experiment": experiment, "ablation": self.ablation,
                   "group": f"{self.spec.name}, max_new_tokens={self.max_new_tokens}",
                   "profile": self.profile.name, "dataset": self.spec.name, "params": params,
                   "metrics": metrics, "status": "done", "gates": [g.to_dict() for g in gates],
-                  "fingerprint": baseline_store.collect_fingerprint(self.profile.name, SEEDS)}
+                  "outcome": "failed" if failures else "passed", "failures": failures,
+                  "recording": self.update, "identity": identity_digest(self.state.identities[self.profile.name]),
+                  "fingerprint": self.fingerprint}
+        if gated and not gates and not self.update:
+            record["verdict"] = NO_BASELINE
         record = json.loads(json.dumps(record))  # plain types only: records cross process boundaries (xdist)
         self.state.results(self.profile.name).append(record)
         self.request.node.user_properties.append((RECORD_KEY, record))
-        if self.update:
-            self.request.node.user_properties.append((BASELINE_KEY, baseline_payload(record)))
-        ties = metrics.get("float_ties", {})
-        bad = [i for i, ok in enumerate(metrics.get("exact_match", [])) if not ok and str(i) not in ties]
-        if lossless and bad:
-            pytest.fail(f"{self.experiment_id}: greedy output differs from target-only on prompts {bad} (not float "
-                        "ties): the lossless invariant is broken", pytrace=False)
-        family = self._family
-        for gate in gates:
-            # Bonferroni within the case test (it implies Holm); Holm over the whole run runs at session end.
-            if gate.gated and gate.verdict == "regression" and gate.p_value * family < gate.alpha:
-                pytest.fail(f"{self.experiment_id}: {gate.kind} regression: baseline {gate.baseline:.3f} -> new "
-                            f"{gate.new:.3f} ({gate.rel_change:+.1%}), one-sided p = {gate.p_value:.2e} "
-                            f"(x{family} cases = {min(1.0, gate.p_value * family):.2e} < {gate.alpha})",
-                            pytrace=False)
+        if failures:
+            pytest.fail("\n".join(failures), pytrace=False)
         return record
+
+    def replay(self) -> None:
+        """--resume: count the recorded case as it ended (its record reaches the session-end Holm and report);
+        a recorded failure fails again, so a resumed run cannot turn green."""
+        record = self.recorded
+        self.request.node.user_properties.append((RECORD_KEY, record))
+        path = self.state.results(self.profile.name).path
+        if record.get("outcome") == "failed":
+            pytest.fail(f"{self.experiment_id}: recorded as failed in {path} (--resume re-applies recorded "
+                        "verdicts):\n" + "\n".join(record.get("failures") or ["(no message recorded)"]),
+                        pytrace=False)
+        pytest.skip(f"{self.experiment_id} already recorded in {path} (--resume)")
+
+
+NO_BASELINE = "no baseline"
+
+
+def regression_message(gate: dict, family: int) -> str:
+    """The failure line of a gate: case, baseline, new value, change, p and the family correction; a confirmed
+    throughput regression shows both measurements."""
+    corrected = min(1.0, gate["p_value"] * family)
+    line = (f"{gate['case_id']}: {gate['kind']} regression: baseline {gate['baseline']:.3f} -> new "
+            f"{gate['new']:.3f} ({gate['rel_change']:+.1%}), one-sided p = {gate['p_value']:.2e}")
+    if gate.get("alpha_share", 1.0) < 1:
+        line += f" (p {gate['p_raw']:.2e} at {gate['n_new']} prompts / alpha share {gate['alpha_share']:.2g})"
+    measurements = gate.get("measurements") or []
+    if measurements:
+        line += " (confirmed by a re-measurement: " + ", then ".join(
+            f"{m['new']:.3f} ({m['rel_change']:+.1%}, p {m['p_value']:.2e})" for m in measurements) + \
+            f" on the same {gate['n_new']} prompts; p = the larger)"
+    return line + f" (x{family} gates = {corrected:.2e} < {gate['alpha']})"
 
 
 def baseline_payload(record: dict) -> dict:
@@ -323,32 +532,52 @@ def baseline_payload(record: dict) -> dict:
         "counters": {k: metrics[k] for k in ("committed_tokens", "cycles", "hit_cap") if k in metrics},
         "fingerprint": record["fingerprint"],
         "provenance": {"command": "pytest ablations --update-baselines", "recorded": time.strftime("%F %T"),
-                       "prompts": len(metrics["per_prompt_tau"])},
+                       "prompts": len(metrics["per_prompt_tau"]), "clock": metrics.get("speedup_clock", "wall"),
+                       "run_identity": record.get("identity")},
         "reference": reference and {**reference, "source": profile.reference["source"]},
     }
 
 
-def baselines_from_run(run_dir: str | Path, baselines_dir: str | Path, ablations=None) -> str:
-    """Write baselines from a run's results file: recovers a recording (`--update-baselines`) that was killed
-    before its session ended, since every finished case was already appended there. Only records measured on
-    at least the profile's gated prompt count qualify (a baseline must cover what a run compares)."""
-    results = ResultsFile(Path(run_dir) / "results.jsonl")
+def baselines_from_run(run_dir: str | Path, baselines_dir: str | Path, ablations=None, *, write: bool = False) -> str:
+    """Baselines from a run's results file: recovers a recording (`--update-baselines`) that was killed before
+    its session ended, since every finished case was already appended there. Only a recording run qualifies
+    (its run.json says --update-baselines, with the profile's own target and draft), and only records of that
+    identity that did not fail. Returns the diff; writes only with `write=True`."""
+    run_dir = Path(run_dir)
+    results = ResultsFile(run_dir / "results.jsonl")
     if not results.path.exists():
         raise DFlashError(f"{results.path} does not exist: pass a run directory under reports/ that has a "
                           "results.jsonl (e.g. reports/tiny-20261125-145546).")
-    payloads = []
-    for record in results.load():
+    try:
+        identity = json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        raise DFlashError(f"{run_dir} has no readable {RUN_FILE}: what it measured is unknown, so it cannot become "
+                          "a baseline. Re-record with pytest ablations --update-baselines.") from None
+    if not identity.get("options", {}).get("update_baselines"):
+        raise DFlashError(f"{run_dir} is not a baseline recording (it ran without --update-baselines, so it "
+                          "measured the gated prompt count, not the cap). Re-record with pytest ablations "
+                          "--update-baselines.")
+    if identity.get("overrides"):
+        raise DFlashError(f"{run_dir} overrode the profile's {' and '.join(identity['overrides'])} "
+                          f"({identity.get('target')}, {identity.get('draft')}); baselines are recorded with the "
+                          "profile's own models.")
+    digest, payloads, left_out = identity_digest(identity), [], []
+    for record in latest_by_id(results.load()).values():
         if ablations and record["ablation"] not in ablations:
             continue
-        needed = get_profile(record["profile"]).prompts
-        if len(record["metrics"]["per_prompt_tau"]) < needed:
-            raise DFlashError(f"{record['id']} in {results.path} covers {len(record['metrics']['per_prompt_tau'])} "
-                              f"prompts, fewer than the {needed} a run gates: it was not a baseline recording. "
-                              "Re-record with pytest ablations --update-baselines.")
+        if record.get("identity") != digest or not record.get("recording"):
+            raise DFlashError(f"{record['id']} in {results.path} was not recorded by this run's recording "
+                              f"(identity {record.get('identity')!r}, expected {digest!r}).")
+        if record.get("outcome") == "failed":
+            left_out.append(record["id"])
+            continue
         payload = baseline_payload(record)
         payload["provenance"]["command"] += f" (recovered from {results.path})"
         payloads.append(payload)
-    return _write_baselines(Path(baselines_dir), payloads)
+    diff = write_baseline_payloads(Path(baselines_dir), payloads, dry_run=not write)
+    if left_out:
+        diff += "\nleft out (failed cases): " + ", ".join(left_out)
+    return diff
 
 
 @pytest.fixture
@@ -356,13 +585,25 @@ def case(request):
     state = request.config.stash[STATE]
     profile_name, dataset = request.param
     profile = get_profile(profile_name)
+    made = Case(request, state, profile, dataset)
+    if request.config.getoption("resume"):
+        made.recorded = state.recorded(profile_name).get(made.experiment_id)
+        if made.recorded is not None:
+            return made  # pytest_pyfunc_call re-applies its verdict instead of measuring
     reason = unavailable_reason(profile)
     if reason:
         pytest.skip(reason)
-    made = Case(request, state, profile, dataset)
-    if request.config.getoption("resume") and made.experiment_id in state.results(profile_name).completed_ids():
-        pytest.skip(f"{made.experiment_id} already recorded in {state.results(profile_name).path} (--resume)")
     return made
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """--resume: a recorded case is not measured again; its recorded verdict is re-applied."""
+    made = pyfuncitem.funcargs.get("case")
+    if isinstance(made, Case) and made.recorded is not None:
+        made.replay()
+        return True
+    return None
 
 
 def _variant_fixture(name: str):
@@ -390,73 +631,149 @@ _register_variant_fixtures(globals())
 
 
 class Controller:
-    """Controller-side hooks (the only process in a run without xdist): collect records, Holm, baselines."""
+    """Controller-side hooks (the only process in a run without xdist): collect records and outcomes, Holm
+    over the run's family, baselines, the NO BASELINE and INCOMPLETE lines."""
 
     def __init__(self, state: RunState):
         self.state = state
 
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node, error):
+        """xdist: the collected cases (and so the family) as a worker collected them."""
+        collected = getattr(node, "workeroutput", {}).get("dflash_collected")
+        if collected and not self.state.collected:
+            self.state.collected.update(collected)
+            self.state.family = GATES_PER_CASE * sum(1 for i in collected.values() if i["gated"])
+
     def pytest_runtest_logreport(self, report):
-        if report.when != "call":
-            return
+        state = self.state
         for key, value in report.user_properties:
             if key == RECORD_KEY:
-                self.state.records.append(value)
-            elif key == BASELINE_KEY:
-                self.state.baseline_payloads.append(value)
+                state.records[value["id"]] = value
+        if report.when == "call" or report.outcome != "passed":
+            reason = ""
+            if report.skipped and isinstance(report.longrepr, tuple):
+                reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+            outcome = "error" if report.failed and report.when != "call" else report.outcome
+            state.outcomes.setdefault(report.nodeid, (outcome, reason))
 
-    def pytest_sessionfinish(self, session):
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session, exitstatus):
         state = self.state
-        state.holm = _holm_over_run(state)
-        if any(g["verdict"] == "regression" for g in state.holm) and session.exitstatus == 0:
+        state.exitstatus = exitstatus
+        if state.coverage_problems and session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        if session.config.getoption("update_baselines") and state.baseline_payloads:
-            state.baseline_diff = _write_baselines(state.baselines_dir, state.baseline_payloads)
+        state.holm = _holm_over_run(state)
+        if any(g["verdict"] == REGRESSION for g in state.holm) and session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if state.update:
+            self._write_baselines(session)
+        for profile, run_dir in state.run_dirs.items():
+            _remove_if_unused(run_dir)
+
+    def _write_baselines(self, session) -> None:
+        """The union of every non-failed record of the run (a resumed recording included), all of it or
+        nothing; a write that fails (read-only directory) is reported, and the results file keeps every record
+        for `dflash baselines --from-run`."""
+        state = self.state
+        payloads = []
+        for profile in state.run_dirs:
+            digest = identity_digest(state.identities[profile])
+            payloads += [baseline_payload(r) for r in latest_by_id(state.results(profile).load()).values()
+                         if r.get("identity") == digest and r.get("recording") and r.get("outcome") != "failed"]
+        if not payloads:
+            return
+        try:
+            state.baseline_diff = write_baseline_payloads(state.baselines_dir, payloads)
+        except (OSError, DFlashError) as error:
+            state.baseline_diff = (f"NOT WRITTEN: {error}. Every case is in the run's results.jsonl: fix the cause, "
+                                   "then `dflash baselines --from-run <run dir> --write`.")
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter):
         state = self.state
-        if state.holm:
-            terminalreporter.section("dflash gates (Holm-corrected over the run)")
-            for g in sorted(state.holm, key=lambda g: (g["verdict"] != "regression", g["case_id"], g["kind"])):
+        if getattr(state, "holm", None):
+            terminalreporter.section(f"dflash gates (Holm over the run's {state.family} gates)")
+            for g in sorted(state.holm, key=lambda g: (g["verdict"] != REGRESSION, g["case_id"], g["kind"])):
                 terminalreporter.write_line(
                     f"{g['verdict']:>12s}  {g['kind']:10s} {g['case_id']}: baseline {g['baseline']:.3f} -> "
                     f"{g['new']:.3f} ({g['rel_change']:+.1%}), p {g['p_value']:.2e}, Holm {g['p_adjusted']:.2e}")
+        unbaselined = sorted(r["id"] for r in state.records.values() if r.get("verdict") == NO_BASELINE)
+        if unbaselined:
+            terminalreporter.section("dflash: NO BASELINE (these cases were not gated)", red=True)
+            for case_id in unbaselined:
+                terminalreporter.write_line(f"NO BASELINE  {case_id}")
+            terminalreporter.write_line("record them with --update-baselines (under CI these cases fail)")
+        ran = state.exitstatus != pytest.ExitCode.USAGE_ERROR and not state.config.option.collectonly
+        missing = incomplete_cases(state) if ran else {}
+        if missing:
+            terminalreporter.section("dflash: INCOMPLETE", red=True)
+            terminalreporter.write_line(f"INCOMPLETE: {len(missing)} collected case(s) have no record: "
+                                        + ", ".join(f"{k} ({v})" for k, v in sorted(missing.items())[:20]))
         if state.baseline_diff:
             terminalreporter.section("dflash baselines updated")
             terminalreporter.write_line(state.baseline_diff)
 
 
+def incomplete_cases(state: RunState, profile: str | None = None) -> dict[str, str]:
+    """Collected cases without a record and not skipped: {case id: what happened (error, failed, not run)}."""
+    missing = {}
+    for nodeid, info in state.collected.items():
+        if profile is not None and info["profile"] != profile or info["id"] in state.records:
+            continue
+        outcome, _ = state.outcomes.get(nodeid, ("not run", ""))
+        if outcome != "skipped":
+            missing[info["id"]] = outcome
+    return missing
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """A run directory that got no results (collect-only, every case skipped) is removed with its run.json."""
+    if run_dir.is_dir() and not (run_dir / "results.jsonl").exists() and \
+            {p.name for p in run_dir.iterdir()} <= {RUN_FILE}:
+        (run_dir / RUN_FILE).unlink(missing_ok=True)
+        run_dir.rmdir()
+
+
 def _holm_over_run(state: RunState) -> list[dict]:
-    """Holm's step-down over every gated comparison of the run (tau and throughput gates together)."""
+    """Holm's step-down over every gate of the run (tau and throughput together; this session's records and
+    re-applied ones), with the family fixed at collection."""
     from .stats import TauGateResult, ThroughputGateResult
     gates = []
-    for record in state.records:
+    for record in state.records.values():
         for g in record.get("gates", []):
             cls = TauGateResult if g["kind"] == "tau" else ThroughputGateResult
             fields = {k: v for k, v in g.items() if k in cls.__dataclass_fields__}
             fields.update(p_adjusted=None, p_improvement_adjusted=None)
             gates.append(cls(**fields))
-    return [g.to_dict() for g in apply_holm(gates)]
+    return [g.to_dict() for g in apply_holm(gates, family=state.family)]
 
 
-def _write_baselines(baselines_dir: Path, payloads: list[dict]) -> str:
+def write_baseline_payloads(baselines_dir: Path, payloads: list[dict], *, dry_run: bool = False) -> str:
+    """Merge case payloads into their baseline files under the directory's lock (an unreadable old file is
+    replaced, with a note); returns the diff."""
     by_file: dict[tuple, list] = {}
     for payload in payloads:
         by_file.setdefault((payload["profile"], payload["ablation"]), []).append(payload)
     diffs = []
     for (profile, ablation), payloads in sorted(by_file.items()):
         path = baseline_store.baseline_path(baselines_dir, profile, ablation)
-        cases = {}
-        if path.exists():
-            old = baseline_store.load_baselines(path, profile=profile, ablation=ablation)
-            cases = {k: v.to_json() for k, v in old.cases.items()}
-        for payload in payloads:
-            case = {k: v for k, v in payload.items() if k not in ("profile", "ablation")}
-            if case.get("reference") is None:
-                case.pop("reference", None)
-            cases[payload["id"]] = case
-        data = {"schema_version": baseline_store.SCHEMA_VERSION, "profile": profile, "ablation": ablation,
-                "cases": [cases[k] for k in sorted(cases)]}
-        diffs.append(baseline_store.write_baselines(path, data))
+        with baseline_store.locked(path.parent):
+            cases = {}
+            if path.exists():
+                try:
+                    old = baseline_store.load_baselines(path, profile=profile, ablation=ablation)
+                    cases = {k: v.to_json() for k, v in old.cases.items()}
+                except baseline_store.BaselineError:
+                    pass  # write_baselines notes that it replaced an unreadable file
+            for payload in payloads:
+                case = {k: v for k, v in payload.items() if k not in ("profile", "ablation")}
+                if case.get("reference") is None:
+                    case.pop("reference", None)
+                cases[payload["id"]] = case
+            data = {"schema_version": baseline_store.SCHEMA_VERSION, "profile": profile, "ablation": ablation,
+                    "cases": [cases[k] for k in sorted(cases)]}
+            diffs.append(baseline_store.write_baselines(path, data, dry_run=dry_run))
     return "\n".join(diffs)
 
 
@@ -470,23 +787,36 @@ class ReportWriter:
     def pytest_sessionfinish(self, session):
         from .plots import write_plots
         from .render import append_github_step_summary, render_summary, write_summary
-        self.paths = []
-        for profile, run_dir in self.state.run_dirs.items():
-            records = self.state.results(profile).load() if self.state.results(profile).path.exists() else []
-            announced = sorted({r["id"] for r in records} | {r["id"] for r in self.state.records
-                                                             if r["profile"] == profile})
-            if not records and unavailable_reason(get_profile(profile)):
+        self.paths, self.failures = [], []
+        state = self.state
+        for profile, run_dir in state.run_dirs.items():
+            records = state.results(profile).load() if state.results(profile).path.exists() else []
+            collected = [info for nodeid, info in state.collected.items() if info["profile"] == profile]
+            skipped = {info["id"]: state.outcomes[nodeid][1] for nodeid, info in state.collected.items()
+                       if info["profile"] == profile and info["id"] not in state.records
+                       and state.outcomes.get(nodeid, ("",))[0] == "skipped"}
+            if not records and len(skipped) == len(collected):
                 continue  # a profile that cannot run here gets no summary (its cases were skipped)
-            holm = {(g["case_id"], g["kind"]): g for g in self.state.holm}
+            holm = {(g["case_id"], g["kind"]): g for g in state.holm}
             for record in records:
                 record["gates"] = [holm.get((g["case_id"], g["kind"]), g) for g in record.get("gates", [])]
+            announced = sorted({info["id"] for info in collected} - set(skipped))
             text = render_summary(records, baseline_store.collect_fingerprint(profile, SEEDS), announced=announced,
-                                  title=f"dflash ablations: {profile}")
-            path = write_summary(run_dir, text)
-            write_plots(records, run_dir)
+                                  skipped=skipped, title=f"dflash ablations: {profile}")
+            try:
+                path = write_summary(run_dir, text)
+                write_plots(records, run_dir)
+            except OSError as error:
+                self.failures.append(f"dflash report for {profile} NOT WRITTEN to {run_dir}: {error}. The case "
+                                     "records are in the run's results.jsonl; rerun with --resume --report "
+                                     "--reports-dir <a writable directory> after moving it there.")
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+                continue
             append_github_step_summary(text)
             self.paths.append(path)
 
     def pytest_terminal_summary(self, terminalreporter):
         for path in getattr(self, "paths", []):
             terminalreporter.write_line(f"dflash report: {path}")
+        for line in getattr(self, "failures", []):
+            terminalreporter.write_line(line, red=True)

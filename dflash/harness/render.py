@@ -363,7 +363,8 @@ def _dedupe(records: Sequence[dict]) -> list[dict]:
     return list(latest.values())
 
 
-def _header(records: list[dict], fingerprint: dict, announced: Sequence[str] | None, title: str) -> list[str]:
+def _header(records: list[dict], fingerprint: dict, announced: Sequence[str] | None, title: str,
+            skipped: dict[str, str] | None = None) -> list[str]:
     lines = [f"# {title}", ""]
     missing = [a for a in announced if a not in {r["id"] for r in records}] if announced is not None else []
     if not records:
@@ -373,6 +374,15 @@ def _header(records: list[dict], fingerprint: dict, announced: Sequence[str] | N
         shown = ", ".join(f"`{m}`" for m in missing[:10]) + (", ..." if len(missing) > 10 else "")
         lines += [f"> **INCOMPLETE: {len(announced) - len(missing)} of {len(announced)} cases.** "
                   f"Missing: {shown}.", ""]
+    unbaselined = [r["id"] for r in records if r.get("verdict") == "no baseline"]
+    if unbaselined:
+        shown = ", ".join(f"`{m}`" for m in unbaselined[:10]) + (", ..." if len(unbaselined) > 10 else "")
+        lines += [f"> **NO BASELINE: {len(unbaselined)} case(s) were not gated** (record them with "
+                  f"--update-baselines): {shown}.", ""]
+    if skipped:
+        reasons = sorted(set(skipped.values()))
+        lines += [f"Skipped: {len(skipped)} case(s) ({'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''}).",
+                  ""]
     keys = [k for k in FINGERPRINT_ORDER if k in fingerprint] + sorted(set(fingerprint) - set(FINGERPRINT_ORDER))
     rows = [[k.replace("_", " "), str(fingerprint[k])] for k in keys]
     prompts = sorted({len(_metrics(r).get("per_prompt_tau") or []) for r in records} - {0})
@@ -393,11 +403,12 @@ def _header(records: list[dict], fingerprint: dict, announced: Sequence[str] | N
 
 
 def render_summary(records: Sequence[dict], fingerprint: dict, *, announced: Sequence[str] | None = None,
+                   skipped: dict[str, str] | None = None,
                    title: str = "DFlash ablation summary") -> str:
     """Markdown: header (fingerprint, n, verdict counts, INCOMPLETE banner when cases are missing), then one
     table per (experiment, group): known experiments first in a fixed order, others alphabetically."""
     records = _dedupe(records)
-    lines = _header(records, fingerprint, announced, title)
+    lines = _header(records, fingerprint, announced, title, skipped)
     order = {name: i for i, name in enumerate(RENDERERS)}
     groups: dict[tuple[str, str], list[dict]] = {}
     for record in records:
