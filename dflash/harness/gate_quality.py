@@ -1,39 +1,49 @@
 """Measure the regression gates' quality on the tiny profile with real decoding (`dflash gate-quality`).
 
-The gates are exercised exactly as an ablation run uses them: a recorded baseline holds every case's
-per-prompt taus and speedup samples on all `prompts_cap` prompts; a run starts with `prompts` prompts per case
-and, while a tau drop is beyond the margin but not significant after Bonferroni over the run's gate family,
-gathers more prompts (doubling) up to the cap (`stats.tau_needs_more_prompts`); at the end Holm runs over the
-run's gates. The family is padded to `family` gates with p = 1 (the other, unchanged cases of a full run).
+The gates are exercised as `make test` uses them: every case is gated against its entry in the committed
+baselines (`baselines/tiny/block_size.json`, recorded on an earlier occasion), with the run's flow: tau by
+`stats.sequential_tau_gate` (12 prompts, more while unclear, alpha spent at the last look), throughput by the
+paired gate on process-CPU-time speedups with one confirming re-measurement, Bonferroni over the family of
+`make test` (`--family`). Every check is an independent measurement; nothing is resampled.
 
-* False alarms on unchanged code. Tau: greedy tau is deterministic, so unchanged code gives identical vectors;
-  `repeats` runs check that (an alarm here could only come from numerics). Throughput: timing noise is real.
-  Each repeat is gated against the recorded baseline; in addition `resamples` pseudo-runs are drawn from the
-  repeats (for every prompt, its speedup sample from a random repeat) and gated the same way. Resampled
-  pseudo-runs share samples, so they are not independent: both figures are reported.
-* Detection. The draft's weights are perturbed (Gaussian noise, relative scale `noise`, one seed per trial) so
-  that tau drops; a case is *eligible* when its true drop, measured on all the cap's prompts, is at least 10%,
-  and *detected* when the gated flow flags it after Holm.
+* False alarms on unchanged code, `repeats` independent runs of every case, on a quiet machine and again with
+  `hogs` busy processes beside this one (as on a shared 2-core CI machine where the other xdist worker and
+  another job both want a core). Greedy tau is deterministic, so unchanged code reproduces the recorded
+  per-prompt taus exactly and the tau gate cannot false-alarm: that holds by construction, and the count of
+  tau vectors that differed from the baseline is reported as the check of it. Throughput timing noise is real:
+  its alarms are counted after the family correction and, to show calibration, at alpha with no correction.
+* Detection of a tau drop: the draft's weights are perturbed (Gaussian noise, relative scale found so that the
+  mean tau drops by at least 10%; one seed per trial). A case is eligible when its true drop, on every baseline
+  prompt, is at least 10%; detected when the gated flow flags it.
+* Detection of a slowdown: a test-only drafter that burns CPU after each proposal, calibrated per case so that
+  a cycle takes about `slowdown` longer (CPU time, which is what the CPU profile's gate measures). Detected when
+  the confirmed throughput gate flags it after the family correction.
 """
 from __future__ import annotations
 
 import copy
 import json
-import random
+import math
+import subprocess
+import sys
+import time
+from dataclasses import replace
 
 import torch
 from scipy.stats import binomtest
 
-from ..engine import generate
+from ..engine import DFlashDrafter, generate
 from ..loading import load_draft, load_target, load_tokenizer
+from .baselines import baseline_path, load_baselines
+from .measure import per_prompt_tau, speedup_samples
 from .profiles import get_profile, load_prompts
-from .stats import apply_holm, tau_gate, tau_needs_more_prompts, throughput_gate
+from .stats import REGRESSION, confirm, sequential_tau_gate, throughput_gate
 
 BLOCK_SIZES = (4, 8, 16)
-MAX_NEW_TOKENS = 64
 
 
-def _rate(hits: int, trials: int) -> dict:
+def rate_with_ci(hits: int, trials: int) -> dict:
+    """hits / trials with a 95% Clopper-Pearson interval (scipy's binomtest)."""
     if trials == 0:
         return {"rate": None, "hits": 0, "trials": 0}
     ci = binomtest(hits, trials).proportion_ci(confidence_level=0.95)
@@ -51,135 +61,211 @@ def perturbed(draft, scale: float, seed: int):
     return copy_
 
 
-class Decoder:
-    """Per-prompt tau and speedup samples, computed lazily and cached per (draft, case, prompt)."""
+class SpinningDrafter(DFlashDrafter):
+    """Test-only: plain DFlash proposals, then `spin_s` of CPU burnt per cycle (a planted slowdown that the
+    CPU-time clock sees, as a slower kernel would be seen)."""
 
-    def __init__(self, target, prompts, stop):
-        self.target, self.prompts, self.stop = target, prompts, stop
-        self.taus: dict = {}
+    def __init__(self, draft, target, spin_s: float):
+        super().__init__(draft, target)
+        self.spin_s = spin_s
 
-    def tau(self, draft, key, case, index) -> float:
-        slot = (key, case, index)
-        if slot not in self.taus:
-            result = generate(self.target, draft, self.prompts[case[0]][index], max_new_tokens=MAX_NEW_TOKENS,
-                              block_size=case[1], stop_token_ids=self.stop)
-            self.taus[slot] = result.tau if result.num_cycles else 1.0
-        return self.taus[slot]
+    def propose(self, *args, **kwargs):
+        proposal = super().propose(*args, **kwargs)
+        until = time.process_time() + self.spin_s
+        while time.process_time() < until:
+            pass
+        return proposal
 
-    def timed(self, draft, case, indices) -> tuple[list[float], list[float]]:
-        """Interleaved target-only and DFlash runs: per-prompt tau and speedup (tokens/s ratio)."""
-        taus, ratios = [], []
+
+class Hogs:
+    """`count` busy Python processes for the duration of a with-block."""
+
+    def __init__(self, count: int):
+        self.count, self.processes = count, []
+
+    def __enter__(self):
+        self.processes = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.count)]
+        return self
+
+    def __exit__(self, *exc):
+        for process in self.processes:
+            process.kill()
+            process.wait()
+
+
+class Bench:
+    """The tiny pair, the baseline's prompts and the measurement of one case on prompts [first, n)."""
+
+    def __init__(self, max_new_tokens: int):
+        self.target, self.draft, tokenizer = load_target("tiny"), load_draft("tiny"), load_tokenizer("tiny")
+        self.stop, self.max_new_tokens = [tokenizer.eos_token_id], max_new_tokens
+        profile = get_profile("tiny")
+        self.prompts = {spec.name: load_prompts(profile, spec, tokenizer, profile.prompts_cap)
+                        for spec in profile.datasets}
+
+    def run(self, draft, case, index, spin_s=0.0):
+        prompt = self.prompts[case[0]][index]
+        if draft is None:
+            return generate(self.target, None, prompt, max_new_tokens=self.max_new_tokens, stop_token_ids=self.stop)
+        drafter = SpinningDrafter(draft, self.target, spin_s) if spin_s else None
+        return generate(self.target, draft, prompt, max_new_tokens=self.max_new_tokens, block_size=case[1],
+                        stop_token_ids=self.stop, drafter=drafter)
+
+    def timed(self, draft, case, indices, spin_s=0.0):
+        """Interleaved target-only and DFlash runs (order rotating per prompt): per-prompt taus and CPU-clock
+        speedups, as `measure.compare` does."""
+        base, runs = [], []
         for i in indices:
-            prompt = self.prompts[case[0]][i]
-            base = generate(self.target, None, prompt, max_new_tokens=MAX_NEW_TOKENS, stop_token_ids=self.stop)
-            run = generate(self.target, draft, prompt, max_new_tokens=MAX_NEW_TOKENS, block_size=case[1],
-                           stop_token_ids=self.stop)
-            taus.append(run.tau if run.num_cycles else 1.0)
-            ratios.append((len(run.output_ids) / run.wall_s) / (len(base.output_ids) / base.wall_s))
-        return taus, ratios
+            pair = [lambda: base.append(self.run(None, case, i)), lambda: runs.append(self.run(draft, case, i, spin_s))]
+            for step in pair[i % 2:] + pair[:i % 2]:
+                step()
+        return per_prompt_tau(runs), speedup_samples(runs, base, "cpu")
 
 
-def _holm_padded(gates, family: int):
-    """Holm over the run's gates plus (family - len(gates)) unchanged cases with p = 1."""
-    from .stats import TauGateResult
-    padding = [TauGateResult(case_id="unchanged", baseline=1.0, new=1.0, rel_change=0.0, p_value=1.0,
-                             p_improvement=1.0, alpha=gates[0].alpha, n_baseline=1, n_new=1)
-               for _ in range(max(0, family - len(gates)))]
-    return apply_holm(list(gates) + padding)[: len(gates)]
+def gated_case(bench: Bench, draft, case, baseline, *, start: int, family: int, alpha: float, margin: float,
+               factor: float, spin_s: float = 0.0, tau_only: bool = False, tau_of=None) -> dict:
+    """One case through the run's flow; returns its gates (dicts) and whether each failed after the family
+    correction ("failed") and at alpha uncorrected ("failed_at_alpha")."""
+    taus, ratios = ([], []) if tau_only else bench.timed(draft, case, range(start), spin_s)
+
+    def new_taus(n):
+        if tau_of is not None:
+            return [tau_of(i) for i in range(n)]
+        if n > len(taus):
+            more = bench.timed(draft, case, range(len(taus), n), spin_s)
+            taus.extend(more[0])
+        return taus
+    tau = sequential_tau_gate(baseline.per_prompt_tau, new_taus, start=start, family=family, margin=margin,
+                              alpha=alpha)
+    out = {"tau": _decided(tau, family)}
+    if tau_only:
+        return out
+    out["tau_vector_changed"] = taus[:tau.n_new] != baseline.per_prompt_tau[:tau.n_new]
+    first = throughput_gate(baseline.speedup_samples, ratios[:start], factor=factor, alpha=alpha)
+    gate = confirm(first, throughput_gate(baseline.speedup_samples, bench.timed(draft, case, range(start), spin_s)[1],
+                                          factor=factor, alpha=alpha)) if first.verdict == REGRESSION else first
+    out["throughput"] = _decided(gate, family)
+    return out
 
 
-def _gated_tau(base_taus, new_tau, start: int, family: int, margin: float, alpha: float):
-    """The ablation flow for one case: start with `start` prompts, gather more while inconclusive."""
-    n = start
-    while True:
-        gate = tau_gate(base_taus[:n], [new_tau(i) for i in range(n)], margin=margin, alpha=alpha)
-        decision = tau_needs_more_prompts(gate, family=family, max_prompts=len(base_taus))
-        if not decision.gather_more:
-            return gate
-        n = decision.next_n
+def _decided(gate, family: int) -> dict:
+    return {"verdict": replace(gate, p_adjusted=min(1.0, gate.p_value * family)).verdict, "rel_change": gate.rel_change,
+            "p_value": gate.p_value, "n": gate.n_new, "failed_at_alpha": gate.verdict == REGRESSION,
+            "failed": replace(gate, p_adjusted=min(1.0, gate.p_value * family)).verdict == REGRESSION}
 
 
-def measure(repeats: int = 4, trials: int = 20, resamples: int = 500, family: int = 100, margin: float = 0.03,
-            alpha: float = 0.05, seed: int = 0, block_sizes: tuple[int, ...] = BLOCK_SIZES) -> dict:
+def measure(*, family: int, repeats: int = 25, tau_trials: int = 15, slow_repeats: int = 10,
+            hogs: int = 2, slowdown: float = 0.20, margin: float = 0.03, factor: float = 1.10, alpha: float = 0.05,
+            block_sizes: tuple[int, ...] = BLOCK_SIZES, log=print) -> dict:
     torch.set_num_threads(1)
     profile = get_profile("tiny")
-    target, draft, tokenizer = load_target("tiny"), load_draft("tiny"), load_tokenizer("tiny")
-    stop = [tokenizer.eos_token_id]
-    cap, start = profile.prompts_cap, profile.prompts
-    prompts = {spec.name: load_prompts(profile, spec, tokenizer, cap) for spec in profile.datasets}
-    cases = [(d, b) for d in prompts for b in block_sizes if len(prompts[d]) >= cap]
-    decoder = Decoder(target, prompts, stop)
-    generate(target, draft, prompts["math"][0], max_new_tokens=16, block_size=8)  # warm-up
+    bench = Bench(profile.max_new_tokens)
+    stored = load_baselines(baseline_path("baselines", "tiny", "block_size"), profile="tiny", ablation="block_size")
+    cases = [(d, b) for d in bench.prompts for b in block_sizes]
+    baselines = {c: stored.get(f"block_size/test_block_size[tiny-{c[0]}-bs={c[1]}]") for c in cases}
+    missing = [c for c, b in baselines.items() if b is None]
+    if missing:
+        raise RuntimeError(f"no committed baseline for {missing}: record them with pytest ablations --update-baselines")
+    start, kw = profile.prompts, {"family": family, "alpha": alpha, "margin": margin, "factor": factor}
+    for case in cases:  # warm-up
+        bench.run(bench.draft, case, 0)
+        bench.run(None, case, 0)
 
-    # The recorded baseline: every case on all cap prompts.
-    baseline = {case: decoder.timed(draft, case, range(cap)) for case in cases}
+    def unchanged(label):
+        checks = []
+        for r in range(repeats):
+            checks += [gated_case(bench, bench.draft, c, baselines[c], start=start, **kw) for c in cases]
+            log(f"{label}: repeat {r + 1}/{repeats}, throughput alarms so far "
+                f"{sum(c['throughput']['failed'] for c in checks)}")
+        return {"tau_vectors_changed": sum(c["tau_vector_changed"] for c in checks),
+                "tau": rate_with_ci(sum(c["tau"]["failed"] for c in checks), len(checks)),
+                "throughput": rate_with_ci(sum(c["throughput"]["failed"] for c in checks), len(checks)),
+                "throughput_at_alpha_uncorrected": rate_with_ci(
+                    sum(c["throughput"]["failed_at_alpha"] for c in checks), len(checks)),
+                "throughput_remeasured": sum(c["throughput"]["failed_at_alpha"] for c in checks),
+                "worst_throughput_change": min(c["throughput"]["rel_change"] for c in checks)}
 
-    # Unchanged code: repeated runs on the first `start` prompts, gated like a real run.
-    runs = [{case: decoder.timed(draft, case, range(start)) for case in cases} for _ in range(repeats)]
-    tau_alarms = throughput_alarms = tau_changed = 0
-    for run in runs:
-        tau_changed += sum(run[c][0] != baseline[c][0][:start] for c in cases)
-        gates = [_gated_tau(baseline[c][0], lambda i, c=c: (run[c][0] + baseline[c][0][start:])[i], start, family,
-                            margin, alpha) for c in cases]
-        gates += [throughput_gate(baseline[c][1], run[c][1], alpha=alpha) for c in cases]
-        adjusted = _holm_padded(gates, 2 * family)
-        tau_alarms += sum(g.failed for g in adjusted if g.kind == "tau")
-        throughput_alarms += sum(g.failed for g in adjusted if g.kind == "throughput")
-    rng = random.Random(seed)
-    resampled_alarms = 0
-    for _ in range(resamples):
-        pseudo = {c: [runs[rng.randrange(repeats)][c][1][i] for i in range(start)] for c in cases}
-        adjusted = _holm_padded([throughput_gate(baseline[c][1], pseudo[c], alpha=alpha) for c in cases], family)
-        resampled_alarms += sum(g.failed for g in adjusted)
+    began = time.time()
+    quiet = unchanged("quiet")
+    with Hogs(hogs):
+        loaded = unchanged(f"{hogs} busy processes")
 
-    # Detection: find a noise scale with a mean drop of at least 10%, then one perturbed draft per trial.
-    base_taus = {case: baseline[case][0] for case in cases}
+    # Planted tau drop: a noise scale whose mean drop over the cases' first prompts is >= 10%.
+    cap = len(next(iter(baselines.values())).per_prompt_tau)
+    tau_cache: dict = {}
+
+    def tau_of(draft, key, case, i):
+        slot = (key, case, i)
+        if slot not in tau_cache:
+            result = bench.run(draft, case, i)
+            tau_cache[slot] = result.tau if result.num_cycles else 1.0
+        return tau_cache[slot]
     scale, drop = 0.05, 0.0
     while drop < 0.10 and scale < 5:
         scale *= 1.5
-        probe = perturbed(draft, scale, seed=10_000)
-        key = ("probe", scale)
-        drop = 1 - (sum(decoder.tau(probe, key, c, i) for c in cases for i in range(start))
-                    / sum(sum(base_taus[c][:start]) for c in cases))
-    detected = eligible = flagged_any = prompts_used = 0
-    true_drops, missed = [], []
-    for trial in range(trials):
-        probe, key = perturbed(draft, scale, seed=trial), ("trial", trial)
-        gates = [_gated_tau(base_taus[c], lambda i, c=c: decoder.tau(probe, key, c, i), start, family, margin, alpha)
-                 for c in cases]
-        prompts_used += sum(g.n_new for g in gates)
-        for case, gate in zip(cases, _holm_padded(gates, family)):
-            full = [decoder.tau(probe, key, case, i) for i in range(cap)]
-            true_drop = 1 - sum(full) / sum(base_taus[case])
+        probe = perturbed(bench.draft, scale, seed=10_000)
+        drop = 1 - (sum(tau_of(probe, ("probe", scale), c, i) for c in cases for i in range(start))
+                    / sum(sum(baselines[c].per_prompt_tau[:start]) for c in cases))
+    eligible = detected = 0
+    true_drops, missed, prompts_used = [], [], 0
+    for trial in range(tau_trials):
+        probe, key = perturbed(bench.draft, scale, seed=trial), ("trial", trial)
+        for case in cases:
+            gate = gated_case(bench, probe, case, baselines[case], start=start, tau_only=True,
+                              tau_of=lambda i, case=case: tau_of(probe, key, case, i), **kw)["tau"]
+            prompts_used += gate["n"]
+            true_drop = 1 - sum(tau_of(probe, key, case, i) for i in range(cap)) / sum(baselines[case].per_prompt_tau)
             true_drops.append(true_drop)
             if true_drop >= 0.10:
                 eligible += 1
-                detected += gate.failed
-                if not gate.failed:
+                detected += gate["failed"]
+                if not gate["failed"]:
                     missed.append({"trial": trial, "case": f"{case[0]}/bs={case[1]}", "true_drop": round(true_drop, 4),
-                                   "measured_drop": round(-gate.rel_change, 4), "prompts": gate.n_new,
-                                   "p": gate.p_value, "p_holm": gate.p_adjusted})
-            flagged_any += gate.failed
+                                   "measured_drop": round(-gate["rel_change"], 4), "prompts": gate["n"],
+                                   "p": gate["p_value"]})
+        log(f"tau drop: trial {trial + 1}/{tau_trials}, detected {detected} of {eligible} eligible")
+
+    # Planted slowdown: per case, spin for `slowdown` of the case's measured CPU seconds per cycle.
+    spins = {}
+    for case in cases:
+        runs = [bench.run(bench.draft, case, i) for i in range(start)]
+        spins[case] = slowdown * sum(r.cpu_s for r in runs) / sum(r.num_cycles for r in runs)
+    slow_checks = []
+    for r in range(slow_repeats):
+        slow_checks += [(c, gated_case(bench, bench.draft, c, baselines[c], start=start, spin_s=spins[c], **kw))
+                        for c in cases]
+        log(f"slowdown: repeat {r + 1}/{slow_repeats}, detected {sum(g['throughput']['failed'] for _, g in slow_checks)}"
+            f" of {len(slow_checks)}")
+    changes = [g["throughput"]["rel_change"] for _, g in slow_checks]
     return {
-        "command": f"dflash gate-quality --repeats {repeats} --trials {trials} --resamples {resamples} "
-                   f"--family {family} --block-sizes {','.join(map(str, block_sizes))}",
-        "profile": "tiny", "prompts_per_case": {"start": start, "cap": cap}, "max_new_tokens": MAX_NEW_TOKENS,
-        "cases": [f"{d}/bs={b}" for d, b in cases], "margin": margin, "alpha": alpha, "family": family,
-        "false_alarms_unchanged_code": {
-            "repeats": repeats, "tau_vectors_changed": tau_changed,
-            "tau": _rate(tau_alarms, len(cases) * repeats),
-            "throughput": _rate(throughput_alarms, len(cases) * repeats),
-            "throughput_resampled": _rate(resampled_alarms, len(cases) * resamples)},
+        "command": f"dflash gate-quality --repeats {repeats} --tau-trials {tau_trials} --slow-repeats {slow_repeats} "
+                   f"--family {family} --hogs {hogs} --block-sizes {','.join(map(str, block_sizes))}",
+        "profile": "tiny", "baselines": "baselines/tiny/block_size.json", "cases": [f"{d}/bs={b}" for d, b in cases],
+        "prompts_per_case": {"start": start, "cap": cap}, "max_new_tokens": profile.max_new_tokens,
+        "margin": margin, "factor": factor, "alpha": alpha, "family": family, "clock": "cpu",
+        "wall_minutes": round((time.time() - began) / 60, 1),
+        "false_alarms_unchanged_code": {"independent_checks_per_gate_and_condition": repeats * len(cases),
+                                        "quiet": quiet, f"with_{hogs}_busy_processes": loaded},
         "detection_of_10pct_tau_drop": {
-            "noise_scale": round(scale, 4), "trials": trials,
+            "noise_scale": round(scale, 4), "trials": tau_trials,
             "mean_true_case_drop": round(sum(true_drops) / len(true_drops), 4),
-            "mean_prompts_per_case": round(prompts_used / (trials * len(cases)), 1),
-            "cases_with_true_drop_ge_10pct": _rate(detected, eligible), "missed": missed,
-            "all_cases_flagged": _rate(flagged_any, len(true_drops))},
+            "mean_prompts_per_case": round(prompts_used / (tau_trials * len(cases)), 1),
+            "cases_with_true_drop_ge_10pct": rate_with_ci(detected, eligible), "missed": missed},
+        "detection_of_slowdown": {
+            "planted": f"{slowdown:.0%} more CPU per cycle", "checks": len(slow_checks),
+            "mean_measured_change": round(sum(changes) / len(changes), 4),
+            "detected": rate_with_ci(sum(g["throughput"]["failed"] for _, g in slow_checks), len(slow_checks)),
+            "missed": [{"case": f"{c[0]}/bs={c[1]}", "change": round(g["throughput"]["rel_change"], 4),
+                        "p": g["throughput"]["p_value"]} for c, g in slow_checks if not g["throughput"]["failed"]]},
     }
 
 
-def main(repeats: int = 4, trials: int = 20, resamples: int = 500, family: int = 100,
-         block_sizes: tuple[int, ...] = BLOCK_SIZES) -> None:
-    print(json.dumps(measure(repeats=repeats, trials=trials, resamples=resamples, family=family,
-                             block_sizes=block_sizes), indent=2))
+def main(*, family: int, repeats: int = 25, tau_trials: int = 15, slow_repeats: int = 10,
+         hogs: int = 2, block_sizes: tuple[int, ...] = BLOCK_SIZES, out: str | None = None) -> None:
+    result = measure(repeats=repeats, tau_trials=tau_trials, slow_repeats=slow_repeats, family=family, hogs=hogs,
+                     block_sizes=block_sizes, log=lambda line: print(line, file=sys.stderr, flush=True))
+    text = json.dumps(result, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
+    if out:
+        from pathlib import Path
+        Path(out).write_text(text + "\n")
+    print(text)
