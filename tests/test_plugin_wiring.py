@@ -520,6 +520,38 @@ def test_small_cap(case):
     assert gated.ret == 0, output(gated)
 
 
+# --- 8b. dflash baselines --from-run takes only recordings --------------------------------------------------
+
+def test_from_run_takes_only_a_recording_made_with_the_profiles_own_models(wire, capsys):
+    """A normal gated run and a run with an overridden --draft are refused by `dflash baselines --from-run`
+    (exit 2, the reason); a recording is previewed as a diff and written only with --write."""
+    from dflash.cli import main as dflash
+    ablation_file(wire, '''
+@pytest.mark.ablation("wire")
+def test_recorded(case):
+    measured_case(case)
+''')
+    assert run(wire, "--update-baselines").ret == 0
+    recording = run_dirs(wire)[-1]
+    baseline_file(wire).unlink()
+    gated = run(wire)  # no baseline now: not gated outside CI, but it is a normal (non-recording) run
+    assert gated.ret == 0, output(gated)
+    perturbed = _perturb(shutil.copytree(PACKAGE_MODELS / "tiny" / "draft", wire.path / "other-draft"))
+    assert run(wire, "--update-baselines", "--draft", str(perturbed)).ret == 0
+    baseline_file(wire).unlink()
+    normal, overridden = run_dirs(wire)[-2], run_dirs(wire)[-1]
+    baselines = str(wire.path / "baselines")
+    capsys.readouterr()
+    assert dflash(["baselines", "--from-run", str(normal), "--baselines-dir", baselines]) == 2
+    assert "is not a baseline recording" in capsys.readouterr().err
+    assert dflash(["baselines", "--from-run", str(overridden), "--baselines-dir", baselines]) == 2
+    assert "overrode the profile's draft" in capsys.readouterr().err
+    assert dflash(["baselines", "--from-run", str(recording), "--baselines-dir", baselines]) == 0
+    assert "+ " + case_id("test_recorded") in capsys.readouterr().out and not baseline_file(wire).exists()
+    assert dflash(["baselines", "--from-run", str(recording), "--baselines-dir", baselines, "--write"]) == 0
+    assert list(load_baselines(baseline_file(wire)).cases) == [case_id("test_recorded")]
+
+
 # --- 11. unique run directories --------------------------------------------------------------------------------
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):

@@ -585,6 +585,9 @@ def case(request):
     state = request.config.stash[STATE]
     profile_name, dataset = request.param
     profile = get_profile(profile_name)
+    if request.node.get_closest_marker("ablation") is None:
+        pytest.fail(f"{request.node.nodeid} uses the `case` fixture without @pytest.mark.ablation(name): the name "
+                    "says which baseline file (baselines/<profile>/<name>.json) gates it", pytrace=False)
     made = Case(request, state, profile, dataset)
     if request.config.getoption("resume"):
         made.recorded = state.recorded(profile_name).get(made.experiment_id)
