@@ -98,6 +98,12 @@ def _p(gate: dict) -> str:
     return f"p_adj={adjusted:.2g}" if adjusted is not None else f"p={gate.get('p_value', math.nan):.2g}"
 
 
+def _measurements(gate: dict) -> str:
+    """A re-measured throughput gate: both measurements' changes ("; measured -18.0%, then -2.1%")."""
+    runs = gate.get("measurements") or []
+    return " (measured " + ", then ".join(f"{m['rel_change']:+.1%}" for m in runs) + ")" if runs else ""
+
+
 def overall_verdict(record: dict) -> str:
     """skipped / error from the status, else the record's verdict, else the worst gate verdict."""
     status = record.get("status", "done")
@@ -114,8 +120,8 @@ def verdict_cell(record: dict) -> str:
     if verdict in ("skipped", "error"):
         reason = record.get("reason")
         return f"{verdict.upper()}: {reason}" if reason else verdict.upper()
-    details = [f"{g.get('kind', 'gate')} {g.get('rel_change', math.nan):+.1%}, {_p(g)}"
-               for g in record.get("gates") or [] if g.get("verdict") != "pass"]
+    details = [f"{g.get('kind', 'gate')} {g.get('rel_change', math.nan):+.1%}{_measurements(g)}, {_p(g)}"
+               for g in record.get("gates") or [] if g.get("verdict") != "pass" or g.get("measurements")]
     return verdict.upper() + (f" ({'; '.join(details)})" if details else "")
 
 
