@@ -12,6 +12,8 @@ Recipe (DFlash paper as reconstructed in shared/reference/ANCHORS_ALGORITHMS.md 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
@@ -22,6 +24,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from .errors import DFlashError
 from .model import DFlashDraftModel, extract_context_feature, make_draft_config
 
 
@@ -148,7 +151,9 @@ def train_draft(target, sequences: list[TrainingSequence], *, mask_token_id: int
 
     `features`: precomputed `context_features` (else computed here). `checkpoint_path`: every
     `checkpoint_every` steps the draft, optimizer, scheduler, sampler state and losses are saved there
-    (atomically); `resume=True` continues from it, giving the same result as an uninterrupted run."""
+    (atomically, as one safetensors file: see `_save_checkpoint`; never a pickle); `resume=True` continues from
+    it, giving the bitwise same result as an uninterrupted run. A checkpoint that is unreadable or was made with
+    another config, other sequences or another draft shape is a DFlashError, never loaded."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     block = config.block_size
@@ -176,17 +181,10 @@ def train_draft(target, sequences: list[TrainingSequence], *, mask_token_id: int
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_scale)
     losses, wall_before, first_step = [], 0.0, 0
+    data_sha256 = sequences_sha256(sequences)
     if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
-        state = torch.load(checkpoint_path, weights_only=False)
-        if state["config"] != asdict(config):
-            raise ValueError(f"checkpoint {checkpoint_path} was made with another training config; "
-                             "delete it or train with the same options")
-        draft.load_state_dict(state["draft"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        losses, wall_before, first_step = state["losses"], state["wall_s"], state["step"]
+        first_step, losses, wall_before = _load_checkpoint(Path(checkpoint_path), config, data_sha256, draft,
+                                                           optimizer, scheduler, generator)
     device_type = next(target.parameters()).device.type
     begin = time.perf_counter()
     for step in tqdm(range(first_step, config.steps), desc="draft", disable=not progress, initial=first_step,
@@ -207,7 +205,7 @@ def train_draft(target, sequences: list[TrainingSequence], *, mask_token_id: int
                 "config": asdict(config), "step": step + 1, "draft": draft.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "losses": losses,
-                "wall_s": wall_before + time.perf_counter() - begin})
+                "wall_s": wall_before + time.perf_counter() - begin, "data_sha256": data_sha256})
     tail = losses[-max(1, len(losses) // 10):]
     stats = DraftTrainingStats(config={**asdict(config), "gamma": gamma, "target_layer_ids": draft.target_layer_ids},
                                num_sequences=len(sequences), num_parameters=sum(p.numel() for p in draft.parameters()),
@@ -216,13 +214,180 @@ def train_draft(target, sequences: list[TrainingSequence], *, mask_token_id: int
     return draft.eval(), stats
 
 
-def _save_checkpoint(path, state: dict) -> None:
-    """Write-then-rename, so an interrupted save never leaves a truncated checkpoint."""
+# --- safe on-disk state: safetensors + JSON, never pickle ----------------------------------------------------------
+# A resumable file is one safetensors file: its tensors, plus a JSON document and a format tag in the safetensors
+# metadata (the header). Reading it parses a bounded header and copies raw tensor bytes: no code runs, whatever
+# the file holds. One file means one rename, so a save is atomic.
+FORMAT_FIELD = "dflash_format"
+STATE_FIELD = "dflash_state"
+RECOVERY_HINT = "Delete it (or run `dflash train` without --resume) to recompute it."
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip container; a pickle of protocol >= 2
+
+
+def unusable_file(path: Path, problem: str) -> DFlashError:
+    """The one error for a resumable file that will not be used: which file, what is wrong, how to fix it."""
+    return DFlashError(f"{path}: {problem}. {RECOVERY_HINT}")
+
+
+def save_state_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], state: dict, kind: str) -> None:
+    """Write `tensors` and the JSON-serialisable `state` to `path` (safetensors), write-then-rename: an
+    interrupted save leaves at most a `.partial` file, never a truncated `path`."""
+    from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
+    save_file({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, str(partial),
+              metadata={FORMAT_FIELD: kind, STATE_FIELD: json.dumps(state)})
+    with open(partial, "rb+") as handle:
+        os.fsync(handle.fileno())
     os.replace(partial, path)
+
+
+def load_state_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, state) from a `save_state_file` file of this `kind`. Never unpickles: an old torch.save / pickle
+    file, a truncated or corrupt file, or a file of another kind is a DFlashError naming the file."""
+    from safetensors import safe_open
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError as error:
+        raise unusable_file(path, f"cannot be read ({error.strerror or error})") from None
+    if head.startswith(_PICKLE_MAGIC):
+        raise unusable_file(path, "is in the old, unsafe format (a pickle / torch.save file, which can run arbitrary "
+                                  "code when loaded); it will not be unpickled")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get(FORMAT_FIELD) != kind:
+                raise unusable_file(path, f"is not a {kind} file (format tag {metadata.get(FORMAT_FIELD)!r})")
+            state = json.loads(metadata[STATE_FIELD])
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except DFlashError:
+        raise
+    except Exception as error:  # anything a damaged file can make the parser raise
+        message = " ".join(str(error).split())[:200] or type(error).__name__
+        raise unusable_file(path, f"is corrupt, truncated or not a {kind} file ({message})") from None
+    if not isinstance(state, dict):
+        raise unusable_file(path, f"is not a {kind} file (its state is not a JSON object)")
+    return tensors, state
+
+
+def sequences_sha256(sequences: list[TrainingSequence]) -> str:
+    """A fingerprint of training sequences (token ids and response starts), to tie cached state to its data."""
+    digest = hashlib.sha256()
+    for sequence in sequences:
+        ids = sequence.token_ids.detach().to("cpu", torch.int64).contiguous()
+        digest.update(f"{ids.numel()},{int(sequence.response_start)};".encode())
+        digest.update(ids.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def as_json(value):
+    """`value` as it comes back from JSON (tuples become lists), for comparing with a loaded document."""
+    return json.loads(json.dumps(value))
+
+
+CHECKPOINT_FORMAT = "dflash-train-checkpoint-v1"
+_ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _save_checkpoint(path, state: dict) -> None:
+    """One safetensors file, written then renamed. Tensors: `draft.<name>` (the draft's state dict),
+    `optimizer.<param index>.<step|exp_avg|exp_avg_sq>` (AdamW state), `rng.generator` and `rng.torch` (uint8 RNG
+    states). JSON metadata: config, step, losses, wall_s, data_sha256, scheduler (LambdaLR state_dict without
+    its lr_lambdas, which are code) and the optimizer's param_groups."""
+    tensors = {f"draft.{name}": t.detach().clone() for name, t in state["draft"].items()}
+    for index, entry in state["optimizer"]["state"].items():
+        for name, value in entry.items():
+            tensors[f"optimizer.{index}.{name}"] = value.detach().clone()
+    tensors["rng.generator"], tensors["rng.torch"] = state["generator"], state["torch_rng"]
+    document = {key: state[key] for key in ("config", "step", "losses", "wall_s", "data_sha256")}
+    document["scheduler"] = {k: v for k, v in state["scheduler"].items() if k != "lr_lambdas"}
+    document["optimizer_param_groups"] = state["optimizer"]["param_groups"]
+    save_state_file(path, tensors, document, CHECKPOINT_FORMAT)
+
+
+def _same_structure(fresh, loaded) -> bool:
+    """`loaded` (from JSON) has the keys, lengths and leaf types of `fresh` (a live state_dict)."""
+    if isinstance(fresh, (list, tuple)):
+        return isinstance(loaded, list) and len(loaded) == len(fresh) and all(map(_same_structure, fresh, loaded))
+    if isinstance(fresh, dict):
+        return (isinstance(loaded, dict) and set(loaded) == {str(k) for k in fresh}
+                and all(_same_structure(v, loaded[str(k)]) for k, v in fresh.items()))
+    return type(loaded) is type(fresh)
+
+
+def _load_checkpoint(path: Path, config: DraftTrainingConfig, data_sha256: str, draft, optimizer, scheduler,
+                     generator) -> tuple[int, list[float], float]:
+    """Validate everything in the checkpoint against the live objects first, then restore them; returns
+    (first step, losses so far, wall seconds so far)."""
+    tensors, state = load_state_file(path, CHECKPOINT_FORMAT)
+    if state.get("config") != as_json(asdict(config)):
+        raise DFlashError(f"Checkpoint {path} was made with another training config; delete it or train with "
+                          "the same options (or run `dflash train` without --resume).")
+    if state.get("data_sha256") != data_sha256:
+        raise unusable_file(path, "was made from other training sequences than this run's")
+    step, losses, wall_s = state.get("step"), state.get("losses"), state.get("wall_s")
+    if type(step) is not int or not 1 <= step <= config.steps:
+        raise unusable_file(path, f"has an invalid step {step!r} (expected 1..{config.steps})")
+    if not isinstance(losses, list) or len(losses) != step or not all(type(x) in (float, int) for x in losses):
+        raise unusable_file(path, f"has an invalid loss history (expected {step} numbers)")
+    if type(wall_s) not in (float, int) or not wall_s >= 0:
+        raise unusable_file(path, f"has an invalid wall_s {wall_s!r}")
+
+    def take(prefix: str) -> dict[str, torch.Tensor]:
+        return {name[len(prefix):]: tensors.pop(name) for name in [n for n in tensors if n.startswith(prefix)]}
+
+    weights, expected = take("draft."), draft.state_dict()
+    if set(weights) != set(expected):
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        raise unusable_file(path, f"does not fit this draft (missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, value in weights.items():
+        if value.shape != expected[name].shape or value.dtype != expected[name].dtype:
+            raise unusable_file(path, f"does not fit this draft: {name} is {value.dtype} {list(value.shape)}, "
+                                      f"expected {expected[name].dtype} {list(expected[name].shape)}")
+
+    parameters = list(draft.parameters())
+    moments: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in take("optimizer.").items():
+        index, _, field_name = name.partition(".")
+        if not index.isdigit() or int(index) >= len(parameters) or field_name not in _ADAMW_STATE:
+            raise unusable_file(path, f"has an unexpected optimizer entry {name!r}")
+        parameter = parameters[int(index)]
+        shape = () if field_name == "step" else tuple(parameter.shape)
+        if tuple(value.shape) != shape or value.dtype != torch.float32:
+            raise unusable_file(path, f"has an optimizer entry {name!r} of the wrong shape or dtype")
+        moments.setdefault(int(index), {})[field_name] = value
+    if any(set(entry) != set(_ADAMW_STATE) for entry in moments.values()):
+        raise unusable_file(path, "has an incomplete optimizer state")
+    fresh_groups = optimizer.state_dict()["param_groups"]
+    groups = state.get("optimizer_param_groups")
+    if (not isinstance(groups, list) or len(groups) != len(fresh_groups)
+            or any(not isinstance(g, dict) or set(g) != set(f) or type(g["lr"]) is not float
+                   or any(as_json(f[k]) != g[k] for k in f if k != "lr") for f, g in zip(fresh_groups, groups))):
+        raise unusable_file(path, "has optimizer settings that do not match this run")
+    fresh_scheduler = scheduler.state_dict()
+    scheduler_state = state.get("scheduler")
+    if not _same_structure({k: v for k, v in fresh_scheduler.items() if k != "lr_lambdas"}, scheduler_state):
+        raise unusable_file(path, "has a learning-rate schedule state that does not match this run")
+
+    rng = take("rng.")
+    if set(rng) != {"generator", "torch"} or tensors:
+        raise unusable_file(path, f"has unexpected or missing entries {sorted(tensors)[:3] or sorted(rng)}")
+    for name, value in rng.items():
+        try:
+            torch.Generator().set_state(value)  # validates on a scratch generator before touching real ones
+        except (RuntimeError, TypeError, ValueError):
+            raise unusable_file(path, f"has an invalid random-number state rng.{name}") from None
+
+    draft.load_state_dict(weights)
+    optimizer.load_state_dict({"state": moments,
+                               "param_groups": [{**f, "lr": g["lr"]} for f, g in zip(fresh_groups, groups)]})
+    scheduler.load_state_dict({**scheduler_state, "lr_lambdas": fresh_scheduler["lr_lambdas"]})
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    return step, [float(x) for x in losses], float(wall_s)
 
 
 def _batch_loss(draft, embed, lm_head, sequences, features, anchors_per_sequence, block, mask_token_id,

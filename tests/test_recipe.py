@@ -58,7 +58,7 @@ def test_resumed_training_equals_uninterrupted(tiny, tmp_path, monkeypatch):
         if state["step"] == 4:
             raise Crash
 
-    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint = tmp_path / "checkpoint.safetensors"
     monkeypatch.setattr(train_module, "_save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         train_draft(target, sequences, mask_token_id=mask, config=config, progress=False,
@@ -70,7 +70,7 @@ def test_resumed_training_equals_uninterrupted(tiny, tmp_path, monkeypatch):
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     other = DraftTrainingConfig(**{**vars(config), "steps": 7})
-    with pytest.raises(ValueError, match="another training config"):
+    with pytest.raises(DFlashError, match="another training config"):
         train_draft(target, sequences, mask_token_id=mask, config=other, progress=False,
                     checkpoint_path=checkpoint, resume=True)
 
@@ -94,6 +94,45 @@ def test_run_recipe_writes_loadable_draft_and_manifest(tiny, tmp_path):
     assert not (tmp_path / "draft" / ".work").exists()
     draft = load_draft(str(tmp_path / "draft"))
     assert draft.block_size == 8 and draft.mask_token_id == data.mask_token_id
+
+
+def test_resumed_recipe_equals_uninterrupted(tiny, tmp_path, monkeypatch):
+    """`dflash train --resume` after a kill mid-training: the cached stages and the checkpoint (safetensors)
+    give the bitwise same draft as an uninterrupted run."""
+    import dflash.train as train_module
+    target, tok = tiny
+    data = RecipeData({"code": _ids(tok, PROMPTS[:2]), "chat": _ids(tok, PROMPTS[2:])},
+                      {"code": _ids(tok, ["def mul(a, b):"])}, mask_token_id=tok.convert_tokens_to_ids("<|MASK|>"),
+                      stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    config = DraftTrainingConfig(num_layers=1, block_size=4, steps=6, batch_size=2, anchors_per_sequence=2)
+    options = RecipeOptions(distill_max_new_tokens=10, quality_block_sizes=(4,), quality_max_new_tokens=6,
+                            checkpoint_every=2, progress=False)
+    quiet = dict(config=config, command="test", log=lambda *_: None)
+    full = run_recipe(target, data, tmp_path / "full", options=options, **quiet)
+
+    class Crash(Exception):
+        pass
+
+    save = train_module._save_checkpoint
+
+    def save_then_crash(path, state):
+        save(path, state)
+        if state["step"] == 4:
+            raise Crash
+    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        run_recipe(target, data, tmp_path / "resumed", options=options, **quiet)
+    monkeypatch.setattr(train_module, "_save_checkpoint", save)
+    work = tmp_path / "resumed" / ".work"
+    assert {p.name for p in work.iterdir()} == {"sequences.safetensors", "features.safetensors",
+                                                 "checkpoint.safetensors", "timings.json"}
+    resumed = run_recipe(target, data, tmp_path / "resumed",
+                         options=RecipeOptions(**{**vars(options), "resume": True}), **quiet)
+    stages = resumed["stage_wall_s"]
+    assert stages["self_distillation_s_resumed"] and stages["context_features_s_resumed"]
+    assert resumed["files"] == full["files"]  # sha256 of model.safetensors: the same draft, bit for bit
+    assert resumed["draft"]["loss_every_50_steps"] == full["draft"]["loss_every_50_steps"]
+    assert resumed["quality"] == full["quality"]
 
 
 def test_prompt_files_and_bad_input(tmp_path):

@@ -22,8 +22,15 @@ def test_engine_arguments_use_sglang_names():
     assert args["speculative_num_draft_tokens"] == 16
     assert args["model_path"] == "Qwen/Qwen3-8B" and args["attention_backend"] == "fa3"
     assert args["cuda_graph_bs"] == [1, 2, 3, 4] and args["cuda_graph_max_bs"] == 4
-    assert args["skip_tokenizer_init"] and args["disable_radix_cache"] and args["trust_remote_code"]
+    assert args["skip_tokenizer_init"] and args["disable_radix_cache"]
+    assert args["trust_remote_code"] is False  # no code from the checkpoints unless asked for
     assert "enable_deterministic_inference" not in args
+
+
+def test_trust_remote_code_is_an_explicit_opt_in():
+    assert sg.EngineSettings("Qwen/Qwen3-8B").trust_remote_code is False
+    opted_in = sg.engine_arguments(sg.EngineSettings("Qwen/Qwen3-8B", trust_remote_code=True))
+    assert opted_in["trust_remote_code"] is True
 
 
 def test_baseline_engine_does_not_speculate():
@@ -36,6 +43,7 @@ def test_baseline_engine_does_not_speculate():
     (dict(draft="d", block_size=1), "must be >= 2"),
     (dict(block_size=8), "without a draft"),
     (dict(mem_fraction_static=1.5), "mem_fraction_static"),
+    (dict(trust_remote_code="false"), "trust_remote_code"),
 ])
 def test_bad_settings_are_clear_errors(kwargs, message):
     with pytest.raises(DFlashError, match=message):

@@ -17,6 +17,11 @@ Argument names are SGLang's (ServerArgs / Engine keyword arguments): model_path,
 speculative_draft_model_path, speculative_num_draft_tokens (the DFlash block size), attention_backend, tp_size,
 dtype, mem_fraction_static, max_running_requests, cuda_graph_bs, cuda_graph_max_bs, disable_radix_cache,
 trust_remote_code, skip_tokenizer_init, enable_deterministic_inference.
+
+Remote code is off: SGLang is started with trust_remote_code=False unless `EngineSettings.trust_remote_code` is
+set explicitly (an opt-in for a checkpoint whose architecture needs its own Python code from the checkpoint
+directory or hub repository, which then runs with this process's rights; the Qwen3 targets and z-lab DFlash
+drafts this backend is measured with need none).
 """
 from __future__ import annotations
 
@@ -44,7 +49,8 @@ def unavailable_reason() -> str | None:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """One SGLang engine. draft=None: the target-only baseline engine."""
+    """One SGLang engine. draft=None: the target-only baseline engine. trust_remote_code=False (the default):
+    SGLang does not import Python code from the checkpoints; set it True only for checkpoints you trust."""
     target: str  # local directory or hub id already in the HF cache
     draft: str | None = None
     block_size: int | None = None  # speculative_num_draft_tokens; None: the draft config's block size
@@ -56,6 +62,8 @@ class EngineSettings:
     cuda_graph_max_bs: int = 32
     disable_radix_cache: bool = True  # every prompt is new; a warm prefix cache would flatter later levels
     deterministic: bool = False  # enable_deterministic_inference: batch-invariant kernels, for parity checks
+    # Opt-in only: run Python code shipped with the target/draft checkpoint (see the module docstring).
+    trust_remote_code: bool = False
 
     def __post_init__(self):
         if self.block_size is not None and self.block_size < 2:
@@ -65,12 +73,15 @@ class EngineSettings:
             raise DFlashError("block_size was given without a draft: the target-only engine does not speculate.")
         if not 0 < self.mem_fraction_static < 1:
             raise DFlashError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}.")
+        if not isinstance(self.trust_remote_code, bool):  # a string such as "false" must not switch it on
+            raise DFlashError(f"trust_remote_code must be True or False, got {self.trust_remote_code!r}.")
 
 
 def engine_arguments(settings: EngineSettings) -> dict:
     """Keyword arguments for `sglang.Engine` (the same names as `python -m sglang.launch_server` flags)."""
     args = dict(
-        model_path=settings.target, trust_remote_code=True, attention_backend=settings.attention_backend,
+        model_path=settings.target, trust_remote_code=settings.trust_remote_code,
+        attention_backend=settings.attention_backend,
         tp_size=settings.tp_size, dtype=settings.dtype, mem_fraction_static=settings.mem_fraction_static,
         max_running_requests=settings.max_running_requests,
         cuda_graph_bs=list(range(1, settings.cuda_graph_max_bs + 1)), cuda_graph_max_bs=settings.cuda_graph_max_bs,
