@@ -1,11 +1,22 @@
-"""dflash: DFlash block-diffusion speculative decoding, its acceptance rules, and an embedded tiny model pair."""
-from .engine import BlockSizePolicy, CycleRecord, FixedBlockSize, GenerationResult, generate
-from .errors import DFlashError
-from .loading import KNOWN_MODELS, load_draft, load_target, load_tokenizer
-from .model import DFlashDraftModel, build_target_layer_ids, extract_context_feature, make_draft_config
+"""dflash: DFlash block-diffusion speculative decoding, its acceptance rules, and an embedded tiny model pair.
 
-__all__ = [
-    "BlockSizePolicy", "CycleRecord", "DFlashDraftModel", "DFlashError", "FixedBlockSize", "GenerationResult",
-    "KNOWN_MODELS", "build_target_layer_ids", "extract_context_feature", "generate", "load_draft", "load_target",
-    "load_tokenizer", "make_draft_config",
-]
+The names below load on first use, so `dflash --help` and a Ctrl-C during start-up never wait on torch."""
+from importlib import import_module
+
+from .errors import DFlashError
+
+_EXPORTS = {
+    "BlockSizePolicy": ".engine", "CycleRecord": ".engine", "FixedBlockSize": ".engine",
+    "GenerationResult": ".engine", "generate": ".engine",
+    "KNOWN_MODELS": ".loading", "load_draft": ".loading", "load_target": ".loading", "load_tokenizer": ".loading",
+    "DFlashDraftModel": ".model", "build_target_layer_ids": ".model", "extract_context_feature": ".model",
+    "make_draft_config": ".model",
+}
+
+__all__ = sorted([*_EXPORTS, "DFlashError"])
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,17 +3,68 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import signal
 import sys
 
 from .errors import DFlashError
 
+SEED_MAX = (1 << 63) - 1
+
+
+def bounded_int(low: int, high: int | None = None):
+    """argparse type: an integer in [low, high] (argparse prints the error and exits 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high if high is not None else 'inf'}]"
+                                             f", got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def finite_float(low: float, high: float | None = None, *, low_open: bool = False):
+    """argparse type: a finite float in [low, high] ((low, high] with low_open); nan and inf are refused."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or (high is not None and
+                                                                                      value > high):
+            bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{']' if high else ')'}"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {bounds}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def int_list(low: int = 0):
+    """argparse type: comma-separated integers, each >= low, at least one."""
+    def parse(text: str) -> list[int]:
+        parts = [t.strip() for t in text.split(",") if t.strip()]
+        try:
+            values = [int(t) for t in parts]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        if not values or min(values) < low:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers >= {low}, got {text!r}")
+        return values
+    parse.__name__ = "list"
+    return parse
+
 
 def _prompt_ids(args, tokenizer) -> list[int]:
     if args.prompt_ids is not None:
-        try:
-            return [int(t) for t in args.prompt_ids.split(",") if t.strip()]
-        except ValueError:
-            raise DFlashError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}.") from None
+        return args.prompt_ids
+    if args.prompt != args.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace"):
+        raise DFlashError("--prompt is not valid UTF-8 text (the shell passed bytes in another encoding); "
+                          "re-encode it as UTF-8, or pass token ids with --prompt-ids.")
     if args.chat:
         return tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                              tokenize=True, return_dict=False)
@@ -22,20 +73,21 @@ def _prompt_ids(args, tokenizer) -> list[int]:
 
 def cmd_generate(args) -> None:
     from .engine import generate
-    from .loading import load_draft, load_target, load_tokenizer
-    target = load_target(args.target, device=args.device, dtype=args.dtype)
+    from .loading import check_device, load_draft, load_target, load_tokenizer
+    check_device(args.device)
     tokenizer = load_tokenizer(args.target)
-    draft = None if args.draft.lower() == "none" else load_draft(args.draft, device=args.device, dtype=args.dtype)
     prompt = _prompt_ids(args, tokenizer)
+    target = load_target(args.target, device=args.device, dtype=args.dtype)
+    draft = None if args.draft.lower() == "none" else load_draft(args.draft, device=args.device, dtype=args.dtype)
     block_size = args.block_size if draft is not None else 1  # target-only verifies one token per cycle
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and not args.no_stop else []
     result = generate(target, draft, prompt, max_new_tokens=args.max_new_tokens, block_size=block_size,
                       temperature=args.temperature, seed=args.seed, stop_token_ids=stop, acceptance=args.acceptance)
     text = tokenizer.decode(result.output_ids, skip_special_tokens=False)
     if args.json:
-        print(json.dumps({**result.to_dict(trace=args.trace), "text": text}))
+        print(json.dumps({**result.to_dict(trace=args.trace), "text": text}), flush=True)
     else:
-        print(text)
+        print(text, flush=True)
         print(f"tau {result.tau:.2f} over {result.num_cycles} cycles | {result.tokens_per_s:.1f} tokens/s | "
               f"TTFT {result.ttft_s * 1e3:.1f} ms | TPOT {result.tpot_s * 1e3:.2f} ms", file=sys.stderr)
 
@@ -60,13 +112,20 @@ def cmd_train(args) -> None:
         return
     if not args.target or not args.prompts or not args.out:
         raise DFlashError("dflash train needs --target, --prompts and --out (or `dflash train tiny`).")
+    from pathlib import Path
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise DFlashError(f"--out {args.out} is a file; pass a directory (it is created if missing).")
     import torch
     torch.set_num_threads(args.threads)
     from .loading import load_target, load_tokenizer
-    from .recipe import RecipeData, RecipeOptions, load_prompt_texts, run_recipe, tokenize_prompts
+    from .recipe import (RecipeData, RecipeOptions, check_prompt_texts, load_prompt_texts, run_recipe,
+                         tokenize_prompts)
     from .train import DraftTrainingConfig
-    target = load_target(args.target)
     tokenizer = load_tokenizer(args.target)
+    train_texts = check_prompt_texts(load_prompt_texts(args.prompts, per_category=args.prompts_per_category),
+                                     args.prompts)
+    heldout_texts = check_prompt_texts(load_prompt_texts(args.heldout, per_category=args.heldout_per_category),
+                                       args.heldout)
     mask_token = args.mask_token or tokenizer.mask_token or (
         __import__("dflash.smol", fromlist=["MASK_TOKEN"]).MASK_TOKEN if args.target == "smol" else None)
     mask_id = tokenizer.convert_tokens_to_ids(mask_token) if mask_token else None
@@ -74,8 +133,11 @@ def cmd_train(args) -> None:
         raise DFlashError(f"No mask token: the tokenizer has none and --mask-token {mask_token!r} is not in its "
                           "vocabulary. Pass --mask-token with an existing, otherwise unused token.")
     chat = args.chat if args.chat is not None else args.target == "smol"
-    train_texts = load_prompt_texts(args.prompts, per_category=args.prompts_per_category)
-    heldout_texts = load_prompt_texts(args.heldout, per_category=args.heldout_per_category)
+    target = load_target(args.target)
+    layers = target.config.get_text_config().num_hidden_layers
+    if args.target_layer_ids and max(args.target_layer_ids) >= layers:
+        raise DFlashError(f"--target-layer-ids {args.target_layer_ids} include layers outside the target's {layers} "
+                          f"decoder layers (valid: 0..{layers - 1}).")
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     data = RecipeData(tokenize_prompts(train_texts, tokenizer, chat=chat),
                       tokenize_prompts(heldout_texts, tokenizer, chat=chat), mask_token_id=mask_id,
@@ -83,7 +145,7 @@ def cmd_train(args) -> None:
                       else stop[0] if stop else 0,
                       description={"target": args.target, "prompts": args.prompts, "heldout": args.heldout,
                                    "chat_template": chat, "mask_token": mask_token})
-    layer_ids = [int(i) for i in args.target_layer_ids.split(",")] if args.target_layer_ids else None
+    layer_ids = args.target_layer_ids
     config = DraftTrainingConfig(num_layers=args.draft_layers, block_size=args.block_size,
                                  target_layer_ids=layer_ids, gamma=args.gamma, steps=args.steps,
                                  batch_size=args.batch_size, anchors_per_sequence=args.anchors,
@@ -92,7 +154,7 @@ def cmd_train(args) -> None:
                             distill_batch_size=args.distill_batch_size, resume=args.resume,
                             distill_bf16_autocast=args.distill_bf16_autocast,
                             quality_max_new_tokens=args.quality_max_new_tokens,
-                            quality_block_sizes=tuple(int(b) for b in args.quality_block_sizes.split(",")),
+                            quality_block_sizes=tuple(args.quality_block_sizes),
                             feature_batch_size=args.feature_batch_size, feature_dtype=args.feature_dtype,
                             checkpoint_every=args.checkpoint_every)
     run_recipe(target, data, args.out, config=config, options=options, command="dflash " + " ".join(args.argv))
@@ -184,21 +246,15 @@ def check_baselines(profile: str, baselines_dir: str) -> int:
 
 def cmd_gate_quality(args) -> None:
     from .harness.gate_quality import main as gate_quality
-    try:
-        block_sizes = tuple(int(b) for b in args.block_sizes.split(","))
-    except ValueError:
-        raise DFlashError(f"--block-sizes must be comma-separated integers, got {args.block_sizes!r}.") from None
     if args.family is None:
         args.family = collected_family(["-m", "not slow"])
         print(f"gate family of make test's ablations: {args.family} gates", file=sys.stderr)
-    for name in ("repeats", "tau_trials", "slow_repeats", "family"):
-        if getattr(args, name) < 1:
-            raise DFlashError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
     gate_quality(repeats=args.repeats, tau_trials=args.tau_trials, slow_repeats=args.slow_repeats,
-                 family=args.family, hogs=max(0, args.hogs), block_sizes=block_sizes, out=args.out)
+                 family=args.family, hogs=args.hogs, block_sizes=tuple(args.block_sizes), out=args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .acceptance import SAMPLING_RULES
     parser = argparse.ArgumentParser(prog="dflash", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -207,16 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft", default="tiny", help="known name, local directory, hub id, or 'none'")
     source = g.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text (tokenized with the target's tokenizer)")
-    source.add_argument("--prompt-ids", help="comma-separated token ids")
+    source.add_argument("--prompt-ids", type=int_list(0), help="comma-separated token ids")
     g.add_argument("--chat", action="store_true", help="wrap --prompt in the target's chat template")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--acceptance", default="speculative", help="sampling rule: speculative (default) or match")
+    g.add_argument("--max-new-tokens", type=bounded_int(1, 1 << 31), default=128)
+    g.add_argument("--block-size", type=bounded_int(1, 1024), default=16)
+    g.add_argument("--temperature", type=finite_float(0.0), default=0.0)
+    g.add_argument("--seed", type=bounded_int(0, SEED_MAX), default=0)
+    g.add_argument("--acceptance", default="speculative", choices=sorted(SAMPLING_RULES),
+                   help="sampling rule: speculative (default) or match")
     g.add_argument("--no-stop", action="store_true", help="do not stop at the tokenizer's EOS token")
     g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
+    g.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="float32 (CPU default), bfloat16 (CUDA default), float16")
     g.add_argument("--json", action="store_true", help="print one JSON object with the result")
     g.add_argument("--trace", action="store_true", help="include the per-cycle trace in --json output")
     g.set_defaults(func=cmd_generate)
@@ -234,54 +292,54 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--heldout", default="smol-heldout", help="held-out prompts for the tau table (same formats)")
     t.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap prompts in the target's chat template (default: on for --target smol)")
-    t.add_argument("--prompts-per-category", type=int, default=180, help="size of a generated prompt set")
-    t.add_argument("--heldout-per-category", type=int, default=6)
+    t.add_argument("--prompts-per-category", type=bounded_int(1), default=180, help="size of a generated prompt set")
+    t.add_argument("--heldout-per-category", type=bounded_int(1), default=6)
     t.add_argument("--mask-token", default=None, help="token used as the draft's mask (default: tokenizer's)")
-    t.add_argument("--block-size", type=int, default=16)
-    t.add_argument("--draft-layers", type=int, default=1)
-    t.add_argument("--target-layer-ids", default=None, help="comma-separated target layers to tap")
-    t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--batch-size", type=int, default=4, help="sequences per step")
-    t.add_argument("--anchors", type=int, default=8, help="anchors (blocks) per sequence per step")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--gamma", type=float, default=None, help="loss decay (default: 7 for B=16, 4 for B=8)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--block-size", type=bounded_int(2, 1024), default=16)
+    t.add_argument("--draft-layers", type=bounded_int(1, 64), default=1)
+    t.add_argument("--target-layer-ids", type=int_list(0), default=None, help="comma-separated target layers to tap")
+    t.add_argument("--steps", type=bounded_int(1), default=1000)
+    t.add_argument("--batch-size", type=bounded_int(1), default=4, help="sequences per step")
+    t.add_argument("--anchors", type=bounded_int(1), default=8, help="anchors (blocks) per sequence per step")
+    t.add_argument("--lr", type=finite_float(0.0, low_open=True), default=1e-3)
+    t.add_argument("--gamma", type=finite_float(0.0, low_open=True), default=None, help="loss decay (default: 7 for B=16, 4 for B=8)")
+    t.add_argument("--seed", type=bounded_int(0, SEED_MAX), default=0)
     t.add_argument("--bf16-autocast", action="store_true", help="draft training under bf16 autocast")
     t.add_argument("--distill-bf16-autocast", action="store_true",
                    help="self-distillation generates under bf16 autocast (faster on AVX512-BF16 CPUs)")
-    t.add_argument("--distill-max-new-tokens", type=int, default=128)
-    t.add_argument("--distill-batch-size", type=int, default=16)
-    t.add_argument("--quality-max-new-tokens", type=int, default=96)
-    t.add_argument("--quality-block-sizes", default="4,8,16", help="block sizes of the held-out tau table")
-    t.add_argument("--feature-batch-size", type=int, default=8, help="1: no padding (exact tiny numerics)")
+    t.add_argument("--distill-max-new-tokens", type=bounded_int(1), default=128)
+    t.add_argument("--distill-batch-size", type=bounded_int(1), default=16)
+    t.add_argument("--quality-max-new-tokens", type=bounded_int(1), default=96)
+    t.add_argument("--quality-block-sizes", type=int_list(1), default=[4, 8, 16], help="block sizes of the held-out tau table")
+    t.add_argument("--feature-batch-size", type=bounded_int(1), default=8, help="1: no padding (exact tiny numerics)")
     t.add_argument("--feature-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="storage of the cached context features")
-    t.add_argument("--checkpoint-every", type=int, default=50)
-    t.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared machines)")
+    t.add_argument("--checkpoint-every", type=bounded_int(1), default=50)
+    t.add_argument("--threads", type=bounded_int(1, 1024), default=1, help="torch threads (default 1: shared machines)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/.work (finished stages, checkpoint)")
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="peer benchmark: transformers greedy / prompt lookup / target-only / DFlash")
     b.add_argument("--profile", default="smol", help="profile whose models and datasets to use (default smol)")
     b.add_argument("--dataset", action="append", help="dataset of the profile (repeatable; default: all)")
-    b.add_argument("--prompts", type=int, default=None, help="prompts per dataset (default: the profile's)")
-    b.add_argument("--max-new-tokens", type=int, default=None)
+    b.add_argument("--prompts", type=bounded_int(1), default=None, help="prompts per dataset (default: the profile's)")
+    b.add_argument("--max-new-tokens", type=bounded_int(1, 1 << 31), default=None)
     b.add_argument("--target", default=None, help="override the profile's target")
     b.add_argument("--draft", default=None, help="override the profile's draft")
-    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--threads", type=bounded_int(1, 1024), default=1)
     b.add_argument("--json", default=None, help="also write the records to this JSON file")
     b.set_defaults(func=cmd_bench)
 
     q = sub.add_parser("gate-quality", help="measure the gates' false-alarm and detection rates on the tiny pair")
-    q.add_argument("--repeats", type=int, default=25, help="independent runs of every case on unchanged code, "
+    q.add_argument("--repeats", type=bounded_int(1), default=25, help="independent runs of every case on unchanged code, "
                    "quiet and again with --hogs busy processes")
-    q.add_argument("--tau-trials", type=int, default=15, help="perturbed drafts (planted tau drop)")
-    q.add_argument("--slow-repeats", type=int, default=10, help="runs of every case with a drafter that burns 20%% "
+    q.add_argument("--tau-trials", type=bounded_int(1), default=15, help="perturbed drafts (planted tau drop)")
+    q.add_argument("--slow-repeats", type=bounded_int(1), default=10, help="runs of every case with a drafter that burns 20%% "
                    "more CPU per cycle (planted slowdown)")
-    q.add_argument("--family", type=int, default=None, help="gates the flow is corrected for (default: those of "
+    q.add_argument("--family", type=bounded_int(1), default=None, help="gates the flow is corrected for (default: those of "
                    "make test's ablations, counted by collecting them)")
-    q.add_argument("--hogs", type=int, default=2, help="busy processes during the loaded false-alarm runs")
-    q.add_argument("--block-sizes", default="4,8,16", help="block sizes of the gated cases (comma-separated)")
+    q.add_argument("--hogs", type=bounded_int(0, 64), default=2, help="busy processes during the loaded false-alarm runs")
+    q.add_argument("--block-sizes", type=int_list(1), default=[4, 8, 16], help="block sizes of the gated cases (comma-separated)")
     q.add_argument("--out", default=None, help="also write the JSON result to this file")
     q.set_defaults(func=cmd_gate_quality)
 
@@ -299,12 +357,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
     try:
+        args = build_parser().parse_args(argv)
+        args.argv = argv
+        if sys.stdout is None or sys.stdout.closed:
+            raise DFlashError("standard output is closed, so the result would be lost; run with stdout open "
+                              "(redirect it to a file to keep it).")
         return args.func(args) or 0
     except DFlashError as error:
         print(f"dflash: error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): say so once, and keep Python from failing again at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("dflash: error: standard output was closed before the result was written (broken pipe).",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dflash: interrupted" + (" (dflash train --resume continues from the last finished stage or "
+                                       "checkpoint)" if argv[:1] == ["train"] else "") + ".", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except OSError as error:  # the environment refused: a path that cannot be read or written, a full disk
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"dflash: error: {error.strerror or error}{where}. Check the path and its permissions and free "
+              "space; what earlier stages finished is kept (dflash train --resume continues).", file=sys.stderr)
         return 2
 
 

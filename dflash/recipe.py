@@ -286,7 +286,11 @@ def load_prompt_texts(spec: str, *, per_category: int) -> dict[str, list[str]]:
     if not path.is_file():
         raise DFlashError(f"Prompts {spec!r}: not a named set ({', '.join(NAMED_PROMPT_SETS)}) and not a file. "
                           "Pass a .txt (one prompt per line), .json ({category: [prompts]}) or .jsonl file.")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DFlashError(f"Prompts file {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
+                          "re-encode it as UTF-8.") from None
     try:
         if path.suffix == ".json":
             table = json.loads(text)
@@ -302,6 +306,15 @@ def load_prompt_texts(spec: str, *, per_category: int) -> dict[str, list[str]]:
     except (ValueError, KeyError) as error:
         raise DFlashError(f"Cannot read prompts from {path}: {error}") from None
     return {"all": [line for line in text.splitlines() if line.strip()]}
+
+
+def check_prompt_texts(table: dict[str, list[str]], source: str) -> dict[str, list[str]]:
+    """At least one non-empty prompt, and no category without prompts."""
+    empty = [c for c, prompts in table.items() if not any(p.strip() for p in prompts)]
+    if not table or empty:
+        raise DFlashError(f"Prompts {source!r} hold no prompts" + (f" in categories {empty}" if table else "") +
+                          ": give at least one non-empty prompt per category.")
+    return table
 
 
 def tokenize_prompts(texts: dict[str, list[str]], tokenizer, *, chat: bool) -> dict[str, list[list[int]]]:

@@ -74,7 +74,7 @@ def test_block_size_above_one_without_draft(target):
 
 
 def test_negative_temperature(target):
-    expect("temperature must be >= 0", generate, target, None, [1, 2], max_new_tokens=4, temperature=-0.5)
+    expect("temperature must be a finite number >= 0", generate, target, None, [1, 2], max_new_tokens=4, temperature=-0.5)
 
 
 def test_empty_prompt(target):
@@ -83,7 +83,7 @@ def test_empty_prompt(target):
 
 @pytest.mark.parametrize("n", [0, -3])
 def test_max_new_tokens_below_one(target, n):
-    expect(f"max_new_tokens must be >= 1, got {n}", generate, target, None, [1], max_new_tokens=n)
+    expect(f"max_new_tokens must be an integer >= 1, got {n}", generate, target, None, [1], max_new_tokens=n)
 
 
 def test_unknown_acceptance_rule(target):
@@ -111,3 +111,35 @@ def test_cli_prints_one_paragraph_and_exits_2():
 def test_draft_temperature_must_match_the_mode(target, temperature, draft_temperature):
     expect("draft_temperature must be > 0 when sampling", generate, target, random_draft(target, 0), [1, 2],
            max_new_tokens=4, block_size=4, temperature=temperature, draft_temperature=draft_temperature)
+
+
+@pytest.mark.parametrize("prompt,bad", [([1, 12], 12), ([-1, 2], -1)])
+def test_prompt_ids_outside_the_vocabulary(target, prompt, bad):
+    expect(rf"token id {bad}, outside the target's vocabulary \(0\.\.11\)", generate, target, None, prompt,
+           max_new_tokens=2)
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf")])
+def test_temperature_must_be_finite(target, temperature):
+    expect("temperature must be a finite number >= 0", generate, target, None, [1], max_new_tokens=2,
+           temperature=temperature)
+    expect("draft_temperature must be a finite number", generate, target, random_draft(target, 0), [1],
+           max_new_tokens=2, block_size=2, temperature=1.0, draft_temperature=temperature)
+
+
+@pytest.mark.parametrize("seed", [1 << 64, -(1 << 63) - 1, 1.5])
+def test_seed_out_of_range(target, seed):
+    expect("seed must be an integer in", generate, target, None, [1], max_new_tokens=2, seed=seed)
+
+
+def test_prompt_and_new_tokens_within_the_targets_positions(target):
+    positions = target.config.max_position_embeddings
+    expect(rf"exceeds the target's {positions} positions.*at most {positions - 2}", generate, target, None, [1, 2],
+           max_new_tokens=positions)
+    expect("Shorten the prompt", generate, target, None, [1] * positions, max_new_tokens=1)
+
+
+def test_batched_prompts_are_checked_like_single_ones(target):
+    from dflash.variants.batched import generate_batch
+    expect(r"Prompt 1 of the batch holds token id 40", generate_batch, target, None, [[1], [40]], max_new_tokens=2,
+           block_size=1)

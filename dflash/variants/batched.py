@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import new_cache
-from ..engine import CycleRecord, GenerationResult, GreedyAcceptor, Proposal, check_pair, cpu_seconds
+from ..engine import (CycleRecord, GenerationResult, GreedyAcceptor, Proposal, check_block_size, check_pair,
+                      check_prompt, cpu_seconds)
 from ..errors import DFlashError
 from ..model import extract_context_feature
 from . import VariantSpec, register
@@ -196,21 +197,14 @@ def _check(target, draft, prompts, max_new_tokens, block_size, temperature):
     if not prompts:
         raise DFlashError("generate_batch got no prompts: pass a list of token-id lists.")
     for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise DFlashError(f"Prompt {i} of the batch is empty: give every prompt at least one token.")
-    if max_new_tokens < 1:
-        raise DFlashError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        check_prompt(target, torch.as_tensor(prompt, dtype=torch.long), max_new_tokens, f"Prompt {i} of the batch")
     if temperature != 0:
         raise DFlashError(f"The batched variant is greedy only (temperature 0), got temperature {temperature}: "
                           "decode sampled prompts one at a time with dflash.generate.")
     if not isinstance(block_size, int):
         raise DFlashError("The batched variant takes a fixed integer block_size (one block width per batch "
                           f"cycle), got {type(block_size).__name__}.")
-    limit = draft.block_size if draft is not None else 1
-    if not 1 <= block_size <= limit:
-        raise DFlashError(f"block_size must be between 1 and {limit}, got {block_size}: " + (
-            f"the draft was trained with block size {draft.block_size}." if draft is not None else
-            "batched target-only decoding (no draft) verifies one token per cycle; pass block_size=1."))
+    check_block_size(draft, block_size)
     if draft is not None:
         check_pair(target, draft)
 
