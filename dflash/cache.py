@@ -2,10 +2,26 @@
 
 transformers 4.57 `DynamicCache.crop(n)` kept the first n positions (negative n removed |n|); 5.x rejects positive
 n and only removes. Removing with a negative count means the same thing in both, so that is all we use.
+A model's forward takes the cache as `past_key_values` up to transformers 5.x and as `cache` after (the old name
+warns, then goes away in 5.40): `with_cache` passes it under the name the model's forward declares.
 """
 from __future__ import annotations
 
+import inspect
+from functools import lru_cache
+
 from transformers import DynamicCache
+
+
+@lru_cache(maxsize=None)
+def _cache_keyword(forward_owner: type) -> str:
+    parameters = inspect.signature(forward_owner.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def with_cache(model, cache) -> dict:
+    """The forward keyword argument that hands `cache` to `model`."""
+    return {_cache_keyword(type(model)): cache}
 
 
 def new_cache(config=None) -> DynamicCache:

@@ -39,7 +39,7 @@ from typing import Callable, Protocol
 import torch
 
 from . import acceptance as rules
-from .cache import cache_length, crop_cache, new_cache
+from .cache import cache_length, crop_cache, new_cache, with_cache
 from .errors import DFlashError
 from .model import DFlashDraftModel, extract_context_feature
 
@@ -442,7 +442,7 @@ class LinearVerifier:
         for index, path in enumerate(branches):
             crop_cache(cache, start)
             ids = torch.cat([torch.tensor([anchor], device=device), tokens[[p - 1 for p in path]]])
-            out = target(input_ids=ids[None], past_key_values=cache, use_cache=True,
+            out = target(input_ids=ids[None], **with_cache(target, cache), use_cache=True,
                          output_hidden_states=feature_layers is not None)
             verified += ids.numel()
             branch_features = (extract_context_feature(out.hidden_states, feature_layers)
@@ -561,7 +561,7 @@ def generate(target, draft: DFlashDraftModel | None, input_ids, *, max_new_token
 
     begin, begin_cpu = _clock(device), time.process_time()
     target_cache = new_cache(target.config)
-    prefill = target(input_ids=input_ids, past_key_values=target_cache, use_cache=True,
+    prefill = target(input_ids=input_ids, **with_cache(target, target_cache), use_cache=True,
                      output_hidden_states=draft is not None, logits_to_keep=1)
     last_logits = prefill.logits[0, -1]
     if temperature == 0:

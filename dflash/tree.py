@@ -19,6 +19,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from . import acceptance as rules
+from .cache import with_cache
 from .engine import Proposal, Verification
 from .errors import DFlashError
 from .model import extract_context_feature
@@ -109,7 +110,7 @@ def verify_tree(target, cache: DynamicCache, trie: Trie, start: int, output_hidd
                           "cache must hold exactly the committed text before the anchor.")
     device = target.get_input_embeddings().weight.device
     dtype = target.get_input_embeddings().weight.dtype
-    return target(input_ids=trie.tokens[None].to(device), past_key_values=cache, use_cache=True,
+    return target(input_ids=trie.tokens[None].to(device), **with_cache(target, cache), use_cache=True,
                   position_ids=tree_positions(trie.depths, start).to(device),
                   attention_mask=tree_attention_mask(trie.parents, start, dtype, device),
                   output_hidden_states=output_hidden_states)

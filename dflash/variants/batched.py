@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache import new_cache
+from ..cache import new_cache, with_cache
 from ..engine import (CycleRecord, GenerationResult, GreedyAcceptor, Proposal, check_block_size, check_pair,
                       check_prompt, cpu_seconds)
 from ..errors import DFlashError
@@ -253,7 +253,8 @@ class _Rows:
     def verify(self, target, block_ids: torch.Tensor, positions: torch.Tensor, want_features: bool):
         """One target forward for every row's block (causal inside the block, valid cache slots before it)."""
         mask = verify_mask(self.target_valid, torch.ones_like(block_ids, dtype=torch.bool))
-        return target(input_ids=block_ids, position_ids=positions, past_key_values=self.target_cache, use_cache=True,
+        return target(input_ids=block_ids, position_ids=positions, **with_cache(target, self.target_cache),
+                      use_cache=True,
                       attention_mask=additive(mask, target.get_input_embeddings().weight.dtype),
                       output_hidden_states=want_features)
 
@@ -299,7 +300,7 @@ def decode_batch(target, draft, prompts, *, max_new_tokens: int, block_size: int
     begin, begin_cpu = _clock(device), time.process_time()
     ids, valid, positions = (t.to(device) for t in left_pad(prompts, pad_id=0))
     target_cache = new_cache(target.config)
-    prefill = target(input_ids=ids, position_ids=positions, past_key_values=target_cache, use_cache=True,
+    prefill = target(input_ids=ids, position_ids=positions, **with_cache(target, target_cache), use_cache=True,
                      attention_mask=additive(verify_mask(valid[:, :0], valid), dtype),
                      output_hidden_states=use_draft, logits_to_keep=1)
     batch = _Rows(list(range(n)), torch.tensor([len(p) for p in prompts], device=device), target_cache, valid,
