@@ -101,6 +101,9 @@ def _check_case(raw, where: str, problems: list[str], profile: str) -> None:
         problems.append(f"{where} is missing field(s) {', '.join(missing)}")
     if "id" in raw and not (isinstance(raw["id"], str) and raw["id"]):
         problems.append(f"{where}: id must be a non-empty string")
+    elif "id" in raw and not raw["id"].isprintable():
+        problems.append(f"{where}: id contains non-printable characters (a newline, a control character); case "
+                        "ids must be printable text")
     tau = raw.get("per_prompt_tau")
     if tau is not None and not (isinstance(tau, list) and tau and all(_is_number(t) for t in tau)):
         problems.append(f"{where}: per_prompt_tau must be a non-empty list of finite numbers")
@@ -203,6 +206,12 @@ def load_baselines(path: str | os.PathLike, *, profile: str | None = None, ablat
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise BaselineError(f"Baseline file {path} does not exist; record it with --update-baselines.") from None
+    except OSError as error:  # a directory, no permission, an I/O error
+        raise BaselineError(f"Bad baseline file {path}: cannot be read ({error.strerror or error}); it must be a "
+                            "readable JSON file (re-record it with --update-baselines).") from None
+    except UnicodeDecodeError as error:
+        raise BaselineError(f"Bad baseline file {path}: not UTF-8 text ({error.reason} at byte {error.start}); "
+                            "restore it from git or re-record it with --update-baselines.") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:

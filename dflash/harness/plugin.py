@@ -7,9 +7,13 @@ correction over the whole run, baseline updates and the markdown report happen o
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import math
 import os
+import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +26,45 @@ from .fileio import atomic_write_text
 from .measure import (TARGET_ONLY, Variant, compare, comparison_metrics, extend, per_prompt_tau, speedup_samples,
                       warm_up)
 from .profiles import PROFILES, get_profile, load_prompts, unavailable_reason
-from .results import ResultsFile, latest_by_id
+from .results import ResultsFile, ResultsFileError, id_problem, latest_by_id
 from .stats import REGRESSION, apply_holm, confirm, sequential_tau_gate, tau_gate, throughput_gate
 
 RECORD_KEY = "dflash_record"
 DEFAULT_PROFILES = ("tiny", "gpu-qwen3-4b", "gpu-qwen3-8b")
 SEEDS = {"prompt_seed": "index of the prompt", "torch": 0}
+
+
+def _number_option(option: str, accepts, requirement: str, example: str):
+    """An argparse `type=` for a float option: refuses what is not a finite number meeting `requirement` (NaN,
+    inf, out of range) with a message saying what was wrong and how to fix it (pytest makes it a usage error)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not math.isfinite(value) or not accepts(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not accepted: {option} must be {requirement} (e.g. "
+                                             f"{option} {example}); any other value would make a gate that "
+                                             "can never fail, or fail on noise")
+        return value
+    parse.__name__ = option.lstrip("-").replace("-", "_")
+    return parse
+
+
+TAU_MARGIN = _number_option("--tau-margin", lambda v: 0 <= v < 1, "a fraction in [0, 1)", "0.03")
+THROUGHPUT_FACTOR = _number_option("--throughput-factor", lambda v: v >= 1, "a finite factor >= 1", "1.10")
+GATE_ALPHA = _number_option("--gate-alpha", lambda v: 0 < v < 1, "a significance level in the open interval (0, 1)",
+                            "0.05")
+
+
+def _path_option(option: str):
+    def parse(text: str) -> str:
+        if not text.strip() or not text.isprintable():
+            raise argparse.ArgumentTypeError(f"{text!r} is not accepted: {option} needs a directory path (printable, "
+                                             "not empty)")
+        return text
+    parse.__name__ = option.lstrip("-").replace("-", "_")
+    return parse
 
 
 def pytest_addoption(parser):
@@ -40,15 +77,20 @@ def pytest_addoption(parser):
     group.addoption("--resume", action="store_true", help="continue the latest run of the profile: recorded "
                     "cases are not measured again, their verdicts count (refused if target, draft, code or "
                     "gate options differ from that run's)")
-    group.addoption("--tau-margin", type=float, default=0.03, help="practical margin of the tau gate (0.03 = 3%%)")
-    group.addoption("--throughput-factor", type=float, default=1.10, help="asv-style factor of the speedup gate")
-    group.addoption("--gate-alpha", type=float, default=0.05, help="family-wise significance level of the gates")
+    group.addoption("--tau-margin", type=TAU_MARGIN, default=0.03,
+                    help="practical margin of the tau gate, in [0, 1) (0.03 = 3%%)")
+    group.addoption("--throughput-factor", type=THROUGHPUT_FACTOR, default=1.10,
+                    help="asv-style factor of the speedup gate (finite, >= 1)")
+    group.addoption("--gate-alpha", type=GATE_ALPHA, default=0.05,
+                    help="family-wise significance level of the gates, in (0, 1)")
     group.addoption("--target", dest="dflash_target", default=None,
                     help="override the profile's target (a known name, local directory or hub id)")
     group.addoption("--draft", dest="dflash_draft", default=None,
                     help="override the profile's draft, e.g. a perturbed copy to check that the gates fire")
-    group.addoption("--reports-dir", default="reports", help="where run directories are written")
-    group.addoption("--baselines-dir", default="baselines", help="where baseline files live")
+    group.addoption("--reports-dir", type=_path_option("--reports-dir"), default="reports",
+                    help="where run directories are written")
+    group.addoption("--baselines-dir", type=_path_option("--baselines-dir"), default="baselines",
+                    help="where baseline files live")
     group.addoption("--check-baselines", action="store_true", help="with --collect-only: list gated cases "
                     "without a baseline entry and entries no case produces (what `dflash baselines --check` runs)")
 
@@ -64,10 +106,52 @@ def pytest_configure(config):
     state = RunState(config)
     config.stash[STATE] = state
     if not hasattr(config, "workerinput"):
+        _check_options(config, state)
         state.open_runs()
         config.pluginmanager.register(Controller(state), "dflash-controller")
         if config.getoption("report"):
             config.pluginmanager.register(ReportWriter(state), "dflash-report")
+
+
+def writable_problem(directory: Path) -> str | None:
+    """Why files cannot be created in `directory` (or, while it does not exist, in its nearest existing
+    ancestor, where it would be made); None when they can. Leaves nothing behind (an unnamed temp file)."""
+    probe = directory
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} exists but is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as error:
+        return f"no file can be created in {probe} ({error.strerror or error})"
+    return None
+
+
+def _check_options(config, state: "RunState") -> None:
+    """Controller, before anything is measured: directories that are files or cannot be written, and model
+    overrides that do not resolve, are usage errors (not a traceback, and not a run whose results are lost)."""
+    for option, path in (("--reports-dir", state.reports_dir), ("--baselines-dir", state.baselines_dir)):
+        if path.exists() and not path.is_dir():
+            raise pytest.UsageError(f"{option} {path} is a file, not a directory: pass a directory (it is created "
+                                    "if missing), or move the file away.")
+    if state.update:
+        for profile in state.profiles:
+            problem = writable_problem(state.baselines_dir / profile)
+            if problem:
+                raise pytest.UsageError(f"--update-baselines would measure every case and then fail to write the "
+                                        f"baselines under {state.baselines_dir / profile}: {problem}. Nothing was "
+                                        "measured. Pass a writable --baselines-dir DIR, or make that directory "
+                                        "writable.")
+    from ..loading import KNOWN_MODELS, resolve
+    for option, which in (("dflash_target", "target"), ("dflash_draft", "draft")):
+        value = config.getoption(option)
+        if value and value not in KNOWN_MODELS:
+            try:
+                resolve(value, which)
+            except DFlashError as error:
+                raise pytest.UsageError(f"--{which} {value}: {error}") from None
 
 
 def in_ci() -> bool:
@@ -99,11 +183,13 @@ class RunState:
         self.baseline_diff = ""
         self.exitstatus = 0
         self.coverage_problems = 0
+        self.errors: list[str] = []  # session-end failures, one paragraph each (printed in the terminal summary)
         self._recorded: dict[str, dict] = {}
 
     def open_runs(self) -> None:
         """Controller: the run directory and identity of every profile; --resume continues the latest run of
-        a profile only when its identity is the same (else a usage error saying what differs)."""
+        a profile only when its identity is the same and its results file is sound (else a usage error saying
+        what differs or which line is bad). Every run directory must be writable before anything is measured."""
         resume = self.config.getoption("resume")
         for profile in self.profiles:
             identity = run_identity(self.config, profile)
@@ -112,6 +198,7 @@ class RunState:
             if latest is not None:
                 self._check_resumable(latest, identity)
                 self.run_dirs[profile] = latest
+                self._check_results(profile)
             else:
                 self.run_dirs[profile] = self._new_run_dir(profile, identity)
 
@@ -120,26 +207,41 @@ class RunState:
         return runs[-1].parent if runs else None
 
     def _new_run_dir(self, profile: str, identity: dict) -> Path:
-        """A directory of its own: two runs started in the same second get -02, -03, ... (mkdir is atomic)."""
+        """A directory of its own: two runs started in the same second get -02, -03, ... (mkdir is atomic).
+        A reports directory where none can be made (read-only, a file in the way) is a usage error now, before
+        any case is measured, rather than a run whose results have nowhere to go."""
         stem = f"{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.reports_dir.mkdir(parents=True, exist_ok=True)
-        for k in range(1, 1000):
-            path = self.reports_dir / (stem if k == 1 else f"{stem}-{k:02d}")
-            try:
-                path.mkdir()
-            except FileExistsError:
-                continue
-            atomic_write_text(path / RUN_FILE, json.dumps(identity, indent=2, sort_keys=True) + "\n")
-            return path
+        try:
+            self.reports_dir.mkdir(parents=True, exist_ok=True)
+            for k in range(1, 1000):
+                path = self.reports_dir / (stem if k == 1 else f"{stem}-{k:02d}")
+                try:
+                    path.mkdir()
+                except FileExistsError:
+                    continue
+                try:
+                    atomic_write_text(path / RUN_FILE, json.dumps(identity, indent=2, sort_keys=True) + "\n")
+                except OSError:
+                    _remove_if_unused(path)
+                    raise
+                return path
+        except OSError as error:
+            raise pytest.UsageError(f"--reports-dir {self.reports_dir}: cannot create a run directory there "
+                                    f"({error.strerror or error}{': ' + str(error.filename) if error.filename else ''})"
+                                    ", so no measured case could be kept. Nothing was measured. Pass a writable "
+                                    "--reports-dir DIR.") from None
         raise DFlashError(f"could not create a run directory under {self.reports_dir}: 999 runs in one second?")
 
     @staticmethod
     def _check_resumable(run_dir: Path, identity: dict) -> None:
         try:
-            stored = json.loads((run_dir / RUN_FILE).read_text())
+            stored = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            raise pytest.UsageError(f"--resume: {run_dir} has no readable {RUN_FILE}, so what it measured is "
-                                    "unknown; start a new run (without --resume).") from None
+            stored = None
+        if not isinstance(stored, dict):
+            raise pytest.UsageError(f"--resume: {run_dir} has no readable {RUN_FILE} (a JSON object), so what it "
+                                    "measured is unknown; start a new run (without --resume), or move that run "
+                                    "directory away.")
         differs = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
         if differs:
             details = "; ".join(f"{k}: {stored.get(k)!r} then, {identity.get(k)!r} now" for k in differs)
@@ -147,14 +249,91 @@ class RunState:
                                     f"{', '.join(differs)} ({details}). Resume with the same target, draft, code "
                                     "and options, or start a new run without --resume.")
 
+    def _check_results(self, profile: str) -> None:
+        """--resume: the results file must be readable, sound (every record usable: `record_problem`) and
+        appendable, checked now rather than after measuring the cases that are left."""
+        run_dir = self.run_dirs[profile]
+        try:
+            self.recorded(profile)
+        except ResultsFileError as error:
+            raise pytest.UsageError(f"--resume cannot continue {run_dir}: {error} (Or start a new run without "
+                                    "--resume.)") from None
+        problem = writable_problem(run_dir)
+        path = self.results(profile).path
+        if problem is None:
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+            except OSError as error:
+                problem = f"{path} cannot be appended to ({error.strerror or error})"
+        if problem:
+            raise pytest.UsageError(f"--resume cannot continue {run_dir}: {problem}, so the cases measured now "
+                                    "could not be recorded. Nothing was measured. Make it writable, or start a "
+                                    "new run without --resume (with a writable --reports-dir).")
+
     def results(self, profile: str) -> ResultsFile:
         return ResultsFile(self.run_dirs[profile] / "results.jsonl")
 
     def recorded(self, profile: str) -> dict[str, dict]:
         """--resume: the records already in the run's results file, by case id (the latest of each)."""
         if profile not in self._recorded:
-            self._recorded[profile] = latest_by_id(self.results(profile).load())
+            self._recorded[profile] = latest_by_id(self.results(profile).load(check=record_problem))
         return self._recorded[profile]
+
+    def measured(self, profile: str) -> list[dict]:
+        """Session end: the run's records, from its results file (every finished case of the run, resumed ones
+        included) plus this session's records in memory (a case whose append failed, e.g. a full disk)."""
+        records = latest_by_id(self.results(profile).load(check=record_problem))
+        for record in self.records.values():
+            if record.get("profile") == profile:
+                records[record["id"]] = record
+        return list(records.values())
+
+
+GATE_NUMBERS = ("baseline", "new", "rel_change", "p_value", "p_improvement", "alpha", "n_baseline", "n_new")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def record_problem(record: dict) -> str | None:
+    """What makes a results record unusable where records enter a run from a file (--resume re-applies them,
+    `dflash baselines --from-run` turns them into baselines, the session end gates and renders them); None
+    when it is sound. The id itself is checked by `results.load` (printable text)."""
+    for key in ("ablation", "profile"):
+        if not isinstance(record.get(key), str) or not record[key].isprintable():
+            return f"{key} must be a printable string, got {record.get(key)!r}"
+    if record["profile"] not in PROFILES:
+        return f"unknown profile {record['profile']!r} (known: {', '.join(PROFILES)})"
+    for key in ("metrics", "params", "fingerprint"):
+        if record.get(key) is not None and not isinstance(record[key], dict):
+            return f"{key} must be a JSON object, got {type(record[key]).__name__}"
+    if record.get("outcome") not in (None, "passed", "failed"):
+        return f"outcome must be 'passed' or 'failed', got {record.get('outcome')!r}"
+    failures = record.get("failures", [])
+    if not isinstance(failures, list) or not all(isinstance(f, str) for f in failures):
+        return "failures must be a list of strings"
+    for key in ("verdict", "experiment", "group", "dataset", "identity"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            return f"{key} must be a string, got {record[key]!r}"
+    gates = record.get("gates", [])
+    if not isinstance(gates, list):
+        return "gates must be a list"
+    for index, gate in enumerate(gates):
+        if not isinstance(gate, dict) or gate.get("kind") not in ("tau", "throughput"):
+            return f"gate #{index} must be an object of kind 'tau' or 'throughput'"
+        bad = [k for k in GATE_NUMBERS if not _is_number(gate.get(k))]
+        if bad or not isinstance(gate.get("case_id"), str) or not isinstance(gate.get("verdict"), str):
+            return f"gate #{index} ({gate['kind']}) lacks numeric {', '.join(bad) or 'fields'} or its case_id/verdict"
+    if record.get("recording"):
+        metrics = record.get("metrics")
+        for key in ("per_prompt_tau", "speedup_samples"):
+            values = metrics.get(key) if isinstance(metrics, dict) else None
+            if not isinstance(values, list) or not all(_is_number(v) for v in values):
+                return f"a recording's metrics.{key} must be a list of numbers"
+        if not isinstance(record.get("dataset"), str) or not isinstance(record.get("fingerprint"), dict):
+            return "a recording needs its dataset (string) and fingerprint (object)"
+    return None
 
 
 RUN_FILE = "run.json"
@@ -203,14 +382,46 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("case", params, indirect=True)
 
 
+ABLATION_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # it names a file: baselines/<profile>/<name>.json
+
+
 def ablation_case(item) -> dict | None:
     """{"id", "profile", "ablation", "gated"} of a collected ablation case; None for any other test."""
     marker = item.get_closest_marker("ablation")
     callspec = getattr(item, "callspec", None)
     if marker is None or callspec is None or "case" not in callspec.params:
         return None
-    return {"id": f"{marker.args[0]}/{item.name}", "profile": callspec.params["case"][0],
-            "ablation": marker.args[0], "gated": marker.kwargs.get("gated", True)}
+    name = marker.args[0] if marker.args else ""
+    return {"id": f"{name}/{item.name}", "profile": callspec.params["case"][0], "ablation": name,
+            "gated": marker.kwargs.get("gated", True)}
+
+
+def ablation_problem(item) -> str | None:
+    """Why an ablation case cannot be recorded or gated as written (None when it can): its marker's name must
+    be a plain file name, its options of the right type, and its case id (built from the test's name and
+    parameter ids) printable text, since it lands in results, baselines, reports and terminal lines."""
+    info = ablation_case(item)
+    if info is None:
+        return None
+    marker = item.get_closest_marker("ablation")
+    name = info["ablation"]
+    if not isinstance(name, str) or not ABLATION_NAME.fullmatch(name):
+        return (f"@pytest.mark.ablation needs the ablation's name as its first argument, a plain file name "
+                f"(letters, digits, _ . -), got {name!r}")
+    cap = marker.kwargs.get("prompts_cap")
+    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+        return f"prompts_cap must be a positive integer, got {cap!r}"
+    ci_datasets = marker.kwargs.get("ci_datasets")
+    if ci_datasets is not None and (not isinstance(ci_datasets, (list, tuple, set, frozenset))
+                                    or not all(isinstance(d, str) for d in ci_datasets)):
+        return f"ci_datasets must be a list of dataset names, got {ci_datasets!r}"
+    if not isinstance(marker.kwargs.get("gated", True), bool):
+        return f"gated must be True or False, got {marker.kwargs['gated']!r}"
+    problem = id_problem(info["id"])
+    if problem:
+        return (f"case {problem}. Give the parameter a printable id: pytest.param(value, id=...) or "
+                "parametrize(..., ids=...)")
+    return None
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: it must see the slow marks added here
@@ -219,8 +430,8 @@ def pytest_collection_modifyitems(config, items):
     (-m "not slow") gates a representative subset within its budget and `pytest ablations` runs them all."""
     for item in items:
         marker = item.get_closest_marker("ablation")
-        if ablation_case(item) is None:
-            continue
+        if ablation_case(item) is None or ablation_problem(item):
+            continue  # a broken case is reported once collection is done
         ci_datasets = marker.kwargs.get("ci_datasets")
         if ci_datasets is not None and item.callspec.params["case"][1] not in ci_datasets:
             item.add_marker(pytest.mark.slow)
@@ -233,6 +444,10 @@ def pytest_collection_finish(session):
     """The gate family is fixed here, before any case runs: two gates per gated case that will run (after -m /
     -k deselection). Every per-case decision and the session-end Holm use this same number."""
     state = session.config.stash[STATE]
+    problems = [f"{item.nodeid!r}: {problem}" for item in session.items if (problem := ablation_problem(item))]
+    if problems and not hasattr(session.config, "workerinput"):  # xdist workers: the case fixture fails them
+        raise pytest.UsageError(f"{len(problems)} ablation case(s) cannot be recorded as written, nothing was "
+                                "measured: " + "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else ""))
     for item in session.items:
         info = ablation_case(item)
         if info is not None:
@@ -449,9 +664,15 @@ class Case:
             return None
         if not hasattr(self, "_baseline"):
             path = baseline_store.baseline_path(self.state.baselines_dir, self.profile.name, self.ablation)
-            self._baseline = baseline_store.load_baselines(
-                path, profile=self.profile.name, ablation=self.ablation).get(self.experiment_id) \
-                if path.exists() else None
+            try:
+                self._baseline = baseline_store.load_baselines(
+                    path, profile=self.profile.name, ablation=self.ablation).get(self.experiment_id) \
+                    if path.exists() else None
+                problem = None
+            except baseline_store.BaselineError as error:  # names the file and every problem
+                problem = str(error)
+            if problem:
+                pytest.fail(f"{self.experiment_id}: {problem}", pytrace=False)
             if self._baseline is None and in_ci():
                 pytest.fail(f"{self.experiment_id}: no baseline entry in {path}, so this case would not be gated. "
                             f"Record one with `pytest {self.request.node.nodeid} --profile {self.profile.name} "
@@ -483,7 +704,13 @@ class Case:
         if gated and not gates and not self.update:
             record["verdict"] = NO_BASELINE
         record = json.loads(json.dumps(record))  # plain types only: records cross process boundaries (xdist)
-        self.state.results(self.profile.name).append(record)
+        results = self.state.results(self.profile.name)
+        try:
+            results.append(record)
+        except OSError as error:  # a full disk, a directory made read-only mid-run
+            failures.append(f"{self.experiment_id}: measured, but its record could not be appended to "
+                            f"{results.path} ({error.strerror or error}). It still reaches this session's "
+                            "summary and baselines, but a later --resume will measure it again.")
         self.request.node.user_properties.append((RECORD_KEY, record))
         if failures:
             pytest.fail("\n".join(failures), pytrace=False)
@@ -549,20 +776,22 @@ def baselines_from_run(run_dir: str | Path, baselines_dir: str | Path, ablations
         raise DFlashError(f"{results.path} does not exist: pass a run directory under reports/ that has a "
                           "results.jsonl (e.g. reports/tiny-20261125-145546).")
     try:
-        identity = json.loads((run_dir / RUN_FILE).read_text())
+        identity = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        identity = None
+    if not isinstance(identity, dict) or not isinstance(identity.get("options", {}), dict):
         raise DFlashError(f"{run_dir} has no readable {RUN_FILE}: what it measured is unknown, so it cannot become "
-                          "a baseline. Re-record with pytest ablations --update-baselines.") from None
+                          "a baseline. Re-record with pytest ablations --update-baselines.")
     if not identity.get("options", {}).get("update_baselines"):
         raise DFlashError(f"{run_dir} is not a baseline recording (it ran without --update-baselines, so it "
                           "measured the gated prompt count, not the cap). Re-record with pytest ablations "
                           "--update-baselines.")
     if identity.get("overrides"):
-        raise DFlashError(f"{run_dir} overrode the profile's {' and '.join(identity['overrides'])} "
+        raise DFlashError(f"{run_dir} overrode the profile's {' and '.join(map(str, identity['overrides']))} "
                           f"({identity.get('target')}, {identity.get('draft')}); baselines are recorded with the "
                           "profile's own models.")
     digest, payloads, left_out = identity_digest(identity), [], []
-    for record in latest_by_id(results.load()).values():
+    for record in latest_by_id(results.load(check=record_problem)).values():  # names a bad file and line
         if ablations and record["ablation"] not in ablations:
             continue
         if record.get("identity") != digest or not record.get("recording"):
@@ -574,7 +803,16 @@ def baselines_from_run(run_dir: str | Path, baselines_dir: str | Path, ablations
         payload = baseline_payload(record)
         payload["provenance"]["command"] += f" (recovered from {results.path})"
         payloads.append(payload)
-    diff = write_baseline_payloads(Path(baselines_dir), payloads, dry_run=not write)
+    baselines_dir = Path(baselines_dir)
+    if baselines_dir.exists() and not baselines_dir.is_dir():
+        raise DFlashError(f"--baselines-dir {baselines_dir} is a file, not a directory: pass the baselines directory.")
+    try:
+        diff = write_baseline_payloads(baselines_dir, payloads, dry_run=not write)
+    except OSError as error:
+        raise DFlashError(f"the baselines could not be written to {baselines_dir} ({error.strerror or error}"
+                          f"{': ' + str(error.filename) if error.filename else ''}); every file there is as it was "
+                          f"and {results.path} is untouched. Make the directory writable (or free space) and run "
+                          "this again.") from None
     if left_out:
         diff += "\nleft out (failed cases): " + ", ".join(left_out)
     return diff
@@ -588,6 +826,9 @@ def case(request):
     if request.node.get_closest_marker("ablation") is None:
         pytest.fail(f"{request.node.nodeid} uses the `case` fixture without @pytest.mark.ablation(name): the name "
                     "says which baseline file (baselines/<profile>/<name>.json) gates it", pytrace=False)
+    problem = ablation_problem(request.node)
+    if problem:
+        pytest.fail(f"{request.node.nodeid!r}: {problem}", pytrace=False)
     made = Case(request, state, profile, dataset)
     if request.config.getoption("resume"):
         made.recorded = state.recorded(profile_name).get(made.experiment_id)
@@ -662,36 +903,52 @@ class Controller:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session, exitstatus):
+        """Holm over the run, then the baselines (with --update-baselines). Nothing here may raise: the report
+        (written after this) and the terminal summary must still come, so a failing step becomes one clear
+        error in `state.errors` and a failed run."""
         state = self.state
         state.exitstatus = exitstatus
         if state.coverage_problems and session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        state.holm = _holm_over_run(state)
+        try:
+            state.holm = _holm_over_run(state)
+        except Exception as error:  # a record that slipped past validation: say so, keep going
+            state.holm = []
+            _session_error(session, state, f"the session-end Holm correction could not run ({type(error).__name__}:"
+                           f" {error}); the per-case verdicts above stand. " + _where_measured(state))
         if any(g["verdict"] == REGRESSION for g in state.holm) and session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
         if state.update:
             self._write_baselines(session)
         for profile, run_dir in state.run_dirs.items():
-            _remove_if_unused(run_dir)
+            try:
+                _remove_if_unused(run_dir)
+            except OSError:
+                pass  # an empty run directory left behind is harmless
 
     def _write_baselines(self, session) -> None:
         """The union of every non-failed record of the run (a resumed recording included), all of it or
-        nothing; a write that fails (read-only directory) is reported, and the results file keeps every record
-        for `dflash baselines --from-run`."""
+        nothing; a write that fails (read-only directory, full disk) is one clear error that says where the
+        measured records are (the results file) and how to write the baselines from them later."""
         state = self.state
-        payloads = []
-        for profile in state.run_dirs:
-            digest = identity_digest(state.identities[profile])
-            payloads += [baseline_payload(r) for r in latest_by_id(state.results(profile).load()).values()
-                         if r.get("identity") == digest and r.get("recording") and r.get("outcome") != "failed"]
-        if not payloads:
-            return
+        payloads, written = [], []
         try:
-            state.baseline_diff = write_baseline_payloads(state.baselines_dir, payloads)
-        except (OSError, DFlashError) as error:
-            state.baseline_diff = (f"NOT WRITTEN: {error}. Every case is in the run's results.jsonl: fix the cause, "
-                                   "then `dflash baselines --from-run <run dir> --write`.")
-            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+            for profile in state.run_dirs:
+                digest = identity_digest(state.identities[profile])
+                payloads += [baseline_payload(r) for r in state.measured(profile) if r.get("identity") == digest
+                             and r.get("recording") and r.get("outcome") != "failed"]
+            if payloads:
+                state.baseline_diff = write_baseline_payloads(state.baselines_dir, payloads, written=written)
+        except Exception as error:  # OSError, BaselineError, ResultsFileError, a malformed record
+            reason = f"{error.strerror}: {error.filename}" if isinstance(error, OSError) and error.strerror else error
+            commands = "; ".join(f"`dflash baselines --from-run {run_dir} --baselines-dir {state.baselines_dir} "
+                                 "--write`" for run_dir in state.run_dirs.values())
+            changed = (f"only {', '.join(map(str, written))} were replaced before the failure, every other file "
+                       "there is as it was" if written else "every file there is as it was")
+            _session_error(session, state, f"--update-baselines: the baselines were NOT WRITTEN to "
+                           f"{state.baselines_dir} ({reason}); {changed}. "
+                           + _where_measured(state) + f" Fix the cause, then write them without measuring again: "
+                           f"{commands} (without --write it previews the diff).")
 
     def pytest_terminal_summary(self, terminalreporter):
         state = self.state
@@ -716,6 +973,24 @@ class Controller:
         if state.baseline_diff:
             terminalreporter.section("dflash baselines updated")
             terminalreporter.write_line(state.baseline_diff)
+        if state.errors:
+            terminalreporter.section("dflash: ERROR", red=True)
+            for message in state.errors:
+                terminalreporter.write_line("ERROR: " + message, red=True)
+
+
+def _where_measured(state: RunState) -> str:
+    """Where the cases measured by this run are kept, for error messages at session end."""
+    files = ", ".join(str(state.results(p).path) for p in state.run_dirs if state.results(p).path.exists())
+    if not files:
+        return "No case was recorded."
+    return f"Nothing measured is lost: every finished case of this run is recorded in {files}."
+
+
+def _session_error(session, state: RunState, message: str) -> None:
+    state.errors.append(message)
+    if session.exitstatus in (0, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def incomplete_cases(state: RunState, profile: str | None = None) -> dict[str, str]:
@@ -752,9 +1027,11 @@ def _holm_over_run(state: RunState) -> list[dict]:
     return [g.to_dict() for g in apply_holm(gates, family=state.family)]
 
 
-def write_baseline_payloads(baselines_dir: Path, payloads: list[dict], *, dry_run: bool = False) -> str:
+def write_baseline_payloads(baselines_dir: Path, payloads: list[dict], *, dry_run: bool = False,
+                            written: list[Path] | None = None) -> str:
     """Merge case payloads into their baseline files under the directory's lock (an unreadable old file is
-    replaced, with a note); returns the diff."""
+    replaced, with a note); returns the diff. Each file is replaced atomically; `written` (if given) collects
+    the files replaced so far, so a failure part-way can say which ones changed."""
     by_file: dict[tuple, list] = {}
     for payload in payloads:
         by_file.setdefault((payload["profile"], payload["ablation"]), []).append(payload)
@@ -777,49 +1054,62 @@ def write_baseline_payloads(baselines_dir: Path, payloads: list[dict], *, dry_ru
             data = {"schema_version": baseline_store.SCHEMA_VERSION, "profile": profile, "ablation": ablation,
                     "cases": [cases[k] for k in sorted(cases)]}
             diffs.append(baseline_store.write_baselines(path, data, dry_run=dry_run))
+            if written is not None and not dry_run:
+                written.append(path)
     return "\n".join(diffs)
 
 
 class ReportWriter:
-    """Registered only with --report: renders the run's results file into summary.md (+ plots)."""
+    """Registered only with --report: renders the run's results file into summary.md (+ plots). It runs after
+    the Controller's session end; a summary that cannot be rendered or written is one clear error (in
+    `state.errors`, printed by the Controller) that says where the measured cases are."""
 
     def __init__(self, state: RunState):
         self.state = state
+        self.paths: list[Path] = []
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session):
+        state, self.session = self.state, session
+        for profile, run_dir in state.run_dirs.items():
+            try:
+                self._write(profile, run_dir)
+            except Exception as error:  # OSError (full disk, read-only), a record the renderer cannot show
+                reason = f"{error.strerror}: {error.filename}" if isinstance(error, OSError) and error.strerror \
+                    else f"{type(error).__name__}: {error}"
+                _session_error(session, state, f"--report: the {profile} summary was NOT WRITTEN to {run_dir} "
+                               f"({reason}). " + _where_measured(state) + " Once that is fixed, render it without "
+                               "measuring again: rerun with the same arguments plus --resume --report (recorded "
+                               "cases are re-applied, not measured; if that directory stays unwritable, move "
+                               f"{run_dir} into a writable directory and pass it as --reports-dir).")
+
+    def _write(self, profile: str, run_dir: Path) -> None:
         from .plots import write_plots
         from .render import append_github_step_summary, render_summary, write_summary
-        self.paths, self.failures = [], []
         state = self.state
-        for profile, run_dir in state.run_dirs.items():
-            records = state.results(profile).load() if state.results(profile).path.exists() else []
-            collected = [info for nodeid, info in state.collected.items() if info["profile"] == profile]
-            skipped = {info["id"]: state.outcomes[nodeid][1] for nodeid, info in state.collected.items()
-                       if info["profile"] == profile and info["id"] not in state.records
-                       and state.outcomes.get(nodeid, ("",))[0] == "skipped"}
-            if not records and len(skipped) == len(collected):
-                continue  # a profile that cannot run here gets no summary (its cases were skipped)
-            holm = {(g["case_id"], g["kind"]): g for g in state.holm}
-            for record in records:
-                record["gates"] = [holm.get((g["case_id"], g["kind"]), g) for g in record.get("gates", [])]
-            announced = sorted({info["id"] for info in collected} - set(skipped))
-            text = render_summary(records, baseline_store.collect_fingerprint(profile, SEEDS), announced=announced,
-                                  skipped=skipped, title=f"dflash ablations: {profile}")
+        records = state.measured(profile)
+        collected = [info for nodeid, info in state.collected.items() if info["profile"] == profile]
+        skipped = {info["id"]: state.outcomes[nodeid][1] for nodeid, info in state.collected.items()
+                   if info["profile"] == profile and info["id"] not in state.records
+                   and state.outcomes.get(nodeid, ("",))[0] == "skipped"}
+        if not records and len(skipped) == len(collected):
+            return  # a profile that cannot run here gets no summary (its cases were skipped)
+        holm = {(g["case_id"], g["kind"]): g for g in state.holm}
+        for record in records:
+            record["gates"] = [holm.get((g["case_id"], g["kind"]), g) for g in record.get("gates", [])]
+        announced = sorted({info["id"] for info in collected} - set(skipped))
+        text = render_summary(records, baseline_store.collect_fingerprint(profile, SEEDS), announced=announced,
+                              skipped=skipped, title=f"dflash ablations: {profile}")
+        path = write_summary(run_dir, text)
+        self.paths.append(path)
+        for what, write in (("$GITHUB_STEP_SUMMARY", lambda: append_github_step_summary(text)),
+                            ("the plots", lambda: write_plots(records, run_dir))):
             try:
-                path = write_summary(run_dir, text)
-                write_plots(records, run_dir)
-            except OSError as error:
-                self.failures.append(f"dflash report for {profile} NOT WRITTEN to {run_dir}: {error}. The case "
-                                     "records are in the run's results.jsonl; rerun with --resume --report "
-                                     "--reports-dir <a writable directory> after moving it there.")
-                session.exitstatus = pytest.ExitCode.TESTS_FAILED
-                continue
-            append_github_step_summary(text)
-            self.paths.append(path)
+                write()
+            except Exception as error:  # the summary itself is written: say what is missing, keep going
+                _session_error(self.session, state, f"--report: {path} is written, but {what} could not be "
+                               f"({type(error).__name__}: {error}).")
 
     def pytest_terminal_summary(self, terminalreporter):
-        for path in getattr(self, "paths", []):
+        for path in self.paths:
             terminalreporter.write_line(f"dflash report: {path}")
-        for line in getattr(self, "failures", []):
-            terminalreporter.write_line(line, red=True)

@@ -125,13 +125,39 @@ def verdict_cell(record: dict) -> str:
     return verdict.upper() + (f" ({'; '.join(details)})" if details else "")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")  # newlines, CR, tabs, other controls, line separators
+
+
+def inline(value) -> str:
+    """Any text as one line of literal markdown: control characters (newline, CR, ...) become a space; a
+    backslash, HTML (`&`, `<`, `>`), backticks and the `](` of a link are escaped. Record fields (case ids,
+    params, groups, messages, skip reasons) come from test code and files: they must not open a tag, end a
+    line or a table row, start a code span or make a link."""
+    text = _CONTROL.sub(" ", str(value))
+    text = text.replace("\\", "\\\\").replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("`", "\\`").replace("](", "]\\(")
+
+
+def cell(value) -> str:
+    """A table cell: `inline`, and pipes escaped so the cell cannot split the row."""
+    return inline(value).replace("|", "\\|")
+
+
+def code(value) -> str:
+    """`value` as inline code (one line); text with a backtick or HTML characters as escaped plain text instead
+    (inside a code span nothing can be escaped, so it could not be shown literally everywhere)."""
+    text = _CONTROL.sub(" ", str(value))
+    return inline(text) if re.search(r"[`<>&]", text) else f"`{text}`"
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeric: Sequence[bool] | None = None) -> str:
-    """Generic markdown table; numeric columns are right-aligned. Pipes inside cells are escaped."""
+    """Generic markdown table; numeric columns are right-aligned. Every header and cell goes through `cell`
+    (pipes, newlines, HTML, backticks escaped), so no value can break the table."""
     numeric = numeric or [False] * len(headers)
-    lines = ["| " + " | ".join(headers) + " |",
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
              "|" + "|".join("---:" if right else "---" for right in numeric) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |")
+        lines.append("| " + " | ".join(cell(c) for c in row) + " |")
     return "\n".join(lines)
 
 
@@ -345,7 +371,7 @@ def protocol_variant_table(records: list[dict]) -> str:
     sweeps = [m["verify_s_by_packed_nodes"] for m in map(_metrics, records) if m.get("verify_s_by_packed_nodes")]
     if sweeps:
         nodes = sorted({k for sweep in sweeps for k in sweep}, key=_numeric_key)
-        cells = [f"{k}: {fmt(1e3 * statistics.median(s[k] for s in sweeps if k in s))} ms" for k in nodes]
+        cells = [f"{inline(k)}: {fmt(1e3 * statistics.median(s[k] for s in sweeps if k in s))} ms" for k in nodes]
         text += (f"\n\nTarget verify time by packed node count (median over {len(sweeps)} cases): "
                  + ", ".join(cells) + ".")
     return text
@@ -371,22 +397,22 @@ def _dedupe(records: Sequence[dict]) -> list[dict]:
 
 def _header(records: list[dict], fingerprint: dict, announced: Sequence[str] | None, title: str,
             skipped: dict[str, str] | None = None) -> list[str]:
-    lines = [f"# {title}", ""]
+    lines = [f"# {inline(title)}", ""]
     missing = [a for a in announced if a not in {r["id"] for r in records}] if announced is not None else []
     if not records:
         total = len(announced) if announced else 0
         lines += [f"> **INCOMPLETE: 0 of {total} cases.** No case records: this is not a result.", ""]
     elif missing:
-        shown = ", ".join(f"`{m}`" for m in missing[:10]) + (", ..." if len(missing) > 10 else "")
+        shown = ", ".join(code(m) for m in missing[:10]) + (", ..." if len(missing) > 10 else "")
         lines += [f"> **INCOMPLETE: {len(announced) - len(missing)} of {len(announced)} cases.** "
                   f"Missing: {shown}.", ""]
     unbaselined = [r["id"] for r in records if r.get("verdict") == "no baseline"]
     if unbaselined:
-        shown = ", ".join(f"`{m}`" for m in unbaselined[:10]) + (", ..." if len(unbaselined) > 10 else "")
+        shown = ", ".join(code(m) for m in unbaselined[:10]) + (", ..." if len(unbaselined) > 10 else "")
         lines += [f"> **NO BASELINE: {len(unbaselined)} case(s) were not gated** (record them with "
                   f"--update-baselines): {shown}.", ""]
     if skipped:
-        reasons = sorted(set(skipped.values()))
+        reasons = sorted({inline(reason) for reason in skipped.values()})
         lines += [f"Skipped: {len(skipped)} case(s) ({'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''}).",
                   ""]
     keys = [k for k in FINGERPRINT_ORDER if k in fingerprint] + sorted(set(fingerprint) - set(FINGERPRINT_ORDER))
@@ -422,7 +448,7 @@ def render_summary(records: Sequence[dict], fingerprint: dict, *, announced: Seq
         groups.setdefault(key, []).append(record)
     for experiment, group in sorted(groups, key=lambda k: (order.get(k[0], len(order)), k)):
         heading = TITLES.get(experiment, experiment.replace("_", " ").capitalize())
-        lines += [f"## {heading}" + (f": {group}" if group else ""), ""]
+        lines += [f"## {inline(heading)}" + (f": {inline(group)}" if group else ""), ""]
         render = RENDERERS.get(experiment, generic_table)
         lines += [render(groups[(experiment, group)]), ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -2,8 +2,9 @@
 
 Every append is a single write under an exclusive `fcntl.flock`, followed by fsync, so a killed run keeps
 every completed case and several pytest-xdist workers can share one file. A process killed mid-write can
-leave a truncated last line: readers ignore it with a warning, and the next append cuts it off first
-(under the lock) so the file stays valid. A corrupt line anywhere else is an error naming file and line.
+leave a truncated last line (the start of a record, no newline after it): readers ignore it with a warning,
+and the next append cuts it off first (under the lock) so the file stays valid. Anything else that is not a
+JSON object with a printable string id, anywhere in the file, is an error naming file and line.
 """
 from __future__ import annotations
 
@@ -17,12 +18,31 @@ from ..errors import DFlashError
 
 
 class ResultsFileError(DFlashError):
-    """A results file is corrupt (not just truncated at the end by a killed run)."""
+    """A results file is corrupt (not just truncated at the end by a killed run). `path` and `line` (1-based;
+    None when the whole file is unreadable) say where."""
+
+    def __init__(self, message: str, path: Path | None = None, line: int | None = None):
+        super().__init__(message)
+        self.path, self.line = path, line
 
 
-def _parse(path: Path, text: str) -> tuple[list[dict], str | None]:
+def id_problem(value) -> str | None:
+    """Why `value` cannot be a case id (None when it can): a non-empty string of printable characters only.
+    Ids end up in markdown tables, terminal lines and file names: a newline or other control character there
+    forges lines."""
+    if not isinstance(value, str) or not value:
+        return f"the id must be a non-empty string, got {value!r}"
+    bad = sorted({ch for ch in value if not ch.isprintable()})
+    if bad:
+        shown = ", ".join(repr(ch) for ch in bad[:5])
+        return f"the id {value!r} contains non-printable character(s) {shown}; ids must be printable text"
+    return None
+
+
+def _parse(path: Path, text: str, check=None) -> tuple[list[dict], str | None]:
     """Records of `text` plus the unparsable last line (None when there is none). Only the last line may
-    be broken: it is the one a killed writer can leave behind."""
+    be broken: it is the one a killed writer can leave behind. Every record needs a printable string id;
+    `check(record)` may name further problems (a string) that make the file unusable."""
     lines = text.split("\n")
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     records: list[dict] = []
@@ -34,21 +54,32 @@ def _parse(path: Path, text: str) -> tuple[list[dict], str | None]:
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
         except ValueError as error:
-            if index == last:
-                return records, line
+            if index == last == len(lines) - 1 and line.lstrip().startswith("{"):
+                return records, line  # a prefix of a record, no newline after it: what a killed append leaves
             raise ResultsFileError(f"Corrupt results file {path}, line {index + 1}: {error}. Only a truncated "
-                                   "last line is tolerated; move the file away or fix that line.") from None
+                                   "last line (a killed run) is tolerated: delete that line, or move the run "
+                                   "directory away and start a new run.", path, index + 1) from None
+        problem = id_problem(record.get("id")) or (check(record) if check is not None else None)
+        if problem:
+            raise ResultsFileError(f"Bad record in results file {path}, line {index + 1}: {problem}. This plugin "
+                                   "never writes such a record: delete that line, or move the run directory "
+                                   "away and start a new run.", path, index + 1)
         records.append(record)
     return records, None
 
 
-def load(path: str | os.PathLike) -> list[dict]:
+def load(path: str | os.PathLike, check=None) -> list[dict]:
     """All complete records in file order (a missing file has none). A truncated last line is skipped
-    with a warning."""
+    with a warning. `check(record)`: an extra validation returning a problem (str) or None."""
     path = Path(path)
     if not path.exists():
         return []
-    records, tail = _parse(path, path.read_text(encoding="utf-8"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ResultsFileError(f"Results file {path} cannot be read ({error}): move it away or start a new run.",
+                               path) from None
+    records, tail = _parse(path, text, check)
     if tail is not None:
         warnings.warn(f"{path}: ignoring a truncated last line (an interrupted run?): {tail[:80]!r}",
                       stacklevel=2)
@@ -70,6 +101,9 @@ class ResultsFile:
         """Write one line, flushed and fsynced before returning; safe against concurrent appenders."""
         if not isinstance(case_record.get("id"), str) or not case_record["id"]:
             raise DFlashError(f"A case record needs a non-empty string 'id'; got {case_record.get('id')!r}.")
+        problem = id_problem(case_record["id"])
+        if problem:
+            raise DFlashError(f"Refusing to record a case in {self.path}: {problem}.")
         line = (json.dumps(case_record, sort_keys=True, allow_nan=True) + "\n").encode("utf-8")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
@@ -100,8 +134,8 @@ class ResultsFile:
         else:
             os.write(fd, b"\n")  # complete record without its newline: keep it
 
-    def load(self) -> list[dict]:
-        return load(self.path)
+    def load(self, check=None) -> list[dict]:
+        return load(self.path, check)
 
     def completed_ids(self) -> set[str]:
         """Ids of the cases already recorded, for --resume (a record is only appended once a case ends)."""
