@@ -45,6 +45,25 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + rotated * sin
 
 
+class DFlashRotaryEmbedding(Qwen3RotaryEmbedding):
+    """Qwen3 RoPE whose frequencies stay float32 when the draft is cast (`.to(dtype)`, `.bfloat16()`, `.half()`,
+    `from_pretrained(dtype=...)`); device moves still apply. A bf16 `inv_freq` is off by up to 0.4% (Qwen3-4B:
+    head dim 128, theta 1e6), a phase error of 0.6 rad at distance 512 and 2.4 rad at 2048. As in transformers'
+    targets, whose float32 buffers `from_pretrained` never casts, the angles are computed in float32 and only
+    cos/sin come out in the activation dtype (the forward is transformers' own)."""
+
+    FLOAT32_BUFFERS = ("inv_freq", "original_inv_freq")
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._buffers[name] for name in self.FLOAT32_BUFFERS if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, original in kept.items():
+            moved = self._buffers[name]
+            if moved.dtype != torch.float32:  # recompute from the float32 values, never round-trip
+                self._buffers[name] = original.to(device=moved.device, dtype=torch.float32)
+        return self
+
+
 class DFlashAttention(nn.Module):
     def __init__(self, config: Qwen3Config, layer_idx: int):
         super().__init__()
@@ -108,7 +127,7 @@ class DFlashDraftModel(nn.Module):
         self.hidden_norm = Qwen3RMSNorm(hidden, eps=config.rms_norm_eps)
         self.layers = nn.ModuleList(DFlashDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Qwen3RMSNorm(hidden, eps=config.rms_norm_eps)
-        self.rotary_emb = Qwen3RotaryEmbedding(config=config)
+        self.rotary_emb = DFlashRotaryEmbedding(config=config)
 
     def forward(self, noise_embedding, target_hidden, context_position_ids, block_position_ids,
                 past_key_values=None, attention_mask=None):
@@ -190,6 +209,39 @@ def read_config(file: Path, what: str) -> dict:
     return raw
 
 
+FULL_ATTENTION = "full_attention"
+ONLY_FULL_ATTENTION = ("the DFlash draft implements full attention only (every layer attends to all context and "
+                       "block positions), so a sliding-window draft would run silently wrong")
+
+
+def check_full_attention(raw: dict, config_file: Path) -> None:
+    """A draft config that asks for anything but full attention in any layer (`layer_types`, or
+    `use_sliding_window` with a window shorter than the positions) is refused, file and key named."""
+    layer_types = raw.get("layer_types")
+    if layer_types is not None:
+        if not (isinstance(layer_types, list) and all(isinstance(t, str) for t in layer_types)):
+            raise DFlashError(f"Draft config {config_file}: 'layer_types' must be a list of strings (every entry "
+                              f"{FULL_ATTENTION!r}), got {layer_types!r}.")
+        other = [(i, t) for i, t in enumerate(layer_types) if t != FULL_ATTENTION]
+        if other:
+            index, kind = other[0]
+            raise DFlashError(f"Draft config {config_file}: 'layer_types' has {kind!r} at layer {index} "
+                              f"({len(other)} of {len(layer_types)} layers not {FULL_ATTENTION!r}); "
+                              f"{ONLY_FULL_ATTENTION}. Use a draft whose layer_types are all {FULL_ATTENTION!r}.")
+    use_window, window = raw.get("use_sliding_window"), raw.get("sliding_window")
+    if use_window is not None and not isinstance(use_window, bool):
+        raise DFlashError(f"Draft config {config_file}: 'use_sliding_window' must be true or false, got "
+                          f"{use_window!r}.")
+    if window is not None and not (_is_int(window) and window >= 1):
+        raise DFlashError(f"Draft config {config_file}: 'sliding_window' must be an integer >= 1 (or null), got "
+                          f"{window!r}.")
+    positions = raw.get("max_position_embeddings") or getattr(Qwen3Config, "max_position_embeddings", 32768)
+    if use_window and window is not None and window < positions:
+        raise DFlashError(f"Draft config {config_file}: 'use_sliding_window' is true with 'sliding_window' "
+                          f"{window} < max_position_embeddings {positions}; {ONLY_FULL_ATTENTION}. Set "
+                          "use_sliding_window to false (z-lab drafts: false, sliding_window null).")
+
+
 def load_draft_config(path: Path) -> Qwen3Config:
     """The draft's config.json, checked against the fields the draft reads (type and range, file and key named)
     before transformers sees it."""
@@ -214,6 +266,7 @@ def load_draft_config(path: Path) -> Qwen3Config:
         raise bad("rms_norm_eps", "a number in (0, 1)")
     if raw["num_attention_heads"] % raw["num_key_value_heads"]:
         raise bad("num_key_value_heads", f"a divisor of num_attention_heads ({raw['num_attention_heads']})")
+    check_full_attention(raw, config_file)
     extra = raw.get("dflash_config") or {}
     if not isinstance(extra, dict):
         raise bad("dflash_config", "an object with target_layer_ids and mask_token_id")

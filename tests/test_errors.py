@@ -143,3 +143,39 @@ def test_batched_prompts_are_checked_like_single_ones(target):
     from dflash.variants.batched import generate_batch
     expect(r"Prompt 1 of the batch holds token id 40", generate_batch, target, None, [[1], [40]], max_new_tokens=2,
            block_size=1)
+
+
+def _draft_dir_with(tmp_path, target, **config):
+    """A saved random draft whose config.json has `config` merged in."""
+    import json
+    random_draft(target, 0, num_layers=2).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw.update(config)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    return tmp_path
+
+
+@pytest.mark.parametrize("config,key", [
+    ({"layer_types": ["full_attention", "sliding_attention"]}, r"'layer_types' has 'sliding_attention' at layer 1"),
+    ({"layer_types": ["chunked_attention", "full_attention"]}, r"'layer_types' has 'chunked_attention' at layer 0"),
+    ({"use_sliding_window": True, "sliding_window": 64}, r"'use_sliding_window' is true with 'sliding_window' 64"),
+    ({"layer_types": "full_attention"}, r"'layer_types' must be a list of strings"),
+    ({"use_sliding_window": "yes"}, r"'use_sliding_window' must be true or false"),
+    ({"use_sliding_window": True, "sliding_window": 0}, r"'sliding_window' must be an integer >= 1"),
+])
+def test_draft_config_that_is_not_full_attention(tmp_path, target, config, key):
+    """Sliding attention in a draft config used to be ignored silently; now the file and key are named."""
+    path = _draft_dir_with(tmp_path, target, **config)
+    import re
+    expect(re.escape(f"Draft config {tmp_path / 'config.json'}: ") + key, load_draft, str(path))
+    if "must be" not in key:
+        expect("implements full attention only", load_draft, str(path))
+
+
+@pytest.mark.parametrize("config", [
+    {"layer_types": ["full_attention", "full_attention"]},
+    {"use_sliding_window": False, "sliding_window": 64},  # transformers ignores the window when it is off
+    {"use_sliding_window": True, "sliding_window": 512, "max_position_embeddings": 512},  # window covers all
+])
+def test_full_attention_draft_configs_still_load(tmp_path, target, config):
+    assert load_draft(str(_draft_dir_with(tmp_path, target, **config))).block_size == 16

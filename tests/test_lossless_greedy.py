@@ -55,7 +55,7 @@ def test_tiny_pair_is_lossless_on_heldout_prompts():
                 result = generate(target, draft, prompt, max_new_tokens=48, block_size=block_size,
                                   stop_token_ids=stop)
                 if result.output_ids != reference:  # fp32: only a proven float tie may differ (and is logged)
-                    tie = float_tie(target, prompt, reference, result.output_ids)
+                    tie = float_tie(target, prompt, reference, result.output_ids, block_size=block_size)
                     assert tie, (category, text[:40], block_size, "differs from target-only and is no float tie")
                     ties.append((category, block_size, tie))
                 accepted += sum(result.acceptance_lengths) - result.num_cycles
