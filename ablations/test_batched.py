@@ -17,10 +17,10 @@ from dflash.variants.batched import decode_batch
 
 BLOCK_SIZE = 8
 CASES = [
-    pytest.param(1, True, id="batch=1"),
-    pytest.param(2, True, id="batch=2"),
-    pytest.param(4, True, id="batch=4"),
-    pytest.param(4, False, id="batch=4-mask-only"),
+    pytest.param(1, True, id="batch1"),
+    pytest.param(2, True, id="batch2"),
+    pytest.param(4, True, id="batch4"),
+    pytest.param(4, False, id="batch4-mask-only"),
 ]
 MIN_GROUPS = 6  # one-sided Mann-Whitney needs >= 6 samples a side to reach p ~ 1e-3
 
@@ -93,7 +93,8 @@ def test_batched(case, batch_size, compact):
     base_rates = group_rates("target-only")
     exact = [b.output_ids == t.output_ids for b, t in zip(batched, baseline)]
     ties = {str(i): tie for i, (prompt, b, t) in enumerate(zip(prompts, batched, baseline))
-            if b.output_ids != t.output_ids and (tie := float_tie(models.target, prompt, t.output_ids, b.output_ids))}
+            if b.output_ids != t.output_ids
+            and (tie := float_tie(models.target, prompt, t.output_ids, b.output_ids, block_size=BLOCK_SIZE))}
     metrics = {
         "per_prompt_tau": [r.tau if r.num_cycles else 1.0 for r in batched],
         "speedup_samples": [v / b for v, b in zip(group_rates("batched"), base_rates)],

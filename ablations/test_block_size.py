@@ -6,7 +6,7 @@ import pytest
 
 from dflash.harness.measure import Variant
 
-BLOCK_SIZES = [pytest.param(b, id=f"bs={b}") for b in (1, 2, 4, 8, 12, 16)]  # every shipped draft has B = 16
+BLOCK_SIZES = [pytest.param(b, id=f"bs{b}") for b in (1, 2, 4, 8, 12, 16)]  # every shipped draft has B = 16
 
 
 @pytest.mark.ablation("block_size")

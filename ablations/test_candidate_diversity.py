@@ -9,7 +9,7 @@ from dflash.harness.measure import Variant
 
 BLOCK_SIZE = 16
 CASES = [
-    pytest.param("sparse", 1, "tree", id="ranks=1"),
+    pytest.param("sparse", 1, "tree", id="ranks1"),
     pytest.param("block_sizes", 3, "tree", id="block_sizes-3"),
     pytest.param("rank", 3, "tree", id="rank-3"),
     pytest.param("sparse", 3, "tree", id="sparse-3"),

@@ -6,7 +6,7 @@ import pytest
 
 from dflash.harness.measure import Variant
 
-MODES = [pytest.param(b, id=f"bs={b}") for b in (1, 8, 16)]
+MODES = [pytest.param(b, id=f"bs{b}") for b in (1, 8, 16)]
 
 
 @pytest.mark.ablation("full_length")

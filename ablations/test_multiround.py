@@ -7,11 +7,11 @@ from dflash.engine import protocol_costs
 from dflash.harness.measure import Variant
 
 CASES = [
-    pytest.param((8,), None, id="rounds=(8,)"),
-    pytest.param((8, 4), None, id="rounds=(8,4)"),
-    pytest.param((16,), None, id="rounds=(16,)"),
-    pytest.param((16, 12), None, id="rounds=(16,12)"),
-    pytest.param((16, 12), 1, id="rounds=(16,12)-depth=1"),
+    pytest.param((8,), None, id="rounds8"),
+    pytest.param((8, 4), None, id="rounds8-4"),
+    pytest.param((16,), None, id="rounds16"),
+    pytest.param((16, 12), None, id="rounds16-12"),
+    pytest.param((16, 12), 1, id="rounds16-12-depth1"),
 ]
 
 

@@ -8,11 +8,11 @@ from dflash.harness.measure import Variant
 
 BLOCK_SIZE = 16
 CASES = [
-    pytest.param(1, False, False, id="steps=1"),
-    pytest.param(2, False, False, id="steps=2"),
-    pytest.param(3, False, False, id="steps=3"),
-    pytest.param(2, True, False, id="steps=2-selective"),
-    pytest.param(2, False, True, id="steps=2-research"),
+    pytest.param(1, False, False, id="steps1"),
+    pytest.param(2, False, False, id="steps2"),
+    pytest.param(3, False, False, id="steps3"),
+    pytest.param(2, True, False, id="steps2-selective"),
+    pytest.param(2, False, True, id="steps2-research"),
 ]
 
 

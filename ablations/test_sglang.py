@@ -19,7 +19,7 @@ import pytest
 from dflash.harness.profiles import PROFILES, get_profile, load_prompts, unavailable_reason
 from dflash.variants import sglang_backend as sg
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]  # the full GPU tier: hours of serving sweeps
 
 CONCURRENCIES = (1, 2, 4, 8)
 REQUESTS_BASE, REQUESTS_CAP = 16, 128  # n(c) = min(16 c, 128): the research script's 128 / 1024, scaled down
@@ -47,21 +47,23 @@ def _markdown(profile: str, tables: dict[str, list[dict]]) -> str:
 @pytest.mark.parametrize("profile_name", [pytest.param(p.name, id=p.name) for p in PROFILES.values()
                                           if p.needs_cuda])
 def test_sglang_sweep(profile_name, request):
+    from dflash.harness.plugin import STATE
+    state = request.config.stash[STATE]
+    if profile_name not in state.profiles:
+        pytest.skip(f"SGLang sweep: profile {profile_name} is not in this run (--profile {state.profiles[0]})")
     reason = sg.unavailable_reason()
     if reason:
         pytest.skip(f"SGLang sweep: {reason}")
     profile = get_profile(profile_name)
-    reason = unavailable_reason(profile)
+    reason = unavailable_reason(profile, datasets=[DATASET])
     if reason:
         pytest.skip(reason)
     import torch
 
     from dflash.loading import load_tokenizer, resolve
+    state.release_models()  # SGLang sizes its KV pool from free GPU memory: in-process models must go first
     tokenizer = load_tokenizer(profile.target)
-    try:
-        prompts = load_prompts(profile, profile.dataset(DATASET), tokenizer, REQUESTS_CAP)
-    except Exception as error:  # the dataset is not in the local cache
-        pytest.skip(f"SGLang sweep: {DATASET} prompts unavailable offline ({str(error).splitlines()[0]})")
+    prompts = load_prompts(profile, profile.dataset(DATASET), tokenizer, REQUESTS_CAP)
     target, draft = str(resolve(profile.target, "target")), str(resolve(profile.draft, "draft"))
     sm_major = torch.cuda.get_device_capability()[0]
     tables, raw = {}, {}

@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 import torch
 
-from dflash.cache import crop_cache, new_cache
+from dflash.cache import crop_cache, new_cache, with_cache
 from dflash.engine import protocol_costs
 from dflash.harness.measure import Variant, rate
 from dflash.tree import chain_trie, verify_tree
@@ -24,12 +24,12 @@ BLOCK_SIZE = 16
 PLAIN = "dflash"  # plain DFlash at the same block size, run interleaved with each case
 SWEEP_NODES = (16, 32, 48)
 CASES = [
-    pytest.param("tree", {"candidates": 1}, id="tree-K=1"),
-    pytest.param("tree", {"candidates": 2}, id="tree-K=2"),
-    pytest.param("tree", {"candidates": 4}, id="tree-K=4"),
-    pytest.param("tree_lite", {"depth": 1}, id="tree_lite-depth=1"),
-    pytest.param("tree_lite", {"depth": 2}, id="tree_lite-depth=2"),
-    pytest.param("tree_lite", {"depth": 4}, id="tree_lite-depth=4"),
+    pytest.param("tree", {"candidates": 1}, id="tree-K1"),
+    pytest.param("tree", {"candidates": 2}, id="tree-K2"),
+    pytest.param("tree", {"candidates": 4}, id="tree-K4"),
+    pytest.param("tree_lite", {"depth": 1}, id="tree_lite-depth1"),
+    pytest.param("tree_lite", {"depth": 2}, id="tree_lite-depth2"),
+    pytest.param("tree_lite", {"depth": 4}, id="tree_lite-depth4"),
     pytest.param("candidates", {"mode": "branch_beam"}, id="candidates-branch_beam"),
     pytest.param("candidates", {"mode": "fixed_prefix_rank", "fixed_prefix_len": 2, "branch_top_k": 4},
                  id="candidates-fixed_prefix_rank"),
@@ -48,7 +48,7 @@ def verify_cost_sweep(target, prompt, node_counts=SWEEP_NODES, repeats=15) -> di
     machine spreads over all of them."""
     device = target.get_input_embeddings().weight.device
     cache = new_cache(target.config)
-    target(input_ids=torch.tensor([prompt], device=device), past_key_values=cache, use_cache=True)
+    target(input_ids=torch.tensor([prompt], device=device), **with_cache(target, cache), use_cache=True)
     start = len(prompt)
     generator = torch.Generator().manual_seed(0)
     vocab = target.get_input_embeddings().weight.shape[0]
@@ -57,7 +57,7 @@ def verify_cost_sweep(target, prompt, node_counts=SWEEP_NODES, repeats=15) -> di
         trie = chain_trie(int(prompt[-1]), torch.randint(vocab, (n - 1,), generator=generator))
         forwards[str(n)] = lambda trie=trie: verify_tree(target, cache, trie, start)
     block = torch.randint(vocab, (1, 16), generator=generator, device=device)
-    forwards["plain_causal_16"] = lambda: target(input_ids=block, past_key_values=cache, use_cache=True)
+    forwards["plain_causal_16"] = lambda: target(input_ids=block, **with_cache(target, cache), use_cache=True)
     samples = {name: [] for name in forwards}
     for _ in range(repeats):
         for name, forward in forwards.items():

@@ -1,4 +1,4 @@
-"""Command line: `dflash generate`, `dflash models`, `dflash train tiny`, `dflash gate-quality`."""
+"""Command line: `dflash generate`, `models`, `train`, `bench`, `gate-quality`, `baselines`, `report`."""
 from __future__ import annotations
 
 import argparse
@@ -164,12 +164,13 @@ def cmd_bench(args) -> None:
     """Peer benchmark (dflash.peers) on a profile's datasets; prints the peer table, optionally writes JSON."""
     import torch
     torch.set_num_threads(args.threads)
-    from .harness.profiles import get_profile, load_prompts, unavailable_reason
+    from .harness.profiles import enforce_offline, get_profile, load_prompts, unavailable_reason
     from .harness.render import peers_table
     from .loading import load_draft, load_target, load_tokenizer
     from .peers import peer_metrics, peer_modes, run_peers
+    enforce_offline()
     profile = get_profile(args.profile)
-    if not (args.target and args.draft) and (reason := unavailable_reason(profile)):
+    if not (args.target and args.draft) and (reason := unavailable_reason(profile, datasets=args.dataset)):
         raise DFlashError(reason)
     target_name, draft_name = args.target or profile.target, args.draft or profile.draft
     target = load_target(target_name, device=profile.device, dtype=profile.dtype)
@@ -205,6 +206,12 @@ def cmd_baselines(args) -> int:
           or "no change")
     if not args.write:
         print("(preview: nothing written; add --write to write these baselines)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .harness.plugin import merge_runs
+    print(f"dflash report: {merge_runs(args.merge, args.out, args.reports_dir) / 'summary.md'}")
     return 0
 
 
@@ -352,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ablation", action="append", help="only this ablation (repeatable)")
     b.add_argument("--baselines-dir", default="baselines")
     b.set_defaults(func=cmd_baselines)
+
+    r = sub.add_parser("report", help="one report from the runs of a CI matrix (pytest ablations --shard I/N)")
+    r.add_argument("--merge", nargs="+", required=True, metavar="RUN_DIR", help="run directories to join")
+    r.add_argument("--out", default=None, help="output directory (default: reports/<profile>-merged-<time>)")
+    r.add_argument("--reports-dir", default="reports")
+    r.set_defaults(func=cmd_report)
     return parser
 
 

@@ -141,7 +141,7 @@ def test_bad_input_is_a_clear_error(pair, kwargs, message):
 
 def test_batched_report_table():
     from dflash.harness.render import RENDERERS
-    record = {"id": "batched/test_batched[tiny-math-batch=2]", "params": {"batch_size": 2, "compact": False},
+    record = {"id": "batched/test_batched[tiny-math-batch2]", "params": {"batch_size": 2, "compact": False},
               "metrics": {"speedup_samples": [2.0, 2.2], "speedup_vs_unbatched_samples": [1.4, 1.5],
                           "target_batched_speedup_samples": [1.5, 1.7], "per_prompt_tau": [4.0, 5.0, 4.5, 4.5],
                           "rows_per_cycle": 1.7, "verify_s_per_cycle": 0.01, "padding_fraction": 0.2,

@@ -31,14 +31,14 @@ def _cases(ablation: str) -> dict:
 @pytest.fixture(scope="module")
 def code_taus():
     """The most varied tau vector of the sweep (code, block size 8): a realistic mix of per-prompt taus."""
-    return _cases("block_size")["block_size/test_block_size[tiny-code-bs=8]"]["per_prompt_tau"]
+    return _cases("block_size")["block_size/test_block_size[tiny-code-bs8]"]["per_prompt_tau"]
 
 
 @pytest.fixture(scope="module")
 def timing_noise_sd():
     """Per-prompt sd of log(speedup) in the A/A (bs=1) cases of the committed baselines."""
     sds = [float(np.std(np.log(c["speedup_samples"]), ddof=1)) for i, c in _cases("block_size").items()
-           if i.endswith("-bs=1]")]
+           if i.endswith("-bs1]")]
     assert sds and all(math.isfinite(s) for s in sds)
     return max(sds)
 

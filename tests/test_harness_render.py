@@ -132,5 +132,5 @@ def test_plots_are_written_when_matplotlib_is_installed(tmp_path):
 
 def test_a_bad_metric_shows_as_invalid_instead_of_losing_the_summary():
     record = sweep(8, [5.0, float("nan")], ["fast"])
-    row = "| 8 | 2 | 1 | invalid data | invalid data | invalid data | NO GATE |"
+    row = "| 8 | 2 | 1 | invalid data | invalid data | — | invalid data | NO GATE |"  # no TPOT recorded: a dash
     assert row in render_summary([record], FINGERPRINT)

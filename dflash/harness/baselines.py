@@ -298,13 +298,14 @@ def _case_change(before: BaselineCase, after: BaselineCase) -> str:
     return "; ".join(parts)
 
 
-def collect_fingerprint(profile: str, seeds, *, git_sha: str | None = None) -> dict:
-    """The current machine/software fingerprint (imports torch/transformers lazily: they are slow)."""
+def collect_fingerprint(profile: str, seeds, *, git_sha: str | None = None, device: str = "cpu") -> dict:
+    """The machine/software fingerprint of a run on `device` (imports torch/transformers lazily: they are
+    slow). A CPU run on a machine with a GPU is fingerprinted as the CPU it ran on."""
     import torch
     import transformers
 
-    if torch.cuda.is_available():
-        hardware = torch.cuda.get_device_name(0)
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        hardware = torch.cuda.get_device_name(torch.device(device))
     else:
         hardware = f"cpu {platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores"
     return {"hardware": hardware, "torch": str(torch.__version__), "transformers": str(transformers.__version__),

@@ -162,7 +162,7 @@ def measure(*, family: int, repeats: int = 25, tau_trials: int = 15, slow_repeat
     bench = Bench(profile.max_new_tokens)
     stored = load_baselines(baseline_path("baselines", "tiny", "block_size"), profile="tiny", ablation="block_size")
     cases = [(d, b) for d in bench.prompts for b in block_sizes]
-    baselines = {c: stored.get(f"block_size/test_block_size[tiny-{c[0]}-bs={c[1]}]") for c in cases}
+    baselines = {c: stored.get(f"block_size/test_block_size[tiny-{c[0]}-bs{c[1]}]") for c in cases}
     missing = [c for c, b in baselines.items() if b is None]
     if missing:
         raise RuntimeError(f"no committed baseline for {missing}: record them with pytest ablations --update-baselines")

@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from . import baselines as baseline_store
 from .fileio import atomic_write_text
 from .measure import (TARGET_ONLY, Variant, compare, comparison_metrics, extend, per_prompt_tau, speedup_samples,
                       warm_up)
-from .profiles import PROFILES, get_profile, load_prompts, unavailable_reason
+from .profiles import PROFILES, enforce_offline, get_profile, load_prompts, unavailable_reason
 from .results import ResultsFile, ResultsFileError, id_problem, latest_by_id
 from .stats import REGRESSION, apply_holm, confirm, sequential_tau_gate, tau_gate, throughput_gate
 
@@ -67,6 +67,27 @@ def _path_option(option: str):
     return parse
 
 
+def _shard_option(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise argparse.ArgumentTypeError(f"{text!r} is not accepted: --shard needs I/N with 1 <= I <= N, e.g. "
+                                         "--shard 2/4 for the second of four runners")
+    return int(match[1]), int(match[2])
+
+
+def _count_option(option: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is not accepted: {option} needs a whole number >= 1")
+        return value
+    parse.__name__ = option.lstrip("-").replace("-", "_")
+    return parse
+
+
 def pytest_addoption(parser):
     group = parser.getgroup("dflash", "DFlash ablations")
     group.addoption("--profile", default=None, help=f"profile to run ({', '.join(PROFILES)}); default: tiny, and "
@@ -93,9 +114,25 @@ def pytest_addoption(parser):
                     help="where baseline files live")
     group.addoption("--check-baselines", action="store_true", help="with --collect-only: list gated cases "
                     "without a baseline entry and entries no case produces (what `dflash baselines --check` runs)")
+    group.addoption("--device", dest="dflash_device", default=None, help="run the profiles on this device instead "
+                    "of theirs (cpu, cuda, cuda:N): e.g. rehearse a GPU profile on CPU with stand-in weights. Under "
+                    "xdist with several GPUs, cuda binds worker gwN to cuda:N")
+    group.addoption("--dtype", dest="dflash_dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                    help="override the profiles' dtype")
+    group.addoption("--prompts", dest="dflash_prompts", type=_count_option("--prompts"), default=None,
+                    help="prompts per case (and their cap) instead of the profile's: a short rehearsal")
+    group.addoption("--max-new-tokens", dest="dflash_max_new_tokens", type=_count_option("--max-new-tokens"),
+                    default=None, help="token budget of every case (full-length ones too) instead of the profile's")
+    group.addoption("--allow-downloads", action="store_true", help="let the Hugging Face clients fetch missing "
+                    "weights and datasets (default: offline, a missing one skips its cases with the command "
+                    "that fetches it)")
+    group.addoption("--shard", type=_shard_option, default=None, metavar="I/N", help="run the I-th of N "
+                    "disjoint shares of the selected cases (a CI matrix: one runner per share); the gate family "
+                    "stays that of the whole selection, and `dflash report --merge` joins the shards' runs")
 
 
 def pytest_configure(config):
+    enforce_offline(allow_downloads=config.getoption("allow_downloads"))  # before anything imports `datasets`
     config.addinivalue_line("markers", "ablation(name, ci_datasets=None, prompts_cap=None, gated=True): an "
                             "ablation case; name is its baseline file; with ci_datasets, cases on other datasets "
                             "are marked slow; prompts_cap lowers the profile's cap for an expensive ablation; "
@@ -105,6 +142,7 @@ def pytest_configure(config):
         raise pytest.UsageError(f"unknown --profile {name!r}; choose one of {', '.join(PROFILES)}")
     state = RunState(config)
     config.stash[STATE] = state
+    config.pluginmanager.register(Selection(state), "dflash-selection")
     if not hasattr(config, "workerinput"):
         _check_options(config, state)
         state.open_runs()
@@ -185,6 +223,28 @@ class RunState:
         self.coverage_problems = 0
         self.errors: list[str] = []  # session-end failures, one paragraph each (printed in the terminal summary)
         self._recorded: dict[str, dict] = {}
+        self._unavailable: dict[tuple[str, str], str | None] = {}
+
+    def profile(self, name: str):
+        """The profile as this run uses it (--device / --dtype; the worker's GPU)."""
+        return run_profile(self.config, name)
+
+    def unavailable(self, name: str, dataset: str) -> str | None:
+        """Why a profile's cases on `dataset` cannot run here (CUDA, weights, the dataset; one line, checked
+        once), or None."""
+        if (name, dataset) not in self._unavailable:
+            self._unavailable[name, dataset] = unavailable_reason(self.profile(name), datasets=[dataset])
+        return self._unavailable[name, dataset]
+
+    def release_models(self) -> None:
+        """Drop the models this process loaded for ablation cases (and their GPU memory), e.g. before a test
+        starts a serving engine that sizes itself from free memory; a later case loads them again."""
+        self.models.clear()
+        import gc
+        gc.collect()
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def open_runs(self) -> None:
         """Controller: the run directory and identity of every profile; --resume continues the latest run of
@@ -338,7 +398,30 @@ def record_problem(record: dict) -> str | None:
 
 RUN_FILE = "run.json"
 STATE = pytest.StashKey[RunState]()
-IDENTITY_OPTIONS = ("tau_margin", "throughput_factor", "gate_alpha", "update_baselines")
+IDENTITY_OPTIONS = ("tau_margin", "throughput_factor", "gate_alpha", "update_baselines", "dflash_prompts",
+                    "dflash_max_new_tokens")
+
+
+def run_profile(config, name: str):
+    """The profile as this run uses it: --device / --dtype applied (a CPU device also switches the gated clock
+    to CPU time); a bare `cuda` on an xdist worker binds worker gwN to cuda:N modulo the GPUs, one per worker."""
+    from dataclasses import replace
+    profile = get_profile(name)
+    device = config.getoption("dflash_device") or profile.device
+    dtype = config.getoption("dflash_dtype") or profile.dtype
+    worker = (getattr(config, "workerinput", None) or {}).get("workerid", "")
+    if device == "cuda" and worker.startswith("gw"):
+        import torch
+        if torch.cuda.device_count() > 1:
+            device = f"cuda:{int(worker[2:]) % torch.cuda.device_count()}"
+    if (device, dtype) != (profile.device, profile.dtype):
+        cuda = device.startswith("cuda")
+        profile = replace(profile, device=device, dtype=dtype, needs_cuda=cuda, clock="wall" if cuda else "cpu")
+    if prompts := config.getoption("dflash_prompts"):
+        profile = replace(profile, prompts=prompts, prompts_cap=prompts)
+    if tokens := config.getoption("dflash_max_new_tokens"):
+        profile = replace(profile, max_new_tokens=tokens, full_length_max_new_tokens=tokens)
+    return profile
 
 
 def run_identity(config, profile_name: str) -> dict:
@@ -346,10 +429,11 @@ def run_identity(config, profile_name: str) -> dict:
     their files), the code (git commit and a digest of uncommitted changes), the clock and the options that
     change measurement or gating. Stored as run.json in the run directory; every record carries its digest."""
     from ..loading import model_digest
-    profile = get_profile(profile_name)
+    profile = run_profile(config, profile_name)
     target = config.getoption("dflash_target") or profile.target
     draft = config.getoption("dflash_draft") or profile.draft
-    return {"profile": profile_name, "target": target, "draft": draft,
+    return {"profile": profile_name, "target": target, "draft": draft, "device": profile.device,
+            "dtype": profile.dtype,
             "target_files": model_digest(target, "target"), "draft_files": model_digest(draft, "draft"),
             "overrides": sorted(k for k in ("target", "draft") if config.getoption(f"dflash_{k}")),
             "code": baseline_store.code_identity(), "clock": profile.clock,
@@ -392,7 +476,8 @@ def ablation_case(item) -> dict | None:
     if marker is None or callspec is None or "case" not in callspec.params:
         return None
     name = marker.args[0] if marker.args else ""
-    return {"id": f"{name}/{item.name}", "profile": callspec.params["case"][0], "ablation": name,
+    profile, dataset = callspec.params["case"]
+    return {"id": f"{name}/{item.name}", "profile": profile, "dataset": dataset, "ablation": name,
             "gated": marker.kwargs.get("gated", True)}
 
 
@@ -433,11 +518,39 @@ def pytest_collection_modifyitems(config, items):
         if ablation_case(item) is None or ablation_problem(item):
             continue  # a broken case is reported once collection is done
         ci_datasets = marker.kwargs.get("ci_datasets")
-        if ci_datasets is not None and item.callspec.params["case"][1] not in ci_datasets:
+        ci_cases = PROFILES[item.callspec.params["case"][0]].ci_cases
+        if ci_cases is not None:  # a profile with its own CI tier (the GPU profiles: one GPU-hour)
+            if not re.search(ci_cases, ablation_case(item)["id"]):
+                item.add_marker(pytest.mark.slow)
+        elif ci_datasets is not None and item.callspec.params["case"][1] not in ci_datasets:
             item.add_marker(pytest.mark.slow)
 
 
 GATES_PER_CASE = 2  # tau and throughput: the family counts both for every gated case that will run
+
+
+class Selection:
+    """After -m / -k deselection: fix the gate family, then keep this shard's share (--shard I/N)."""
+
+    def __init__(self, state: RunState):
+        self.state = state
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items):
+        """The family is two gates per gated case of the whole selection (every shard's) whose profile can run
+        here: a case that will skip for want of CUDA, weights or data is not a look, so it costs no alpha."""
+        state = self.state
+        cases = [info for item in items if (info := ablation_case(item)) is not None and not ablation_problem(item)]
+        state.family = GATES_PER_CASE * sum(1 for info in cases if info["gated"]
+                                            and state.unavailable(info["profile"], info["dataset"]) is None)
+        shard = config.getoption("shard")
+        if shard:
+            index, count = shard
+            keep = [item for k, item in enumerate(items) if k % count == index - 1]
+            dropped = [item for k, item in enumerate(items) if k % count != index - 1]
+            if dropped:
+                config.hook.pytest_deselected(items=dropped)
+            items[:] = keep
 
 
 def pytest_collection_finish(session):
@@ -452,9 +565,9 @@ def pytest_collection_finish(session):
         info = ablation_case(item)
         if info is not None:
             state.collected[item.nodeid] = info
-    state.family = GATES_PER_CASE * sum(1 for info in state.collected.values() if info["gated"])
     if hasattr(session.config, "workeroutput"):  # xdist: the controller does not collect; it reads this
         session.config.workeroutput["dflash_collected"] = state.collected
+        session.config.workeroutput["dflash_family"] = state.family
     if session.config.getoption("check_baselines"):
         _check_baselines(session, state)
 
@@ -509,7 +622,7 @@ class Case:
         self.request, self.state, self.profile = request, state, profile
         self.spec = profile.dataset(dataset)
         self.ablation = request.node.get_closest_marker("ablation").args[0]
-        self.experiment_id = f"{self.ablation}/{request.node.name}"  # e.g. block_size/test_sweep[tiny-math-bs=8]
+        self.experiment_id = f"{self.ablation}/{request.node.name}"  # e.g. block_size/test_sweep[tiny-math-bs8]
         self.update = state.update
         self.max_new_tokens = profile.max_new_tokens
         self.recorded: dict | None = None  # --resume: this case's record from the run being continued
@@ -634,7 +747,7 @@ class Case:
 
     @property
     def fingerprint(self) -> dict:
-        return baseline_store.collect_fingerprint(self.profile.name, SEEDS)
+        return baseline_store.collect_fingerprint(self.profile.name, SEEDS, device=self.profile.device)
 
     def _float_ties(self, comparison) -> dict:
         """Greedy outputs that differ from target-only, each proven a float tie ({prompt index: explanation});
@@ -646,7 +759,8 @@ class Case:
         ties = {}
         for i, (prompt, new, base) in enumerate(zip(prompts, comparison.variant, comparison.baseline)):
             if new.output_ids != base.output_ids:
-                tie = float_tie(self.models.target, prompt, base.output_ids, new.output_ids)
+                block = new.block_size or max((r.block_size for r in new.trace), default=16)
+                tie = float_tie(self.models.target, prompt, base.output_ids, new.output_ids, block_size=block)
                 if tie:
                     ties[str(i)] = tie
         return ties
@@ -694,13 +808,16 @@ class Case:
             if gate.gated and gate.verdict == REGRESSION and gate.p_value * family < gate.alpha:
                 failures.append(regression_message(gate.to_dict(), family))
         gated = bool(self.request.node.get_closest_marker("ablation").kwargs.get("gated", True))
-        record = {"id": self.experiment_id, "experiment": experiment, "ablation": self.ablation,
+        references = self.profile.references_for(self.spec.name, params.get("block_size"),
+                                                 params.get("max_new_tokens", self.max_new_tokens),
+                                                 params.get("temperature", 0.0))
+        record = {"id": self.experiment_id, "experiment": experiment, "ablation": self.ablation, "family": family,
                   "group": f"{self.spec.name}, max_new_tokens={self.max_new_tokens}",
                   "profile": self.profile.name, "dataset": self.spec.name, "params": params,
                   "metrics": metrics, "status": "done", "gates": [g.to_dict() for g in gates],
                   "outcome": "failed" if failures else "passed", "failures": failures,
                   "recording": self.update, "identity": identity_digest(self.state.identities[self.profile.name]),
-                  "fingerprint": self.fingerprint}
+                  "fingerprint": self.fingerprint, "references": [asdict(r) for r in references]}
         if gated and not gates and not self.update:
             record["verdict"] = NO_BASELINE
         record = json.loads(json.dumps(record))  # plain types only: records cross process boundaries (xdist)
@@ -750,9 +867,8 @@ def regression_message(gate: dict, family: int) -> str:
 
 def baseline_payload(record: dict) -> dict:
     """A case's baseline entry from its results record: per-prompt taus, speedup samples, raw counters,
-    fingerprint, provenance and the profile's published reference values (GPU profiles)."""
-    metrics, profile = record["metrics"], get_profile(record["profile"])
-    reference = profile.reference.get(record["dataset"])
+    fingerprint, provenance and the published figures that describe this case (GPU profiles)."""
+    metrics, references = record["metrics"], record.get("references") or []
     return {
         "profile": record["profile"], "ablation": record["ablation"], "id": record["id"],
         "per_prompt_tau": metrics["per_prompt_tau"], "speedup_samples": metrics["speedup_samples"],
@@ -761,7 +877,8 @@ def baseline_payload(record: dict) -> dict:
         "provenance": {"command": "pytest ablations --update-baselines", "recorded": time.strftime("%F %T"),
                        "prompts": len(metrics["per_prompt_tau"]), "clock": metrics.get("speedup_clock", "wall"),
                        "run_identity": record.get("identity")},
-        "reference": reference and {**reference, "source": profile.reference["source"]},
+        "reference": {"figures": references, "source": "; ".join(r["source"] for r in references)}
+        if references else None,
     }
 
 
@@ -822,7 +939,7 @@ def baselines_from_run(run_dir: str | Path, baselines_dir: str | Path, ablations
 def case(request):
     state = request.config.stash[STATE]
     profile_name, dataset = request.param
-    profile = get_profile(profile_name)
+    profile = state.profile(profile_name)
     if request.node.get_closest_marker("ablation") is None:
         pytest.fail(f"{request.node.nodeid} uses the `case` fixture without @pytest.mark.ablation(name): the name "
                     "says which baseline file (baselines/<profile>/<name>.json) gates it", pytrace=False)
@@ -834,7 +951,7 @@ def case(request):
         made.recorded = state.recorded(profile_name).get(made.experiment_id)
         if made.recorded is not None:
             return made  # pytest_pyfunc_call re-applies its verdict instead of measuring
-    reason = unavailable_reason(profile)
+    reason = state.unavailable(profile_name, dataset)
     if reason:
         pytest.skip(reason)
     return made
@@ -884,10 +1001,10 @@ class Controller:
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node, error):
         """xdist: the collected cases (and so the family) as a worker collected them."""
-        collected = getattr(node, "workeroutput", {}).get("dflash_collected")
-        if collected and not self.state.collected:
-            self.state.collected.update(collected)
-            self.state.family = GATES_PER_CASE * sum(1 for i in collected.values() if i["gated"])
+        output = getattr(node, "workeroutput", {})
+        if output.get("dflash_collected") and not self.state.collected:
+            self.state.collected.update(output["dflash_collected"])
+            self.state.family = output.get("dflash_family", 0)
 
     def pytest_runtest_logreport(self, report):
         state = self.state
@@ -1016,15 +1133,85 @@ def _remove_if_unused(run_dir: Path) -> None:
 def _holm_over_run(state: RunState) -> list[dict]:
     """Holm's step-down over every gate of the run (tau and throughput together; this session's records and
     re-applied ones), with the family fixed at collection."""
+    return holm_over(state.records.values(), state.family)
+
+
+def holm_over(records, family: int) -> list[dict]:
+    """Holm's step-down over every gate of `records`, with `family` gates in the family."""
     from .stats import TauGateResult, ThroughputGateResult
     gates = []
-    for record in state.records.values():
+    for record in records:
         for g in record.get("gates", []):
             cls = TauGateResult if g["kind"] == "tau" else ThroughputGateResult
             fields = {k: v for k, v in g.items() if k in cls.__dataclass_fields__}
             fields.update(p_adjusted=None, p_improvement_adjusted=None)
             gates.append(cls(**fields))
-    return [g.to_dict() for g in apply_holm(gates, family=state.family)]
+    return [g.to_dict() for g in apply_holm(gates, family=family)]
+
+
+def merge_runs(run_dirs, out_dir: str | Path | None = None, reports_dir: str | Path = "reports") -> Path:
+    """One report from the runs of a CI matrix (`pytest ablations --shard I/N`, one runner each): the runs must
+    share one identity (profile, models, code, options) and the gate family they were corrected for; their
+    records (disjoint: a case measured twice is refused) are joined, Holm runs over the union, and OUT gets
+    run.json, results.jsonl and summary.md (+ plots). Returns OUT."""
+    from .plots import write_plots
+    from .render import render_summary, write_summary
+    runs = [Path(d) for d in run_dirs]
+    if not runs:
+        raise DFlashError("dflash report --merge needs at least one run directory.")
+    identities, records, source = [], {}, {}
+    for run in runs:
+        try:
+            identity = json.loads((run / RUN_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            identity = None
+        if not isinstance(identity, dict):
+            raise DFlashError(f"{run} has no readable {RUN_FILE}: pass run directories written by pytest ablations "
+                              "(reports/<profile>-<time>).")
+        identities.append(identity)
+        results = ResultsFile(run / "results.jsonl")
+        try:
+            loaded = latest_by_id(results.load(check=record_problem)) if results.path.exists() else {}
+        except ResultsFileError as error:
+            raise DFlashError(str(error)) from None
+        for case_id, record in loaded.items():
+            if case_id in records:
+                raise DFlashError(f"{case_id} was measured in both {source[case_id]} and {run}: shards of one "
+                                  "matrix are disjoint; merge the runs of one matrix only.")
+            records[case_id], source[case_id] = record, run
+    differs = sorted(k for k in set().union(*identities) if len({json.dumps(i.get(k), sort_keys=True)
+                                                                 for i in identities}) > 1)
+    if differs:
+        raise DFlashError(f"the runs differ in {', '.join(differs)}: only runs of one matrix (same profile, models, "
+                          "code and options) can be merged into one report.")
+    families = {r.get("family") for r in records.values() if r.get("gates")}
+    if len(families) > 1 or None in families:
+        raise DFlashError(f"the runs' records were gated with different families ({sorted(map(str, families))}): "
+                          "run every shard with the same selection (-m / -k) so they share one family.")
+    family = families.pop() if families else 0
+    holm = {(g["case_id"], g["kind"]): g for g in holm_over(records.values(), family)}
+    for record in records.values():
+        record["gates"] = [holm.get((g["case_id"], g["kind"]), g) for g in record.get("gates", [])]
+    profile = identities[0].get("profile", "run")
+    out = Path(out_dir) if out_dir else Path(reports_dir) / f"{profile}-merged-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and any(out.iterdir()):
+        raise DFlashError(f"{out} exists and is not empty: pass a new --out directory.")
+    ordered = sorted(records.values(), key=lambda r: r["id"])
+    fingerprint = ordered[0]["fingerprint"] if ordered else {}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / RUN_FILE, json.dumps({**identities[0], "merged_from": [str(r) for r in runs]},
+                                                     indent=2, sort_keys=True) + "\n")
+        merged = ResultsFile(out / "results.jsonl")
+        for record in ordered:
+            merged.append(record)
+        write_summary(out, render_summary(ordered, fingerprint, title=f"dflash ablations: {profile} (merged from "
+                                          f"{len(runs)} runs, Holm over {family} gates)"))
+        write_plots(ordered, out)
+    except OSError as error:
+        raise DFlashError(f"the merged report could not be written to {out} ({error.strerror or error}); the "
+                          "runs it reads are untouched. Pass a writable --out directory.") from None
+    return out
 
 
 def write_baseline_payloads(baselines_dir: Path, payloads: list[dict], *, dry_run: bool = False,
