@@ -7,6 +7,7 @@ HF_HOME: huggingface_hub and datasets read it at import, so the in-process tests
 clean environment (`dflash.standins.hf_env`)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -178,8 +179,7 @@ def test_selection_is_the_research_shuffle(hub):
 
 
 def test_mt_bench_second_turn(hub, tokenizer):
-    import dataclasses
-    spec = dataclasses.replace(PROFILE.dataset("mt-bench"), turns=2)
+    spec = PROFILE.dataset("mt-bench-turn2")
     rows = shuffled(hub["datasets"][spec.hub_id]["rows"], 3)
     conversations = profiles.prompt_turns(PROFILE, spec, 3)
     assert conversations == [r["prompt"] for r in rows]
@@ -187,7 +187,18 @@ def test_mt_bench_second_turn(hub, tokenizer):
     answer = "A dict {'k': 1}."
     assert profiles.encode_turns(spec, tokenizer, [first, second], [answer]) == standins.chat_ids(
         [first, second], answers=[answer])
-    assert load_prompts(PROFILE, spec, tokenizer, 3) == [standins.chat_ids([c[0]]) for c in conversations]
+    turn_one = PROFILE.dataset("mt-bench")
+    assert load_prompts(PROFILE, turn_one, tokenizer, 3) == [standins.chat_ids([c[0]]) for c in conversations]
+    asked = []
+
+    def answer_of(ids):  # stands for the target's greedy turn-1 answer
+        asked.append(ids)
+        return f"answer {len(asked)}"
+    assert load_prompts(PROFILE, spec, tokenizer, 3, answer=answer_of) == [
+        standins.chat_ids(c, answers=[f"answer {i + 1}"]) for i, c in enumerate(conversations)]
+    assert asked == [standins.chat_ids([c[0]]) for c in conversations]  # asked about turn 1, in the template
+    with pytest.raises(DFlashError, match="needs answer="):
+        load_prompts(PROFILE, spec, tokenizer, 3)
     with pytest.raises(DFlashError, match="turns=2 needs a multi-turn dataset"):
         dataclasses.replace(PROFILE.dataset("gsm8k"), turns=2)
 

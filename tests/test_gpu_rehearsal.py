@@ -19,7 +19,8 @@ SHRUNK = ["--profile", "gpu-qwen3-4b", "--device", "cpu", "--prompts", "2", "--m
 # One case of every gated GPU ablation (GSM8K), selectable with -k since case ids have no '='. (The peer
 # benchmark runs on the smol profile only.)
 ONE_PER_ABLATION = ("gsm8k and (test_block_size and bs8] or test_full_length and bs8] or ewma] or profiling "
-                    "or batch2] or ranks1] or rounds8] or steps2] or sparse-max2] or tree-K2])")
+                    "or batch2] or ranks1] or rounds8] or steps2] or sparse-max2] or tree-K2]) "
+                    "or mt-bench-turn2 and test_block_size and bs8]")
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def test_one_case_of_every_gpu_ablation_runs_on_the_standins(hf_home, tmp_path, 
     run, records = rehearse(hf_home, tmp_path, "--dtype", dtype, "-k", ONE_PER_ABLATION, "--report")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     ablations = {r["ablation"] for r in records}
+    assert "mt-bench-turn2" in {r["dataset"] for r in records}  # turn 2 after the target's greedy turn 1
     assert ablations >= {"block_size", "full_length", "dynamic", "profiling", "batched", "candidate_diversity",
                          "multiround", "refinement", "suffix_recycling", "tree_variants"}, ablations
     counts = {r["id"]: len(r["metrics"]["per_prompt_tau"]) for r in records if "per_prompt_tau" in r["metrics"]}

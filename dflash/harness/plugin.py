@@ -660,9 +660,19 @@ class Case:
         key = (self.profile.name, self.spec.name)
         cached = self.state.prompts.get(key, [])
         if len(cached) < count:
-            cached = load_prompts(self.profile, self.spec, self.models.tokenizer, count)
+            cached = load_prompts(self.profile, self.spec, self.models.tokenizer, count, answer=self._answer)
             self.state.prompts[key] = cached
         return cached[:count]
+
+    def _answer(self, prompt: list[int]) -> str:
+        """The target's greedy answer to an earlier turn (multi-turn datasets): what every lossless variant
+        answers too, so the next turn's prompt is the same for baseline and variant."""
+        from ..engine import generate
+        models = self.models
+        result = generate(models.target, None, prompt, max_new_tokens=self.profile.max_new_tokens,
+                          stop_token_ids=models.stop_ids)
+        return models.tokenizer.decode([t for t in result.output_ids if t not in models.stop_ids],
+                                       skip_special_tokens=True)
 
     def compare(self, variant: Variant, *, max_new_tokens: int | None = None, count: int | None = None,
                 others: tuple[Variant, ...] = (), first: int = 0):

