@@ -323,8 +323,16 @@ def check_block_size(draft, block_size) -> None:
                 "target-only decoding (no draft) verifies one token per cycle; pass block_size=1."))
 
 
-def _check_arguments(target, draft, input_ids, max_new_tokens, block_size, temperature, acceptance, seed):
-    check_prompt(target, input_ids, max_new_tokens)
+TAIL_BLOCKS = ("cut", "full")
+
+
+def _check_arguments(target, draft, input_ids, max_new_tokens, block_size, temperature, acceptance, seed,
+                     tail_blocks="cut"):
+    if tail_blocks not in TAIL_BLOCKS:
+        raise DFlashError(f"tail_blocks must be one of {TAIL_BLOCKS}, got {tail_blocks!r}.")
+    # full tail blocks verify up to a block past the budget: those positions must exist too
+    check_prompt(target, input_ids, max_new_tokens + (max(1, draft.block_size) - 1 if tail_blocks == "full" and
+                                                      draft is not None else 0))
     check_temperature(temperature)
     if acceptance not in rules.SAMPLING_RULES:
         raise DFlashError(f"Unknown acceptance rule {acceptance!r}; choose one of {sorted(rules.SAMPLING_RULES)}.")
@@ -521,7 +529,7 @@ def generate(target, draft: DFlashDraftModel | None, input_ids, *, max_new_token
              block_size: int | BlockSizePolicy = 1, temperature: float = 0.0, seed: int | None = None,
              stop_token_ids=None, acceptance: str = "speculative", draft_temperature: float | None = None,
              drafter: Drafter | None = None, verifier: Verifier | None = None,
-             acceptor: Acceptor | None = None) -> GenerationResult:
+             acceptor: Acceptor | None = None, tail_blocks: str = "cut") -> GenerationResult:
     """Speculative decoding with a DFlash draft (or target-only with draft=None, block_size=1).
 
     Greedy (temperature 0) output equals the target's own greedy decoding; sampled output is distributed as
@@ -530,9 +538,13 @@ def generate(target, draft: DFlashDraftModel | None, input_ids, *, max_new_token
     `draft_temperature` (default: `temperature`) sharpens or flattens the draft's proposal law q only; any q
     keeps the output distribution exact, so it is a tuning knob, not a correctness one.
     `drafter`, `verifier`, `acceptor`: the protocol's plug-ins (module docstring); defaults are plain DFlash.
+    `tail_blocks`: "cut" shrinks the last block to the tokens left in the budget; "full" keeps full-size blocks
+    to the end and counts what they accept, as upstream's loop does (its published tau), then truncates the
+    output to the budget. The output is the same either way; only the last cycle's tau (and cost) differ.
     """
     input_ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
-    _check_arguments(target, draft, input_ids, max_new_tokens, block_size, temperature, acceptance, seed)
+    _check_arguments(target, draft, input_ids, max_new_tokens, block_size, temperature, acceptance, seed,
+                     tail_blocks)
     draft_temperature = temperature if draft_temperature is None else draft_temperature
     if not isinstance(draft_temperature, (int, float)) or not math.isfinite(draft_temperature):
         check_temperature(draft_temperature, "draft_temperature")
@@ -581,7 +593,8 @@ def generate(target, draft: DFlashDraftModel | None, input_ids, *, max_new_token
     acceptance_lengths: list[int] = []
     while not stopped and len(output) < max_new_tokens:
         cycle_begin = _clock(device)
-        length = max(1, min(int(policy.choose(len(records))), max_block, max_new_tokens - len(output)))
+        budget = max_new_tokens - len(output) if tail_blocks == "cut" else max_block
+        length = max(1, min(int(policy.choose(len(records))), max_block, budget))
         anchor, start = output[-1], prompt_length + len(output) - 1  # the anchor is committed but not yet cached
         proposal = empty
         if length > 1:
@@ -619,6 +632,7 @@ def generate(target, draft: DFlashDraftModel | None, input_ids, *, max_new_token
             drafter.observe(CycleOutcome(start, anchor, proposal, path, next_token, stopped))
 
     end = _clock(device)
+    stopped = stopped and any(t in stop_ids for t in output[:max_new_tokens])  # a full tail block may pass it
     return GenerationResult(output_ids=output[:max_new_tokens], acceptance_lengths=acceptance_lengths, ttft_s=ttft,
                             decode_s=end - begin - ttft, wall_s=end - begin,
                             block_size=block_size if isinstance(block_size, int) else 0,

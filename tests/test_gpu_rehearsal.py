@@ -42,10 +42,12 @@ def rehearse(hf_home, out: Path, *args, ci: bool = False):
                  for line in f.read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_one_case_of_every_gpu_ablation_runs_on_the_standins(hf_home, tmp_path, dtype):
-    run, records = rehearse(hf_home, tmp_path, "--dtype", dtype, "-k", ONE_PER_ABLATION, "--report")
+@pytest.mark.parametrize("dtype,accounting", [("float32", "engine"), ("bfloat16", "upstream")])
+def test_one_case_of_every_gpu_ablation_runs_on_the_standins(hf_home, tmp_path, dtype, accounting):
+    run, records = rehearse(hf_home, tmp_path, "--dtype", dtype, "-k", ONE_PER_ABLATION, "--report",
+                            "--tau-accounting", accounting)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert {r["tau_accounting"] for r in records} == {accounting}
     ablations = {r["ablation"] for r in records}
     assert "mt-bench-turn2" in {r["dataset"] for r in records}  # turn 2 after the target's greedy turn 1
     assert ablations >= {"block_size", "full_length", "dynamic", "profiling", "batched", "candidate_diversity",

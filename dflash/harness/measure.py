@@ -21,6 +21,7 @@ class Variant:
     acceptance: str = "speculative"
     method: str | None = None  # a registered research-backlog variant (dflash.variants); None: plain DFlash
     knobs: tuple = ()  # (name, value) pairs passed to the variant's decode
+    tail_blocks: str = "cut"  # plain DFlash: "full" keeps full-size tail blocks (upstream's tau accounting)
 
     def run(self, models, prompt, max_new_tokens, stop_ids, seed) -> GenerationResult:
         draft = models.draft if (self.use_draft and (self.block_size > 1 or self.policy)) else None
@@ -32,7 +33,7 @@ class Variant:
                 temperature=self.temperature, seed=seed, stop_token_ids=stop_ids, **dict(self.knobs))
         return generate(models.target, draft, prompt, max_new_tokens=max_new_tokens, block_size=block,
                         temperature=self.temperature, seed=seed, stop_token_ids=stop_ids,
-                        acceptance=self.acceptance)
+                        acceptance=self.acceptance, tail_blocks=self.tail_blocks if draft is not None else "cut")
 
 
 TARGET_ONLY = Variant("target-only", block_size=1, use_draft=False)

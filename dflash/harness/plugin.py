@@ -123,6 +123,10 @@ def pytest_addoption(parser):
                     help="prompts per case (and their cap) instead of the profile's: a short rehearsal")
     group.addoption("--max-new-tokens", dest="dflash_max_new_tokens", type=_count_option("--max-new-tokens"),
                     default=None, help="token budget of every case (full-length ones too) instead of the profile's")
+    group.addoption("--tau-accounting", choices=("engine", "upstream"), default="engine",
+                    help="engine: the last block shrinks to the token budget; upstream: plain-DFlash cases keep "
+                    "full-size tail blocks and count what they accept, as the published tau does (compare with "
+                    "published figures with this; baselines are recorded with engine)")
     group.addoption("--allow-downloads", action="store_true", help="let the Hugging Face clients fetch missing "
                     "weights and datasets (default: offline, a missing one skips its cases with the command "
                     "that fetches it)")
@@ -399,7 +403,7 @@ def record_problem(record: dict) -> str | None:
 RUN_FILE = "run.json"
 STATE = pytest.StashKey[RunState]()
 IDENTITY_OPTIONS = ("tau_margin", "throughput_factor", "gate_alpha", "update_baselines", "dflash_prompts",
-                    "dflash_max_new_tokens")
+                    "dflash_max_new_tokens", "tau_accounting")
 
 
 def run_profile(config, name: str):
@@ -680,6 +684,7 @@ class Case:
         so later runs can gather more prompts up to the cap against it)."""
         count = count or self.start_prompts
         prompts = self.prompts(count)
+        variant, others = self._accounted(variant), tuple(self._accounted(o) for o in others)
         if not self._warmed:
             warm_up(self.models, prompts[0], [TARGET_ONLY, variant, *others], self.models.stop_ids)
             self._warmed = True
@@ -687,6 +692,13 @@ class Case:
                        max_new_tokens=max_new_tokens or self.profile.max_new_tokens, others=others,
                        repeats=self.profile.timing_repeats, label=self.experiment_id, first_index=first,
                        clock=self.clock)
+
+    def _accounted(self, variant: Variant) -> Variant:
+        """--tau-accounting upstream: plain-DFlash variants keep full-size tail blocks (research variants decode
+        through their own loops and keep the engine's accounting; their records say "engine")."""
+        from dataclasses import replace
+        upstream = self._option("tau_accounting") == "upstream" and variant.method is None
+        return replace(variant, tail_blocks="full") if upstream else variant
 
     def measure(self, variant: Variant, *, max_new_tokens: int | None = None, extra=None,
                 others: tuple[Variant, ...] = (), gate_tau: bool = True):
@@ -822,6 +834,7 @@ class Case:
                                                  params.get("max_new_tokens", self.max_new_tokens),
                                                  params.get("temperature", 0.0))
         record = {"id": self.experiment_id, "experiment": experiment, "ablation": self.ablation, "family": family,
+                  "tau_accounting": self._option("tau_accounting"),
                   "group": f"{self.spec.name}, max_new_tokens={self.max_new_tokens}",
                   "profile": self.profile.name, "dataset": self.spec.name, "params": params,
                   "metrics": metrics, "status": "done", "gates": [g.to_dict() for g in gates],
