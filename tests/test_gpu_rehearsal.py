@@ -88,3 +88,75 @@ def test_gpu_profiles_skip_in_one_line_without_cuda_or_weights(tmp_path):
     assert skips and "passed" not in run.stdout.splitlines()[-1] and "failed" not in run.stdout.splitlines()[-1]
     assert all("CUDA" in line or "SGLang" in line or "not in the local Hugging Face cache" in line
                for line in skips), skips[:5]
+
+
+FAKE_SGLANG = '''
+"""A stand-in for SGLang's in-process Engine: deterministic token ids; the DFLASH engine reports verify steps."""
+import asyncio
+
+ENGINES = []
+
+
+class Engine:
+    def __init__(self, **arguments):
+        self.arguments = arguments
+        self.speculative = arguments.get("speculative_algorithm") == "DFLASH"
+        ENGINES.append(arguments)
+
+    def flush_cache(self):
+        pass
+
+    def _one(self, input_ids, sampling_params):
+        n = sampling_params["max_new_tokens"]
+        meta = {"completion_tokens": n}
+        if self.speculative:
+            meta.update(spec_verify_ct=max(1, n // 4), spec_accept_length=n / max(1, n // 4))
+        return {"output_ids": [(sum(input_ids) + i) % 97 for i in range(n)], "meta_info": meta}
+
+    def generate(self, input_ids, sampling_params):
+        return [self._one(ids, sampling_params) for ids in input_ids]
+
+    async def async_generate(self, input_ids, sampling_params):
+        await asyncio.sleep(0)
+        return self._one(input_ids, sampling_params)
+
+    def shutdown(self):
+        pass
+'''
+
+FAKE_CUDA_PLUGIN = '''
+"""SGLang needs CUDA; the fake engine does not. Only the sweep's CUDA questions are answered here."""
+import torch
+
+
+def pytest_configure(config):
+    torch.cuda.is_available = lambda: True
+    torch.cuda.get_device_capability = lambda *args: (9, 0)
+'''
+
+
+def test_sglang_sweep_runs_against_a_fake_sglang(hf_home, tmp_path):
+    """ablations/test_sglang.py end to end with a fake `sglang` (version, DFLASH capability, Engine API) on the
+    stand-ins: only the --profile of the run is swept, and the report is written."""
+    fake = tmp_path / "fake"
+    (fake / "sglang" / "srt").mkdir(parents=True)
+    (fake / "sglang" / "__init__.py").write_text(FAKE_SGLANG)
+    (fake / "sglang" / "srt" / "__init__.py").write_text("")
+    (fake / "sglang" / "srt" / "server_args.py").write_text(
+        "import dataclasses\n\n\n@dataclasses.dataclass\nclass ServerArgs:\n"
+        "    speculative_dflash_block_size: int | None = None\n")
+    (fake / "sglang-0.5.99.dist-info").mkdir()
+    (fake / "sglang-0.5.99.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: sglang\n"
+                                                              "Version: 0.5.99\n")
+    (fake / "fake_cuda.py").write_text(FAKE_CUDA_PLUGIN)
+    env = hf_env(hf_home, PYTHONPATH=os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
+    env.pop("CI", None)
+    run = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "ablations" / "test_sglang.py"), "-p",
+                          "fake_cuda", "--profile", "gpu-qwen3-4b", "-q", "-rs", "-n", "0", "-p", "no:randomly",
+                          "-p", "no:cacheprovider", "--reports-dir", str(tmp_path / "reports")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "1 passed, 1 skipped" in run.stdout and "profile gpu-qwen3-8b is not in this run" in run.stdout
+    sweep = json.loads(next((tmp_path / "reports").glob("sglang-gpu-qwen3-4b-*/sweep.json")).read_text())
+    assert set(sweep["tables"]) == {"flashinfer", "fa3"}  # fa4 dropped on SM 90
+    assert [row["concurrency"] for row in sweep["tables"]["fa3"]] == [1, 2, 4, 8]

@@ -169,3 +169,22 @@ def test_draft_and_target_path_knobs_are_live(monkeypatch):
     assert opened[-1].target == "targets/u"
     with pytest.raises(DFlashError, match="has no path"):
         decode(object(), object(), [1], max_new_tokens=8, block_size=16)
+
+
+@pytest.mark.parametrize("installed,fields,reason", [
+    ("0.6.1", ("speculative_dflash_block_size",), "outside the supported range <0.6"),
+    ("0.5.3", (), "has no DFLASH speculative algorithm"),
+])
+def test_an_unsupported_sglang_is_named_before_anything_starts(monkeypatch, installed, fields, reason):
+    import dataclasses
+    import importlib.metadata
+    import sys
+    import types
+    server_args = types.ModuleType("sglang.srt.server_args")
+    server_args.ServerArgs = dataclasses.make_dataclass("ServerArgs", [(f, int, 0) for f in fields])
+    for name, module in (("sglang", types.ModuleType("sglang")), ("sglang.srt", types.ModuleType("sglang.srt")),
+                         ("sglang.srt.server_args", server_args)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(sg.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: installed)
+    assert reason in sg.unavailable_reason()

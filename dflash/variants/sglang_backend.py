@@ -37,10 +37,25 @@ from . import VariantSpec, register
 SWEEP_CONCURRENCIES = (1, 2, 4, 8, 16, 32)  # the research script's default sweep
 
 
+SUPPORTED_SGLANG = "<0.6"  # the engine arguments above are 0.5.x's; the pyproject extra `sglang` pins the same
+
+
 def unavailable_reason() -> str | None:
-    """Why SGLang cannot run here (one line), or None."""
+    """Why SGLang cannot run here (one line), or None: not installed, outside the supported range, no DFLASH
+    algorithm in its server arguments (it landed in sgl-project/sglang#22077), or no CUDA."""
     if importlib.util.find_spec("sglang") is None:
-        return "SGLang is not installed (pip install 'sglang[all]' on a CUDA machine)"
+        return "SGLang is not installed (pip install '.[sglang]' on a CUDA machine)"
+    from importlib.metadata import version
+
+    from packaging.specifiers import SpecifierSet
+    installed = version("sglang")
+    if installed not in SpecifierSet(SUPPORTED_SGLANG):
+        return f"SGLang {installed} is outside the supported range {SUPPORTED_SGLANG} (pip install '.[sglang]')"
+    import dataclasses
+
+    from sglang.srt.server_args import ServerArgs
+    if "speculative_dflash_block_size" not in {f.name for f in dataclasses.fields(ServerArgs)}:
+        return f"SGLang {installed} has no DFLASH speculative algorithm (a release with sgl-project/sglang#22077)"
     import torch
     if not torch.cuda.is_available():
         return "SGLang needs CUDA, which this machine does not have"
