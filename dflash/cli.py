@@ -164,9 +164,9 @@ def cmd_bench(args) -> None:
     """Peer benchmark (dflash.peers) on a profile's datasets; prints the peer table, optionally writes JSON."""
     import torch
     torch.set_num_threads(args.threads)
-    from .harness.profiles import enforce_offline, get_profile, load_prompts, unavailable_reason
+    from .harness.profiles import get_profile, load_prompts, unavailable_reason
     from .harness.render import peers_table
-    from .loading import load_draft, load_target, load_tokenizer
+    from .loading import enforce_offline, load_draft, load_target, load_tokenizer
     from .peers import peer_metrics, peer_modes, run_peers
     enforce_offline()
     profile = get_profile(args.profile)

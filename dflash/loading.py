@@ -1,7 +1,10 @@
-"""Resolve model names to weights on disk and load them. Never downloads: weights come from the package, a
-local directory, or the local Hugging Face cache."""
+"""Resolve model names to weights on disk and load them. Never downloads unless `enforce_offline(allow_downloads=
+True)` says so (`pytest --allow-downloads`): weights come from the package, a local directory, or the local
+Hugging Face cache."""
 from __future__ import annotations
 
+import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,42 @@ KNOWN_MODELS = {
 }
 
 
+_downloads_allowed = False
+
+
+def enforce_offline(allow_downloads: bool = False) -> None:
+    """Keep the Hugging Face clients off the network: HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1, and, for
+    modules already imported (their constants were read from the environment at import), the runtime flags
+    `huggingface_hub.constants.HF_HUB_OFFLINE`, `datasets.config.HF_HUB_OFFLINE` / `HF_DATASETS_OFFLINE` and
+    transformers' cached offline flag; so the guard holds whatever was imported first. Without it a runner with
+    network would download, and one without would wait on retries (about 23 s per dataset).
+
+    `allow_downloads=True` changes nothing in the environment and lets missing weights (`resolve`) and hub
+    datasets (dflash.harness.profiles) be fetched into the local cache, with progress bars. Call once, before
+    anything imports `datasets` (the ablation plugin: first thing in pytest_configure); the dataset loaders
+    re-apply it each time they run."""
+    global _downloads_allowed
+    _downloads_allowed = bool(allow_downloads)
+    if _downloads_allowed:
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None:
+        hub.HF_HUB_OFFLINE = True
+    config = sys.modules.get("datasets.config")
+    if config is not None:
+        config.HF_HUB_OFFLINE = True
+        config.HF_DATASETS_OFFLINE = True
+    transformers_hub = sys.modules.get("transformers.utils.hub")
+    if transformers_hub is not None and hasattr(transformers_hub, "_is_offline_mode"):  # transformers 4.x
+        transformers_hub._is_offline_mode = True
+
+
+def downloads_allowed() -> bool:
+    return _downloads_allowed
+
+
 def resolve(name_or_path: str, which: str) -> Path:
     """A directory holding the weights: known name, local directory, or a hub id already in the local cache."""
     if name_or_path in KNOWN_MODELS:
@@ -58,7 +97,7 @@ def resolve(name_or_path: str, which: str) -> Path:
                           "not a local directory, and not a hub id of the form owner/name.")
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(name_or_path, local_files_only=True))
+        return Path(snapshot_download(name_or_path, local_files_only=not downloads_allowed()))
     except Exception as error:  # the hub client raises several types for "not in the cache"
         raise DFlashError(
             f"The {which} model {name_or_path!r} is not available offline (not in the local Hugging Face cache; "

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dflash import standins
+from dflash import loading, standins
 from dflash.errors import DFlashError
 from dflash.harness import profiles
 from dflash.harness.profiles import HUMANEVAL_TEMPLATE, MATH_SUFFIX, get_profile, load_prompts
@@ -37,7 +37,7 @@ def built(tmp_path_factory):
 def hub(built, monkeypatch, tmp_path):
     """The stand-in HF_HOME, offline, for this test (a fresh datasets cache; the download switch restored)."""
     standins.point_hf_home(monkeypatch, built["hf_home"], datasets_cache=tmp_path / "datasets")
-    monkeypatch.setattr(profiles, "_downloads_allowed", False, raising=False)
+    monkeypatch.setattr(loading, "_downloads_allowed", False, raising=False)
     return built
 
 
@@ -47,7 +47,7 @@ def hub_copy(built, monkeypatch, tmp_path):
     home = tmp_path / "hf_home"
     shutil.copytree(built["hf_home"], home, symlinks=True)
     standins.point_hf_home(monkeypatch, home, datasets_cache=tmp_path / "datasets")
-    monkeypatch.setattr(profiles, "_downloads_allowed", False, raising=False)
+    monkeypatch.setattr(loading, "_downloads_allowed", False, raising=False)
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # past the CUDA check, to the files
     return home
 
@@ -345,12 +345,12 @@ def test_enforce_offline_flips_imported_constants(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
-    monkeypatch.setattr(profiles, "_downloads_allowed", False, raising=False)
-    profiles.enforce_offline(allow_downloads=True)
-    assert profiles.downloads_allowed() and not huggingface_hub.constants.HF_HUB_OFFLINE
+    monkeypatch.setattr(loading, "_downloads_allowed", False, raising=False)
+    loading.enforce_offline(allow_downloads=True)
+    assert loading.downloads_allowed() and not huggingface_hub.constants.HF_HUB_OFFLINE
     assert "HF_HUB_OFFLINE" not in os.environ
-    profiles.enforce_offline()
-    assert not profiles.downloads_allowed()
+    loading.enforce_offline()
+    assert not loading.downloads_allowed()
     assert (os.environ["HF_HUB_OFFLINE"], os.environ["HF_DATASETS_OFFLINE"]) == ("1", "1")
     assert huggingface_hub.constants.HF_HUB_OFFLINE and huggingface_hub.constants.is_offline_mode()
     assert datasets.config.HF_HUB_OFFLINE and datasets.config.HF_DATASETS_OFFLINE

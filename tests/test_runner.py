@@ -136,3 +136,24 @@ def test_gpu_ci_tier_is_the_block_size_sweep_at_8_and_16_on_two_datasets():
     assert not any(tier.search(case) for case in ("block_size/test_block_size[gpu-qwen3-4b-gsm8k-bs1]",
                                                   "block_size/test_block_size[gpu-qwen3-4b-aime25-bs16]",
                                                   "full_length/test_full_length[gpu-qwen3-4b-gsm8k-bs16]"))
+
+
+def test_allow_downloads_reaches_the_weights_too(monkeypatch):
+    """Offline by default; --allow-downloads (enforce_offline(allow_downloads=True)) lets resolve fetch weights."""
+    import huggingface_hub
+
+    from dflash import loading
+    asked = []
+
+    def snapshot(repo_id, local_files_only):
+        asked.append(local_files_only)
+        raise OSError("not cached")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    monkeypatch.setattr(loading, "_downloads_allowed", False)
+    for allow in (False, True):
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        loading.enforce_offline(allow_downloads=allow)
+        with pytest.raises(DFlashError, match="not available offline"):
+            loading.resolve("someone/model", "target")
+    assert asked == [True, False]
+    loading.enforce_offline()

@@ -21,11 +21,12 @@ from pathlib import Path
 import pytest
 
 from ..errors import DFlashError
+from ..loading import enforce_offline
 from . import baselines as baseline_store
 from .fileio import atomic_write_text
 from .measure import (TARGET_ONLY, Variant, compare, comparison_metrics, extend, per_prompt_tau, speedup_samples,
                       warm_up)
-from .profiles import PROFILES, enforce_offline, get_profile, load_prompts, unavailable_reason
+from .profiles import PROFILES, get_profile, load_prompts, unavailable_reason
 from .results import ResultsFile, ResultsFileError, id_problem, latest_by_id
 from .stats import REGRESSION, apply_holm, confirm, sequential_tau_gate, tau_gate, throughput_gate
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DFlashError
+from ..loading import downloads_allowed, enforce_offline
 
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 HUMANEVAL_TEMPLATE = ("Write a solution to the following problem and make sure that it passes the tests:\n"
@@ -177,46 +178,10 @@ def get_profile(name: str) -> Profile:
 
 
 
-# --- offline guard ---------------------------------------------------------------------------------------------
-
-_downloads_allowed = False
-
-
-def enforce_offline(allow_downloads: bool = False) -> None:
-    """Keep the Hugging Face clients off the network: HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1, and, for
-    modules already imported (their constants were read from the environment at import), the runtime flags
-    `huggingface_hub.constants.HF_HUB_OFFLINE`, `datasets.config.HF_HUB_OFFLINE` / `HF_DATASETS_OFFLINE` and
-    transformers' cached offline flag; so the guard holds whatever was imported first. Without it a runner with
-    network would download, and one without would wait on retries (about 23 s per dataset).
-
-    `allow_downloads=True` changes nothing in the environment and lets the hub datasets be fetched into the
-    local cache (`snapshot_download` without local_files_only) where they are missing. Call once, before
-    anything imports `datasets` (the ablation plugin: first thing in pytest_configure); the dataset loaders
-    here re-apply it each time they run."""
-    global _downloads_allowed
-    _downloads_allowed = bool(allow_downloads)
-    if _downloads_allowed:
-        return
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    hub = sys.modules.get("huggingface_hub.constants")
-    if hub is not None:
-        hub.HF_HUB_OFFLINE = True
-    config = sys.modules.get("datasets.config")
-    if config is not None:
-        config.HF_HUB_OFFLINE = True
-        config.HF_DATASETS_OFFLINE = True
-    transformers_hub = sys.modules.get("transformers.utils.hub")
-    if transformers_hub is not None and hasattr(transformers_hub, "_is_offline_mode"):  # transformers 4.x
-        transformers_hub._is_offline_mode = True
-
-
-def downloads_allowed() -> bool:
-    return _downloads_allowed
-
+# --- offline guard (dflash.loading.enforce_offline) ---------------------------------------------------
 
 def _guard() -> None:
-    if not _downloads_allowed:
+    if not downloads_allowed():
         enforce_offline()
 
 
@@ -383,7 +348,7 @@ def _hub_rows(spec: DatasetSpec):
     _guard()
     from huggingface_hub import snapshot_download
     try:
-        snapshot = Path(snapshot_download(spec.hub_id, repo_type="dataset", local_files_only=not _downloads_allowed))
+        snapshot = Path(snapshot_download(spec.hub_id, repo_type="dataset", local_files_only=not downloads_allowed()))
     except Exception:  # the hub client raises several types for "not in the cache"
         snapshot = None
     where = f"{spec.config or 'default'}/{spec.split}"
