@@ -140,8 +140,11 @@ def _dtype(dtype, device) -> torch.dtype:
 
 
 @contextmanager
-def quiet_transformers():
-    from transformers.utils import logging
+def quiet(library: str = "transformers"):
+    """Silence a Hugging Face library's logger and progress bars while inside ("transformers" or "datasets":
+    both expose the same `utils.logging` API); their settings are restored afterwards."""
+    from importlib import import_module
+    logging = import_module(f"{library}.utils.logging")
     verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
     logging.disable_progress_bar()
@@ -164,7 +167,7 @@ def load_target(name_or_path: str, *, device: str = "cpu", dtype=None):
                           "only (never pickle): a Hugging Face model directory holds config.json and "
                           "model*.safetensors.")
     try:
-        with quiet_transformers():  # its load report and progress bar; what matters is raised below
+        with quiet():  # its load report and progress bar; what matters is raised below
             model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True,
                                                                trust_remote_code=False, use_safetensors=True,
                                                                output_loading_info=True)
@@ -195,7 +198,7 @@ def load_tokenizer(name_or_path: str):
         raise DFlashError(f"The target directory {path} has no tokenizer (tokenizer.json, tokenizer.model or "
                           "vocab.json): copy the tokenizer files of the model it was trained with into it.")
     try:
-        with quiet_transformers():
+        with quiet():
             return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as error:  # tokenizers and transformers raise several types for unreadable files
         message = str(error).strip().splitlines()

