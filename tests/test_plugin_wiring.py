@@ -38,7 +38,7 @@ import multiprocessing
 import re
 import shutil
 import types
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -351,9 +351,8 @@ def _perturb(model_dir: Path) -> Path:
 
 
 def _identity(draft: str | None) -> dict:
-    options = {"dflash_target": None, "dflash_draft": draft, "tau_margin": 0.03, "throughput_factor": 1.10,
-               "gate_alpha": 0.05, "update_baselines": False, "dflash_device": None, "dflash_dtype": None,
-               "dflash_prompts": None, "dflash_max_new_tokens": None}
+    options = defaultdict(lambda: None, {"dflash_draft": draft, "tau_margin": 0.03, "throughput_factor": 1.10,
+                                         "gate_alpha": 0.05, "update_baselines": False})  # other options unset
     return plugin.run_identity(types.SimpleNamespace(getoption=options.__getitem__), "tiny")
 
 
