@@ -11,8 +11,8 @@ so a batch of 4 prompts gives one sample, not four copies of one.
 import pytest
 
 from dflash import generate
-from dflash.evaluation import float_tie
-from dflash.harness.measure import seconds
+from dflash.harness.evaluation import float_ties
+from dflash.harness.measure import interleave, per_prompt_tau, seconds, tokens_per_s_total
 from dflash.variants.batched import decode_batch
 
 BLOCK_SIZE = 8
@@ -23,10 +23,6 @@ CASES = [
     pytest.param(4, False, id="batch4-mask-only"),
 ]
 MIN_GROUPS = 6  # one-sided Mann-Whitney needs >= 6 samples a side to reach p ~ 1e-3
-
-
-def _total_rate(results) -> float:
-    return sum(len(r.output_ids) for r in results) / sum(r.wall_s for r in results)
 
 
 def _timed_batch(models, group, max_new_tokens, block_size, compact, repeats, clock, use_draft=True):
@@ -52,7 +48,7 @@ def _timed_alone(models, group, max_new_tokens, block_size, repeats, clock):
 @pytest.mark.parametrize("batch_size,compact", CASES)
 def test_batched(case, batch_size, compact):
     models, profile, clock = case.models, case.profile, case.clock
-    max_new = case.max_new_tokens
+    max_new = profile.max_new_tokens
     prompts = case.prompts(max(profile.prompts, MIN_GROUPS * batch_size))
     groups = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     repeats = profile.timing_repeats
@@ -69,15 +65,10 @@ def test_batched(case, batch_size, compact):
     def interleaved(names):
         """Per mode, per group: (results, stats or None, seconds); every mode on a group before the next group,
         the order rotating per group."""
-        out = {name: [] for name in names}
-        for index, group in enumerate(groups):
-            shift = index % len(names)
-            for name in names[shift:] + names[:shift]:
-                out[name].append(modes[name](group))
-        return out
+        return dict(zip(names, interleave(groups, [lambda group, _, run=modes[name]: run(group) for name in names])))
 
     def rates(runs):
-        return [sum(len(r.output_ids) for r in results) / elapsed for results, _, elapsed in runs]
+        return [tokens_per_s_total(results, elapsed) for results, _, elapsed in runs]
 
     out = interleaved(list(modes))
 
@@ -92,18 +83,17 @@ def test_batched(case, batch_size, compact):
     cycles = sum(s.cycles for s in stats)
     base_rates = group_rates("target-only")
     exact = [b.output_ids == t.output_ids for b, t in zip(batched, baseline)]
-    ties = {str(i): tie for i, (prompt, b, t) in enumerate(zip(prompts, batched, baseline))
-            if b.output_ids != t.output_ids
-            and (tie := float_tie(models.target, prompt, t.output_ids, b.output_ids, block_size=BLOCK_SIZE))}
+    ties = float_ties(models.target, prompts, [t.output_ids for t in baseline], [b.output_ids for b in batched],
+                      BLOCK_SIZE)
     metrics = {
-        "per_prompt_tau": [r.tau if r.num_cycles else 1.0 for r in batched],
+        "per_prompt_tau": per_prompt_tau(batched),
         "speedup_samples": [v / b for v, b in zip(group_rates("batched"), base_rates)],
         "speedup_vs_unbatched_samples": [v / b for v, b in zip(group_rates("batched"),
                                                                group_rates("dflash-unbatched"))],
         "target_batched_speedup_samples": [v / b for v, b in zip(group_rates("target-only-batched"), base_rates)],
-        "tokens_per_s_total": sum(len(r.output_ids) for r in batched) / sum(s.wall_s for s in stats),
-        "baseline_tokens_per_s_total": _total_rate(baseline),
-        "unbatched_tokens_per_s_total": _total_rate(unbatched),
+        "tokens_per_s_total": tokens_per_s_total(batched, sum(s.wall_s for s in stats)),
+        "baseline_tokens_per_s_total": tokens_per_s_total(baseline),
+        "unbatched_tokens_per_s_total": tokens_per_s_total(unbatched),
         "same_acceptance_as_unbatched": sum(b.acceptance_lengths == u.acceptance_lengths
                                             for b, u in zip(batched, unbatched)),
         # cost of batching, per batch cycle: rows verified, target/draft seconds, masked (wasted) cache share
@@ -125,4 +115,4 @@ def test_batched(case, batch_size, compact):
 
     gates = case.gate(metrics, remeasure)
     case.finish("batched", {"batch_size": batch_size, "compact": compact, "block_size": BLOCK_SIZE,
-                            "groups": len(groups)}, metrics, gates)
+                            "groups": len(groups)}, metrics, gates, max_new_tokens=max_new)

@@ -5,7 +5,7 @@ target-only. Schedulers: the research EWMA throughput scheduler, its ADL variant
 """
 import pytest
 
-from dflash.harness.measure import Variant, block_usage_metrics, cycle_trace, rate
+from dflash.harness.measure import Variant, block_usage_metrics, cycle_trace, rate, tokens_per_s_total
 from dflash.policies import BreakEvenScheduler, EWMAScheduler
 
 SCHEDULERS = [
@@ -15,10 +15,6 @@ SCHEDULERS = [
 ]
 
 
-def _rate(results):
-    return sum(len(r.output_ids) for r in results) / sum(r.wall_s for r in results)
-
-
 @pytest.mark.ablation("dynamic", prompts_cap=24)  # six modes per prompt
 @pytest.mark.parametrize("name,make_scheduler", SCHEDULERS)
 def test_dynamic_scheduler(case, name, make_scheduler):
@@ -26,12 +22,13 @@ def test_dynamic_scheduler(case, name, make_scheduler):
     fixed = tuple(Variant(f"fixed bs={b}", block_size=b) for b in candidates)
 
     def dynamic_metrics(comparison):
-        best = max(comparison.others, key=lambda k: _rate(comparison.others[k]))
+        best = max(comparison.others, key=lambda k: tokens_per_s_total(comparison.others[k]))
         return {**block_usage_metrics(comparison.variant), "best_fixed": best,
-                "speedup_vs_best_fixed_total": _rate(comparison.variant) / _rate(comparison.others[best]),
+                "speedup_vs_best_fixed_total": (tokens_per_s_total(comparison.variant)
+                                                / tokens_per_s_total(comparison.others[best])),
                 "speedup_vs_best_fixed": [rate(v) / rate(b) for v, b in
                                           zip(comparison.variant, comparison.others[best])],
-                "fixed_tokens_per_s": {k: _rate(v) for k, v in comparison.others.items()},
+                "fixed_tokens_per_s": {k: tokens_per_s_total(v) for k, v in comparison.others.items()},
                 "cycle_trace": cycle_trace(comparison.variant)}
 
     variant = Variant(name, policy=lambda: make_scheduler(candidates))

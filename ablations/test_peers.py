@@ -1,6 +1,6 @@
 """Peer benchmark: DFlash against transformers greedy `generate`, transformers prompt-lookup decoding and this
 project's target-only loop, on the same prompts in the same process, interleaved per prompt after a warm-up
-(dflash.peers). Meant for the `smol` profile (a real pretrained target on CPU):
+(dflash.harness.peers). Meant for the `smol` profile (a real pretrained target on CPU):
 
     pytest ablations/ --profile smol -k peers --report
 
@@ -10,7 +10,8 @@ the cost-model ceiling tau * T(1) / (T(verify b) + T(draft b)) from the measured
 """
 import pytest
 
-from dflash.peers import HF_GREEDY, peer_metrics, peer_modes, run_peers
+from dflash.harness.measure import rate
+from dflash.harness.peers import HF_GREEDY, peer_metrics, peer_modes, run_peers
 
 
 @pytest.mark.ablation("peers", ci_datasets=(), gated=False)  # slow on every dataset: a measurement, not a gate
@@ -27,8 +28,7 @@ def test_peers(case):
     hf = runs[HF_GREEDY]
     metrics.update(
         per_prompt_tau=metrics["modes"][best]["per_prompt_tau"],
-        speedup_samples=[(len(b.output_ids) / b.wall_s) / (len(h.output_ids) / h.wall_s)
-                         for b, h in zip(runs[best], hf)],
+        speedup_samples=[rate(b) / rate(h) for b, h in zip(runs[best], hf)],
         exact_match=[b.output_ids == h.output_ids for b, h in zip(runs[best], hf)],
         float_ties=metrics["modes"][best]["float_ties"])
     record = case.finish("peers", {"prompts": len(prompts), "max_new_tokens": profile.max_new_tokens}, metrics,

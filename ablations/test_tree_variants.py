@@ -17,7 +17,7 @@ import torch
 
 from dflash.cache import crop_cache, new_cache, with_cache
 from dflash.engine import protocol_costs
-from dflash.harness.measure import Variant, rate
+from dflash.harness.measure import Variant, rate, tokens_per_s_total
 from dflash.tree import chain_trie, verify_tree
 
 BLOCK_SIZE = 16
@@ -79,7 +79,7 @@ def tree_metrics(comparison) -> dict:
                "max_verified_nodes": max((r.verified_nodes for r in records), default=0),
                "speedup_vs_dflash_samples": [rate(v) / rate(p) for v, p in zip(comparison.variant, plain)],
                "dflash_per_prompt_tau": [r.tau if r.num_cycles else 1.0 for r in plain],
-               "dflash_tokens_per_s_total": sum(len(r.output_ids) for r in plain) / sum(r.wall_s for r in plain)}
+               "dflash_tokens_per_s_total": tokens_per_s_total(plain)}
     budgets = Counter(str(r.proposal_stats["cycle_budget"]) for r in records if "cycle_budget" in r.proposal_stats)
     if budgets:
         metrics["cycle_budget_counts"] = dict(budgets)

@@ -66,8 +66,8 @@ def _prompt_ids(args, tokenizer) -> list[int]:
         raise DFlashError("--prompt is not valid UTF-8 text (the shell passed bytes in another encoding); "
                           "re-encode it as UTF-8, or pass token ids with --prompt-ids.")
     if args.chat:
-        return tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=False)
+        from .loading import chat_prompt_ids
+        return chat_prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}])
     return tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
 
 
@@ -118,9 +118,9 @@ def cmd_train(args) -> None:
     import torch
     torch.set_num_threads(args.threads)
     from .loading import load_target, load_tokenizer
-    from .recipe import (RecipeData, RecipeOptions, check_prompt_texts, load_prompt_texts, run_recipe,
-                         tokenize_prompts)
-    from .train import DraftTrainingConfig
+    from .training.prompt_sets import check_prompt_texts, load_prompt_texts
+    from .training.recipe import RecipeData, RecipeOptions, run_recipe, tokenize_prompts
+    from .training.train import DraftTrainingConfig
     tokenizer = load_tokenizer(args.target)
     train_texts = check_prompt_texts(load_prompt_texts(args.prompts, per_category=args.prompts_per_category),
                                      args.prompts)
@@ -161,13 +161,13 @@ def cmd_train(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    """Peer benchmark (dflash.peers) on a profile's datasets; prints the peer table, optionally writes JSON."""
+    """Peer benchmark (dflash.harness.peers) on a profile's datasets; prints the peer table, optionally writes JSON."""
     import torch
     torch.set_num_threads(args.threads)
     from .harness.profiles import get_profile, load_prompts, unavailable_reason
     from .harness.render import peers_table
     from .loading import enforce_offline, load_draft, load_target, load_tokenizer
-    from .peers import peer_metrics, peer_modes, run_peers
+    from .harness.peers import peer_metrics, peer_modes, run_peers
     enforce_offline()
     profile = get_profile(args.profile)
     if not (args.target and args.draft) and (reason := unavailable_reason(profile, datasets=args.dataset)):
@@ -201,7 +201,7 @@ def cmd_baselines(args) -> int:
         return check_baselines(args.profile, args.baselines_dir)
     if not args.from_run:
         raise DFlashError("dflash baselines needs --check or --from-run RUN_DIR.")
-    from .harness.plugin import baselines_from_run
+    from .harness.recording import baselines_from_run
     print(baselines_from_run(args.from_run, args.baselines_dir, ablations=args.ablation, write=args.write)
           or "no change")
     if not args.write:
@@ -210,7 +210,7 @@ def cmd_baselines(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .harness.plugin import merge_runs
+    from .harness.runs import merge_runs
     print(f"dflash report: {merge_runs(args.merge, args.out, args.reports_dir) / 'summary.md'}")
     return 0
 

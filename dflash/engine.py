@@ -253,6 +253,18 @@ class Acceptor(Protocol):
                draw: Callable[[int], torch.Tensor]) -> tuple[list[int], int]: ...
 
 
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids [B, P], valid [B, P] (False on padding) and positions [B, P] (0 on padding) of left-padded prompts."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        valid[row, width - len(prompt):] = True
+    positions = (valid.cumsum(dim=1) - 1).clamp(min=0)
+    return ids, valid, positions
+
+
 # --- pair and argument checks -----------------------------------------------------------------------------------
 
 def check_pair(target, draft: DFlashDraftModel) -> None:
@@ -357,9 +369,6 @@ def _clock(device: torch.device) -> float:
 def one_hot_law(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
     """The law of a deterministic (greedy or rank-picked) draft token: a point mass."""
     return torch.nn.functional.one_hot(tokens.cpu(), vocab).double()
-
-
-_one_hot_law = one_hot_law  # old private name
 
 
 class DFlashDrafter:

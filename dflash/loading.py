@@ -206,6 +206,15 @@ def load_tokenizer(name_or_path: str):
                           f"{message[0] if message else 'no message'}); restore its tokenizer files.") from None
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a chat prompt: the messages through the tokenizer's chat template, with the assistant's
+    generation prompt and thinking disabled (a Qwen3 template otherwise leaves the model to think first; other
+    templates ignore the flag). The one place the package renders a chat template: `dflash generate --chat`,
+    `dflash train --chat` and the ablation profiles' chat datasets all tokenize through it."""
+    return [int(i) for i in tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                          return_dict=False, enable_thinking=False)]
+
+
 DIGEST_MAX_BYTES = 256 << 20  # hash file contents up to this total size; larger checkpoints: names and sizes
 
 

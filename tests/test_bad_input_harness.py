@@ -34,7 +34,8 @@ import pytest
 from dflash.errors import DFlashError
 from dflash.harness import fileio
 from dflash.harness.baselines import load_baselines
-from dflash.harness.plugin import RUN_FILE, baselines_from_run
+from dflash.harness.recording import baselines_from_run
+from dflash.harness.runs import RUN_FILE
 from dflash.harness.render import render_summary, table
 from dflash.harness.results import ResultsFile, ResultsFileError, load
 
@@ -423,7 +424,7 @@ def test_a_param_with_html_and_newlines_reaches_the_summary_escaped(project, mon
 def _recording(tmp_path, case_id: str) -> Path:
     identity = {"profile": "tiny", "target": "tiny", "draft": "tiny", "overrides": [], "code": "abc",
                 "options": {"update_baselines": True}}
-    from dflash.harness.plugin import identity_digest
+    from dflash.harness.runs import identity_digest
     record = {"id": "block_size/ok", "ablation": "block_size", "profile": "tiny", "dataset": "math",
               "metrics": {"per_prompt_tau": [2.0], "speedup_samples": [1.0]}, "outcome": "passed", "recording": True,
               "identity": identity_digest(identity), "fingerprint": {}}

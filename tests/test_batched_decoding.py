@@ -1,6 +1,6 @@
 """Batched decoding (dflash.variants.batched): every sequence of a batch equals its own target-only greedy output.
 
-Float64 random targets (dflash.testing), prompts of different lengths (left padding), stop tokens that hit at
+Float64 random targets (tests/helpers.py), prompts of different lengths (left padding), stop tokens that hit at
 different cycles (rows leave the batch at different times), both cache layouts (compacted and mask-only), and
 the pure helpers (padding, masks, compaction) on hand-made inputs.
 """
@@ -9,9 +9,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from dflash import DFlashError, generate
-from dflash.testing import random_draft, random_target, reference_greedy
+from dflash.engine import left_pad
 from dflash.variants.batched import (compaction_index, decode_batch, derived_prompts, draft_mask, generate_batch,
-                                     is_compact, left_pad, verify_mask)
+                                     is_compact, verify_mask)
+from helpers import random_draft, random_target, reference_greedy
 
 
 @pytest.fixture(scope="module")

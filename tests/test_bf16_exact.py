@@ -13,10 +13,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen3Config
 
 from dflash import generate, load_draft, load_target, load_tokenizer
-from dflash.evaluation import float_tie
+from dflash.harness.evaluation import float_tie
 from dflash.loading import PACKAGE_MODELS
 from dflash.model import DFlashDraftModel, make_draft_config
-from dflash.testing import random_target
+from helpers import random_target
 
 LOW = [torch.bfloat16, torch.float16]
 HEAD_DIM, THETA = 128, 1e6  # Qwen3-4B's RoPE

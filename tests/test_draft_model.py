@@ -6,7 +6,7 @@ their behaviour moves between transformers releases, these tests fail instead of
 import torch
 
 from dflash.cache import cache_length, new_cache
-from dflash.testing import random_draft, random_target
+from helpers import random_draft, random_target
 
 
 def rms_norm(x, weight, eps):

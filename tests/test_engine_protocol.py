@@ -8,7 +8,7 @@ from dflash import generate
 from dflash.acceptance import greedy_accept, greedy_tree_accept
 from dflash.cache import cache_length, new_cache
 from dflash.engine import DFlashDrafter, LinearVerifier, Proposal
-from dflash.testing import random_draft, random_target, reference_greedy
+from helpers import random_draft, random_target, reference_greedy
 
 
 @pytest.fixture(scope="module")

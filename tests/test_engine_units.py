@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from dflash import DFlashDraftModel, build_target_layer_ids, generate, load_draft
 from dflash.cache import cache_length, crop_cache, new_cache
-from dflash.testing import random_draft, random_target, reference_greedy
+from helpers import random_draft, random_target, reference_greedy
 
 
 @pytest.fixture(scope="module")

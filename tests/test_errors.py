@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dflash import DFlashError, generate, load_draft, load_target
-from dflash.testing import random_draft, random_target
+from helpers import random_draft, random_target
 
 
 @pytest.fixture(scope="module")

@@ -206,7 +206,8 @@ def test_baselines_recovered_from_a_killed_recording_run(tmp_path):
     import json as json_
 
     from dflash.errors import DFlashError
-    from dflash.harness.plugin import RUN_FILE, baselines_from_run, identity_digest
+    from dflash.harness.recording import baselines_from_run
+    from dflash.harness.runs import RUN_FILE, identity_digest
     from dflash.harness.results import ResultsFile
 
     identity = {"profile": "tiny", "target": "tiny", "draft": "tiny", "overrides": [], "code": "abc",

@@ -13,7 +13,7 @@ from dflash.engine import CycleRecord
 from dflash.harness.measure import Variant
 from dflash.harness.stats import tau_gate, throughput_gate
 from dflash.policies import BreakEvenScheduler, EWMAScheduler
-from dflash.testing import random_draft, random_target
+from helpers import random_draft, random_target
 
 
 @pytest.fixture(scope="module")

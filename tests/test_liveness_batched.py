@@ -2,7 +2,7 @@
 (rows per forward, attended cache length, block width), observed with a forward hook on the target."""
 import pytest
 
-from dflash.testing import random_draft, random_target
+from helpers import random_draft, random_target
 from dflash.variants import VARIANTS
 
 

@@ -7,7 +7,7 @@ candidate chosen. A knob that is parsed and never applied leaves the two signatu
 import pytest
 import torch
 
-from dflash.testing import random_draft, random_target
+from helpers import random_draft, random_target
 from dflash.variants import VARIANTS
 
 torch.set_num_threads(1)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dflash.engine import DFlashDrafter, LinearVerifier
-from dflash.testing import random_draft, random_target
+from helpers import random_draft, random_target
 from dflash.variants import VARIANTS
 from dflash.variants import suffix_recycling
 from dflash.tree import TreeVerifier
@@ -248,7 +248,7 @@ def tiny64():
 def test_tree_variants_accept_off_the_first_branch_and_stay_lossless(tiny64, name, knobs):
     """The registry's random cases rarely accept a non-first branch; the trained pair does, so a commit step that
     keeps the wrong branch (or an acceptor that walks it wrongly) changes the output here."""
-    from dflash.testing import reference_greedy
+    from helpers import reference_greedy
     target, draft, prompts = tiny64
     spec = VARIANTS[name]
     off_branch = 0

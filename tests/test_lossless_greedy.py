@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 
 from dflash import generate
-from dflash.testing import decoding_cases, random_draft, random_target, reference_greedy
+from helpers import decoding_cases, random_draft, random_target, reference_greedy
 
 
 @settings(max_examples=250, deadline=None)
@@ -41,7 +41,7 @@ def test_tiny_pair_is_lossless_on_heldout_prompts():
     import json
 
     from dflash import load_draft, load_target, load_tokenizer
-    from dflash.evaluation import float_tie
+    from dflash.harness.evaluation import float_ties
     from dflash.loading import PACKAGE_MODELS
     target, draft, tokenizer = load_target("tiny"), load_draft("tiny"), load_tokenizer("tiny")
     heldout = json.loads((PACKAGE_MODELS / "tiny" / "heldout.json").read_text())
@@ -55,7 +55,7 @@ def test_tiny_pair_is_lossless_on_heldout_prompts():
                 result = generate(target, draft, prompt, max_new_tokens=48, block_size=block_size,
                                   stop_token_ids=stop)
                 if result.output_ids != reference:  # fp32: only a proven float tie may differ (and is logged)
-                    tie = float_tie(target, prompt, reference, result.output_ids, block_size=block_size)
+                    tie = float_ties(target, [prompt], [reference], [result.output_ids], block_size).get("0")
                     assert tie, (category, text[:40], block_size, "differs from target-only and is no float tie")
                     ties.append((category, block_size, tie))
                 accepted += sum(result.acceptance_lengths) - result.num_cycles

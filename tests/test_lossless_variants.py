@@ -7,7 +7,7 @@ transformers' greedy `generate`. A variant whose commit step keeps an unverified
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from dflash.testing import decoding_cases, random_draft, random_target, reference_greedy
+from helpers import decoding_cases, random_draft, random_target, reference_greedy
 from dflash.variants import VARIANTS
 
 

@@ -5,7 +5,7 @@ import warnings
 import pytest
 
 from dflash import generate
-from dflash.testing import random_draft, random_target
+from helpers import random_draft, random_target
 
 
 @pytest.fixture(scope="module")

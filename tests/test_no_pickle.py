@@ -16,11 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import dflash
-import dflash.train as train_module
+import dflash.training.train as train_module
 from dflash.errors import DFlashError
 from dflash.loading import load_target, load_tokenizer
-from dflash.recipe import RecipeData, RecipeOptions, run_recipe
-from dflash.train import DraftTrainingConfig
+from dflash.training.recipe import RecipeData, RecipeOptions, run_recipe
+from dflash.training.train import DraftTrainingConfig
 
 torch.set_num_threads(1)
 

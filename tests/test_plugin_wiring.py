@@ -43,8 +43,9 @@ from pathlib import Path
 
 import pytest
 
-from dflash.harness import plugin
-from dflash.harness.baselines import SCHEMA_VERSION, load_baselines
+from dflash.harness import runs
+from dflash.harness.baselines import SCHEMA_VERSION, load_baselines, write_baseline_payloads
+from dflash.harness.case import NO_BASELINE, SEEDS
 from dflash.harness.results import latest_by_id, load
 from dflash.harness.stats import tau_gate
 from dflash.loading import PACKAGE_MODELS
@@ -218,7 +219,7 @@ def test_unbaselined(case):
     elsewhere.stdout.fnmatch_lines(["*dflash: NO BASELINE (these cases were not gated)*",
                                     "NO BASELINE  " + case_id("test_unbaselined").replace("[", "[[]"),
                                     "record them with --update-baselines (under CI these cases fail)"])
-    assert latest_records(wire)[case_id("test_unbaselined")]["verdict"] == plugin.NO_BASELINE
+    assert latest_records(wire)[case_id("test_unbaselined")]["verdict"] == NO_BASELINE
 
 
 # --- 3. the session-end Holm fails a run whose cases all passed ---------------------------------------------
@@ -353,7 +354,7 @@ def _perturb(model_dir: Path) -> Path:
 def _identity(draft: str | None) -> dict:
     options = defaultdict(lambda: None, {"dflash_draft": draft, "tau_margin": 0.03, "throughput_factor": 1.10,
                                          "gate_alpha": 0.05, "update_baselines": False})  # other options unset
-    return plugin.run_identity(types.SimpleNamespace(getoption=options.__getitem__), "tiny")
+    return runs.run_identity(types.SimpleNamespace(getoption=options.__getitem__), "tiny")
 
 
 def test_resume_refuses_a_different_draft_or_gate_option(wire, monkeypatch):
@@ -555,21 +556,21 @@ def test_recorded(case):
 # --- 11. unique run directories --------------------------------------------------------------------------------
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
-    monkeypatch.setattr(plugin, "time", types.SimpleNamespace(strftime=lambda fmt: "20260101-120000"))
+    monkeypatch.setattr(runs, "time", types.SimpleNamespace(strftime=lambda fmt: "20260101-120000"))
     stub = types.SimpleNamespace(reports_dir=tmp_path / "reports")
     identity = {"profile": "tiny", "code": "abc"}
-    made = [plugin.RunState._new_run_dir(stub, "tiny", identity) for _ in range(3)]
+    made = [runs.RunState._new_run_dir(stub, "tiny", identity) for _ in range(3)]
     assert [p.name for p in made] == ["tiny-20260101-120000", "tiny-20260101-120000-02", "tiny-20260101-120000-03"]
-    assert all(json.loads((p / plugin.RUN_FILE).read_text()) == identity for p in made)
+    assert all(json.loads((p / runs.RUN_FILE).read_text()) == identity for p in made)
     for p in made:
         (p / "results.jsonl").write_text("")
-    assert plugin.RunState._latest_run(stub, "tiny") == made[-1]  # --resume continues the newest of them
+    assert runs.RunState._latest_run(stub, "tiny") == made[-1]  # --resume continues the newest of them
 
 
 # --- 12. concurrent baseline writes are locked ------------------------------------------------------------------
 
 FINGERPRINT = {"hardware": "cpu", "torch": "0", "transformers": "0", "python": "3", "git_sha": "abc",
-               "profile": "tiny", "seeds": plugin.SEEDS}
+               "profile": "tiny", "seeds": SEEDS}
 WRITES_PER_PROCESS = 40
 
 
@@ -579,7 +580,7 @@ def _write_many(directory: str, writer: int, barrier) -> None:
         payload = {"profile": "tiny", "ablation": "wire", "id": f"wire/w{writer}-{i:02d}", "per_prompt_tau": [2.0],
                    "speedup_samples": [1.0], "counters": {}, "fingerprint": FINGERPRINT,
                    "provenance": {"command": "test"}}
-        plugin.write_baseline_payloads(Path(directory), [payload])
+        write_baseline_payloads(Path(directory), [payload])
 
 
 def test_concurrent_baseline_writers_lose_no_case(tmp_path):

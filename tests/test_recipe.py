@@ -1,5 +1,5 @@
-"""`dflash train` (dflash.recipe), resumable draft training, batched self-distillation, the smol prompt sets and
-the peer benchmark, on the embedded tiny target (fast)."""
+"""`dflash train` (dflash.training.recipe), resumable draft training, batched self-distillation, the smol prompt
+sets, the chat-template prompts and the peer benchmark, on the embedded tiny target (fast)."""
 import json
 
 import pytest
@@ -8,8 +8,9 @@ import torch
 from dflash.engine import generate
 from dflash.errors import DFlashError
 from dflash.loading import load_draft, load_target, load_tokenizer
-from dflash.recipe import RecipeData, RecipeOptions, load_prompt_texts, run_recipe
-from dflash.train import DraftTrainingConfig, self_distill, train_draft
+from dflash.training.prompt_sets import load_prompt_texts
+from dflash.training.recipe import RecipeData, RecipeOptions, run_recipe
+from dflash.training.train import DraftTrainingConfig, self_distill, train_draft
 
 torch.set_num_threads(1)
 
@@ -40,7 +41,7 @@ def test_self_distill_equals_unbatched_greedy(tiny):
 
 
 def test_resumed_training_equals_uninterrupted(tiny, tmp_path, monkeypatch):
-    import dflash.train as train_module
+    import dflash.training.train as train_module
     target, tok = tiny
     sequences = self_distill(target, _ids(tok, PROMPTS), max_new_tokens=16, stop_token_ids=[],
                              pad_token_id=tok.pad_token_id, progress=False)
@@ -99,7 +100,7 @@ def test_run_recipe_writes_loadable_draft_and_manifest(tiny, tmp_path):
 def test_resumed_recipe_equals_uninterrupted(tiny, tmp_path, monkeypatch):
     """`dflash train --resume` after a kill mid-training: the cached stages and the checkpoint (safetensors)
     give the bitwise same draft as an uninterrupted run."""
-    import dflash.train as train_module
+    import dflash.training.train as train_module
     target, tok = tiny
     data = RecipeData({"code": _ids(tok, PROMPTS[:2]), "chat": _ids(tok, PROMPTS[2:])},
                       {"code": _ids(tok, ["def mul(a, b):"])}, mask_token_id=tok.convert_tokens_to_ids("<|MASK|>"),
@@ -150,7 +151,7 @@ def test_prompt_files_and_bad_input(tmp_path):
 
 
 def test_smol_prompt_sets_disjoint():
-    from dflash.smol_prompts import heldout_prompts, training_prompts
+    from dflash.training.prompt_sets import heldout_prompts, training_prompts
     train, heldout = training_prompts(40), heldout_prompts(12)
     for category in ("math", "chat", "code"):
         assert heldout[category] and not set(heldout[category]) & set(train[category])
@@ -158,7 +159,7 @@ def test_smol_prompt_sets_disjoint():
 
 
 def test_peer_benchmark_on_tiny(tiny):
-    from dflash.peers import HF_GREEDY, TARGET_ONLY, peer_metrics, peer_modes, run_peers
+    from dflash.harness.peers import HF_GREEDY, TARGET_ONLY, peer_metrics, peer_modes, run_peers
     target, tok = tiny
     draft = load_draft("tiny")
     prompts = _ids(tok, PROMPTS[:2])
@@ -190,3 +191,47 @@ def test_smol_without_optional_group_skips_with_one_line(monkeypatch, tmp_path):
     assert unavailable_reason(get_profile("smol")) == f"profile smol: {reason}"
     with pytest.raises(DFlashError, match="pip install"):
         smol.ensure_converted()
+
+
+def _qwen3_style_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    from dflash.standins import QWEN3_STYLE_CHAT_TEMPLATE, qwen3_style_tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=qwen3_style_tokenizer(), chat_template=QWEN3_STYLE_CHAT_TEMPLATE,
+                                   eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def test_train_chat_prompts_render_with_thinking_off():
+    """`dflash train --chat` distils on the prompts the ablations measure: a Qwen3 template with thinking off."""
+    from dflash.training.recipe import tokenize_prompts
+    tokenizer = _qwen3_style_tokenizer()
+    ids = tokenize_prompts({"chat": ["What is 3 plus 4?"]}, tokenizer, chat=True)["chat"][0]
+    assert isinstance(ids, list) and all(type(i) is int for i in ids)
+    assert tokenizer.decode(ids) == "<|im_start|>user\nWhat is 3 plus 4?<|im_end|>\n<|im_start|>assistant\n" \
+                                    "<think>\n\n</think>\n\n"
+
+
+def test_chat_prompts_are_the_same_for_train_generate_and_profiles():
+    """The three chat paths (dflash train --chat, dflash generate --chat, the profiles' chat datasets) give the
+    same ids, and the package renders a chat template in one place only (dflash.loading.chat_prompt_ids)."""
+    import argparse
+    import ast
+    from pathlib import Path
+
+    import dflash
+    from dflash.cli import _prompt_ids
+    from dflash.harness.profiles import encode_turns
+    from dflash.loading import chat_prompt_ids
+    from dflash.training.recipe import tokenize_prompts
+    tokenizer = _qwen3_style_tokenizer()
+    text = "def add(a, b):"
+    expected = chat_prompt_ids(tokenizer, [{"role": "user", "content": text}])
+    assert tokenize_prompts({"c": [text]}, tokenizer, chat=True)["c"] == [expected]
+    assert _prompt_ids(argparse.Namespace(prompt_ids=None, prompt=text, chat=True), tokenizer) == expected
+    assert encode_turns(argparse.Namespace(name="chat", chat=True), tokenizer, [text]) == expected
+    sites = []
+    for path in sorted(Path(dflash.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr == "apply_chat_template":
+                sites.append(f"{path.name}:{node.lineno}")
+    assert len(sites) == 1 and sites[0].startswith("loading.py:"), sites

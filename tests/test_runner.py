@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from dflash.errors import DFlashError
-from dflash.harness import plugin
 from dflash.harness.profiles import get_profile
+from dflash.harness.runs import merge_runs, run_profile
 
 pytest_plugins = ["pytester"]
 
@@ -60,17 +60,17 @@ def test_shards_partition_the_selection_share_the_family_and_merge_into_one_repo
     assert not set(ids[0]) & set(ids[1]) and ids[0] and ids[1]
     assert {r["family"] for d in runs for r in records(d)} == {2 * 5}  # the whole selection, in both shards
 
-    merged = plugin.merge_runs(runs, project.path / "merged")
+    merged = merge_runs(runs, project.path / "merged")
     summary = (merged / "summary.md").read_text()
     assert all(f"k{k}" in summary for k in range(5)) and "merged from 2 runs, Holm over 10 gates" in summary
     assert sorted(r["id"] for r in records(merged)) == sorted(ids[0] + ids[1])
 
     with pytest.raises(DFlashError, match="measured in both"):  # the same run twice is not a matrix
-        plugin.merge_runs([runs[0], runs[0]], project.path / "twice")
+        merge_runs([runs[0], runs[0]], project.path / "twice")
     other = run(project, "--shard", "2/2", "--tau-margin", "0.05", "--reports-dir", "other")
     assert other.ret == 0
     with pytest.raises(DFlashError, match="the runs differ in options"):
-        plugin.merge_runs([runs[0], next((project.path / "other").glob("tiny-*"))], project.path / "mixed")
+        merge_runs([runs[0], next((project.path / "other").glob("tiny-*"))], project.path / "mixed")
 
 
 @pytest.mark.parametrize("value", ["0/2", "3/2", "a/b", "2"])
@@ -102,12 +102,12 @@ def config(workerid=None, **values):
 
 
 def test_device_override_rehearses_a_gpu_profile_on_the_cpu():
-    profile = plugin.run_profile(config(dflash_device="cpu", dflash_dtype="float32", dflash_prompts=2,
+    profile = run_profile(config(dflash_device="cpu", dflash_dtype="float32", dflash_prompts=2,
                                         dflash_max_new_tokens=16), "gpu-qwen3-4b")
     assert (profile.device, profile.dtype, profile.needs_cuda, profile.clock) == ("cpu", "float32", False, "cpu")
     assert (profile.prompts, profile.prompts_cap, profile.max_new_tokens, profile.full_length_max_new_tokens) == \
         (2, 2, 16, 16)
-    assert plugin.run_profile(config(), "gpu-qwen3-4b") is get_profile("gpu-qwen3-4b")  # no override: unchanged
+    assert run_profile(config(), "gpu-qwen3-4b") is get_profile("gpu-qwen3-4b")  # no override: unchanged
 
 
 @pytest.mark.parametrize("workerid,gpus,device", [("gw0", 4, "cuda:0"), ("gw5", 4, "cuda:1"), ("gw3", 1, "cuda"),
@@ -115,7 +115,7 @@ def test_device_override_rehearses_a_gpu_profile_on_the_cpu():
 def test_each_xdist_worker_binds_its_own_gpu(monkeypatch, workerid, gpus, device):
     import torch
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
-    assert plugin.run_profile(config(workerid), "gpu-qwen3-4b").device == device
+    assert run_profile(config(workerid), "gpu-qwen3-4b").device == device
 
 
 def test_published_figures_attach_only_to_the_case_they_describe():

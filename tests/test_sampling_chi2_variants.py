@@ -39,7 +39,7 @@ from scipy.stats import chisquare
 
 from dflash import generate
 from dflash.acceptance import SAMPLING_RULES, probabilities
-from dflash.testing import random_draft, random_target
+from helpers import random_draft, random_target
 from dflash.variants import VARIANTS
 
 torch.set_num_threads(1)

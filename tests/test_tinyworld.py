@@ -63,7 +63,7 @@ def test_heldout_prompts_not_in_training(corpus):
                 assert p.startswith("def ") and p.endswith('"""')
             else:
                 assert p.startswith("<|user|>\n") and p.endswith("<|end|>\n<|assistant|>\n")
-    # the shipped held-out file is exactly what the corpus code makes (refresh_heldout keeps them in step)
+    # the shipped held-out file is exactly what the corpus code makes
     import json
 
     from dflash.loading import PACKAGE_MODELS

@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from dflash.cache import new_cache
 from dflash.errors import DFlashError
-from dflash.testing import random_target
+from helpers import random_target
 from dflash.tree import (Trie, ancestor_matrix, chain_trie, compact_cache, greedy_tree_accept, pack_trie,
                          path_tokens, tree_attention_mask, tree_positions, verify_tree)
 
@@ -318,7 +318,7 @@ def test_packed_proposal_is_the_enumerated_one(paths):
 def test_variants_sample_with_the_exact_walk():
     assert isinstance(tree_acceptor(0.7), MultiRoundAcceptor)
     target = random_target(4, vocab_size=6)
-    from dflash.testing import random_draft
+    from helpers import random_draft
     from dflash.variants import VARIANTS
     draft = random_draft(target, 5)
     for name in ("tree", "tree_lite", "candidates"):
@@ -330,7 +330,7 @@ def test_variants_sample_with_the_exact_walk():
 
 
 def test_variant_knob_errors_are_clear():
-    from dflash.testing import random_draft
+    from helpers import random_draft
     from dflash.variants import VARIANTS
     target = random_target(4, vocab_size=6)
     draft = random_draft(target, 5)

@@ -350,3 +350,35 @@ def coverage(baselines_dir: str | os.PathLike, profile: str, expected: Mapping[s
     missing = sorted(i for ablation, ids in expected.items() for i in ids - stored.get(ablation, set()))
     orphaned = sorted(i for ablation, ids in stored.items() for i in ids - expected.get(ablation, set()))
     return {"missing": missing, "orphaned": orphaned, "unreadable": unreadable}
+
+
+def write_baseline_payloads(baselines_dir: Path, payloads: list[dict], *, dry_run: bool = False,
+                            written: list[Path] | None = None) -> str:
+    """Merge case payloads into their baseline files under the directory's lock (an unreadable old file is
+    replaced, with a note); returns the diff. Each file is replaced atomically; `written` (if given) collects
+    the files replaced so far, so a failure part-way can say which ones changed."""
+    by_file: dict[tuple, list] = {}
+    for payload in payloads:
+        by_file.setdefault((payload["profile"], payload["ablation"]), []).append(payload)
+    diffs = []
+    for (profile, ablation), payloads in sorted(by_file.items()):
+        path = baseline_path(baselines_dir, profile, ablation)
+        with locked(path.parent):
+            cases = {}
+            if path.exists():
+                try:
+                    old = load_baselines(path, profile=profile, ablation=ablation)
+                    cases = {k: v.to_json() for k, v in old.cases.items()}
+                except BaselineError:
+                    pass  # write_baselines notes that it replaced an unreadable file
+            for payload in payloads:
+                case = {k: v for k, v in payload.items() if k not in ("profile", "ablation")}
+                if case.get("reference") is None:
+                    case.pop("reference", None)
+                cases[payload["id"]] = case
+            data = {"schema_version": SCHEMA_VERSION, "profile": profile, "ablation": ablation,
+                    "cases": [cases[k] for k in sorted(cases)]}
+            diffs.append(write_baselines(path, data, dry_run=dry_run))
+            if written is not None and not dry_run:
+                written.append(path)
+    return "\n".join(diffs)

@@ -27,17 +27,15 @@ import math
 import subprocess
 import sys
 import time
-from dataclasses import replace
 
 import torch
-from scipy.stats import binomtest
 
 from ..engine import DFlashDrafter, generate
 from ..loading import load_draft, load_target, load_tokenizer
 from .baselines import baseline_path, load_baselines
 from .measure import per_prompt_tau, speedup_samples
 from .profiles import get_profile, load_prompts
-from .stats import REGRESSION, confirm, sequential_tau_gate, throughput_gate
+from .stats import REGRESSION, binomial_rate, bonferroni, confirm, sequential_tau_gate, throughput_gate
 
 BLOCK_SIZES = (4, 8, 16)
 
@@ -46,8 +44,8 @@ def rate_with_ci(hits: int, trials: int) -> dict:
     """hits / trials with a 95% Clopper-Pearson interval (scipy's binomtest)."""
     if trials == 0:
         return {"rate": None, "hits": 0, "trials": 0}
-    ci = binomtest(hits, trials).proportion_ci(confidence_level=0.95)
-    return {"rate": hits / trials, "ci95": [round(ci.low, 4), round(ci.high, 4)], "hits": hits, "trials": trials}
+    rate, low, high = binomial_rate(hits, trials)
+    return {"rate": rate, "ci95": [round(low, 4), round(high, 4)], "hits": hits, "trials": trials}
 
 
 def perturbed(draft, scale: float, seed: int):
@@ -149,9 +147,9 @@ def gated_case(bench: Bench, draft, case, baseline, *, start: int, family: int, 
 
 
 def _decided(gate, family: int) -> dict:
-    return {"verdict": replace(gate, p_adjusted=min(1.0, gate.p_value * family)).verdict, "rel_change": gate.rel_change,
-            "p_value": gate.p_value, "n": gate.n_new, "failed_at_alpha": gate.verdict == REGRESSION,
-            "failed": replace(gate, p_adjusted=min(1.0, gate.p_value * family)).verdict == REGRESSION}
+    verdict = bonferroni(gate, family).verdict
+    return {"verdict": verdict, "rel_change": gate.rel_change, "p_value": gate.p_value, "n": gate.n_new,
+            "failed_at_alpha": gate.verdict == REGRESSION, "failed": verdict == REGRESSION}
 
 
 def measure(*, family: int, repeats: int = 25, tau_trials: int = 15, slow_repeats: int = 10,

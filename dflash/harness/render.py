@@ -328,7 +328,7 @@ def batched_table(records: list[dict]) -> str:
 
 
 def peers_table(records: list[dict]) -> str:
-    """Peer benchmark (dflash.peers): one row per decoding mode of each case, against transformers greedy."""
+    """Peer benchmark (dflash.harness.peers): one row per decoding mode of each case, against transformers greedy."""
     def mode_order(mode: str) -> tuple:  # peers first, then DFlash by block size, the scheduler last
         fixed = {"hf-greedy": 0, "hf-prompt-lookup": 1, "target-only": 2, "dflash scheduler": 99}
         return (fixed.get(mode, 3), _numeric_key(mode.rpartition("=")[2]))
@@ -349,7 +349,7 @@ def peers_table(records: list[dict]) -> str:
     return table(headers, rows, [False, False] + [True] * 7 + [False])
 
 
-def protocol_variant_table(records: list[dict]) -> str:
+def protocol_variant_table(records: list[dict], full_ids: bool = False) -> str:
     """Backlog variants through the engine protocol (multiround, suffix_recycling, refinement,
     candidate_diversity, the tree variants): knobs, tau, throughput and speedup vs target-only (and vs plain
     DFlash where the case measured it), and what the variant costs per cycle (the `*_per_cycle` metrics of
@@ -362,7 +362,7 @@ def protocol_variant_table(records: list[dict]) -> str:
         m, p = _metrics(r), _params(r)
         exact = m.get("exact_match") or []
         knobs = ", ".join(f"{k}={_generic_value(v) if not isinstance(v, list) else tuple(v)}" for k, v in p.items())
-        rows.append([r["id"].split("[")[-1].rstrip("]"), knobs, str(len(m.get("per_prompt_tau") or [])),
+        rows.append([r["id"] if full_ids else r["id"].split("[")[-1].rstrip("]"), knobs, str(len(m.get("per_prompt_tau") or [])),
                      mean_ci_cell(m.get("per_prompt_tau")), fmt(m.get("tokens_per_s_total")),
                      mean_ci_cell(m.get("speedup_samples")),
                      *([mean_ci_cell(m.get("speedup_vs_dflash_samples"))] if versus_dflash else []),
@@ -388,6 +388,14 @@ RENDERERS = {"block_size": block_size_table, "full_length": full_length_table, "
              "profiling": profiling_tables, "batched": batched_table, "peers": peers_table,
              **dict.fromkeys(("multiround", "suffix_recycling", "refinement", "candidate_diversity",
                               "tree_variants"), protocol_variant_table)}
+
+
+def default_renderer(records: list[dict]):
+    """A new ablation without a table of its own: the variant table when its cases measured tau and speedup
+    against target-only (`case.measure`), with full case ids, else every metric."""
+    measured = all({"per_prompt_tau", "speedup_samples", "exact_match", "tokens_per_s_total"} <= set(_metrics(r))
+                   for r in records)
+    return (lambda group: protocol_variant_table(group, full_ids=True)) if measured else generic_table
 
 
 # --------------------------------------------------------------------------------------------------
@@ -472,7 +480,7 @@ def render_summary(records: Sequence[dict], fingerprint: dict, *, announced: Seq
     for experiment, group in sorted(groups, key=lambda k: (order.get(k[0], len(order)), k)):
         heading = TITLES.get(experiment, experiment.replace("_", " ").capitalize())
         lines += [f"## {inline(heading)}" + (f": {inline(group)}" if group else ""), ""]
-        render = RENDERERS.get(experiment, generic_table)
+        render = RENDERERS.get(experiment, default_renderer(groups[(experiment, group)]))
         lines += [render(groups[(experiment, group)]), ""]
     if published := references_table(records):
         lines += ["## Published figures for these cases", "", published, ""]

@@ -339,6 +339,18 @@ def apply_holm(results: Sequence[GateResult], family: int | None = None) -> list
     return adjusted
 
 
+def bonferroni(result: GateResult, family: int) -> GateResult:
+    """The result with its p-value corrected over `family` gates (Bonferroni; it implies Holm): what a single
+    case decides before the run-level Holm, and what the gate-quality checks count as a failure."""
+    return replace(result, p_adjusted=min(1.0, result.p_value * family))
+
+
+def binomial_rate(hits: int, trials: int) -> tuple[float, float, float]:
+    """hits / trials with its 95% Clopper-Pearson interval (scipy's binomtest): (rate, low, high)."""
+    ci = sps.binomtest(hits, trials).proportion_ci(confidence_level=0.95)
+    return hits / trials, float(ci.low), float(ci.high)
+
+
 # --------------------------------------------------------------------------------------------------
 # Sequential sampling (Pinpoint-style "unknown -> more samples") with the looks planned in advance
 
@@ -390,7 +402,7 @@ def tau_needs_more_prompts(result: TauGateResult, *, family: int, schedule: Sequ
     later = [k for k in schedule if k > n]
     if not later:
         return AdaptiveDecision(False, n, f"{n} prompts is the last look; the verdict is final")
-    adjusted = replace(result, p_adjusted=min(1.0, result.p_value * max(1, family)))
+    adjusted = bonferroni(result, max(1, family))
     if adjusted.verdict == INCONCLUSIVE:
         return AdaptiveDecision(True, later[0], f"inconclusive with {n} prompts; look again at {later[0]}")
     p_look = result.p_raw if result.p_raw is not None else result.p_value
@@ -454,16 +466,16 @@ def simulate_tau_flow(baseline_taus: Sequence[float], *, drop: float = 0.0, nois
         new = base * (1.0 + generator.normal(0.0, noise_rel, base.size)) * (1.0 - drop)
         gate = sequential_tau_gate(base, lambda n, new=new: new[:n], start=start, family=family, margin=margin,
                                    alpha=alpha, spending=spending)
-        verdict = replace(gate, p_adjusted=min(1.0, gate.p_value * family)).verdict
+        verdict = bonferroni(gate, family).verdict
         hits += verdict == REGRESSION
         inconclusive += verdict == INCONCLUSIVE
         prompts += gate.n_new
-    ci = sps.binomtest(hits, trials).proportion_ci(confidence_level=0.95)
+    rate, low, high = binomial_rate(hits, trials)
     schedule = look_schedule(start, base.size)
     shares = ", ".join(f"{w:.2g}" for w in alpha_shares(len(schedule), spending))
     simulation = (f"{trials} independent runs over {base.size} baseline prompts, looks at {schedule} "
                   f"spending alpha shares ({shares}) ({spending}); "
                   f"new = baseline * (1 + N(0, {noise_rel:g}))" + (f" * {1 - drop:g}" if drop else "")
                   + f"; margin={margin:g}, alpha={alpha:g}, Bonferroni over {family} gate(s)")
-    return GateQuality(hits / trials, float(ci.low), float(ci.high), hits, inconclusive, trials,
+    return GateQuality(rate, low, high, hits, inconclusive, trials,
                        prompts / trials, simulation)

@@ -1,6 +1,6 @@
 """`dflash train tiny`: build the embedded tiny target + DFlash draft from scratch, deterministically.
 
-corpus -> BPE tokenizer -> Qwen3 target -> the DFlash recipe of `dflash train` (dflash.recipe: the target's
+corpus -> BPE tokenizer -> Qwen3 target -> the DFlash recipe of `dflash train` (dflash.training.recipe: the target's
 greedy responses to training prompts, cached features, draft training, measured quality) -> manifest with
 sha256 of every file. `dflash train --target tiny --prompts tiny-train ...` retrains the draft alone through the
 same recipe, for the shipped (frozen) target.
@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from ..evaluation import greedy_quality
+from ..harness.evaluation import greedy_quality
 from ..loading import PACKAGE_MODELS
-from ..recipe import RecipeData, RecipeOptions, run_recipe
-from ..train import DraftTrainingConfig
+from ..training.recipe import RecipeData, RecipeOptions, run_recipe
+from ..training.train import DraftTrainingConfig
 from .corpus import build_corpus
 from .target import distillation_prompts, train_target
 from .tokenizer import MASK_TOKEN, train_tokenizer
@@ -150,40 +150,3 @@ def build_tiny_world(out_dir: str | None = None, *, quick: bool = False) -> dict
     shutil.move(str(staging), str(out))
     print(json.dumps({"out": str(out), "wall_s": manifest["wall_s"], "mean_tau": quality["mean"]}, indent=2))
     return manifest
-
-
-def refresh_heldout(model_dir: str | None = None) -> dict:
-    """Regenerate heldout.json from the corpus code and re-measure quality on it, without retraining.
-
-    The held-out prompts never enter training (held-out modules, names, tasks and facts), so growing the set
-    changes no weight; the manifest records the new file hash, the new quality table and when this happened.
-    Used when the set grew from 12 to HELDOUT_PROMPTS prompts per category (gate power, issue 3)."""
-    from .. import load_draft, load_target, load_tokenizer
-    out = Path(model_dir) if model_dir else PACKAGE_MODELS / "tiny"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        corpus = build_corpus(seed=SEED)
-        target, draft = load_target(str(out / "target")), load_draft(str(out / "draft"))
-        tokenizer = load_tokenizer(str(out / "target"))
-        heldout_ids = {c: [tokenizer(p, add_special_tokens=False)["input_ids"] for p in ps]
-                       for c, ps in corpus.heldout.items()}
-        quality = greedy_quality(target, draft, heldout_ids, block_sizes=QUALITY_BLOCK_SIZES,
-                                 max_new_tokens=QUALITY_MAX_NEW_TOKENS, stop_token_ids=[tokenizer.eos_token_id])
-    finally:
-        torch.set_num_threads(threads)
-    manifest = json.loads((out / "manifest.json").read_text())
-    heldout_path = out / "heldout.json"
-    tmp = heldout_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(corpus.heldout, indent=2) + "\n")
-    tmp.replace(heldout_path)
-    manifest["quality"]["by_category_and_block_size"] = quality
-    manifest["quality"]["heldout_refreshed"] = {
-        "when": time.strftime("%Y-%m-%d"), "prompts_per_category": {c: len(p) for c, p in corpus.heldout.items()},
-        "note": "held-out set grown without retraining (the first 12 per category are the original ones); "
-                "quality re-measured on the whole set by dflash.tinyworld.build.refresh_heldout"}
-    manifest["files"]["heldout.json"] = {"sha256": sha256(heldout_path), "bytes": heldout_path.stat().st_size}
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(out / "manifest.json")
-    return quality

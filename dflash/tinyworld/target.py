@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from ..engine import left_pad
 from .corpus import END, Corpus
 
 ASSISTANT_HEADER = "<|assistant|>\n"
@@ -215,12 +216,8 @@ def greedy_continuations(model, tokenizer, prompts, max_new_tokens: int, batch_s
     out = [None] * len(enc)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(enc[i]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            input_ids[r, width - len(enc[i]) :] = torch.tensor(enc[i])
-            attention_mask[r, width - len(enc[i]) :] = 1
+        input_ids, valid, _ = left_pad([enc[i] for i in idx], pad)
+        width, attention_mask = input_ids.shape[1], valid.long()
         gen = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                              max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
         for r, i in enumerate(idx):

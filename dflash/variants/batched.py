@@ -31,7 +31,7 @@ import torch
 
 from ..cache import new_cache, with_cache
 from ..engine import (CycleRecord, GenerationResult, GreedyAcceptor, Proposal, check_block_size, check_pair,
-                      check_prompt, cpu_seconds)
+                      check_prompt, cpu_seconds, left_pad)
 from ..errors import DFlashError
 from ..model import extract_context_feature
 from . import VariantSpec, register
@@ -81,18 +81,6 @@ class BatchRun:
 
 
 # --- pure helpers: masks and slot bookkeeping -------------------------------------------------------------------
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ids [B, P], valid [B, P] (False on padding) and positions [B, P] (0 on padding) of left-padded prompts."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    valid = torch.zeros((len(prompts), width), dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        valid[row, width - len(prompt):] = True
-    positions = (valid.cumsum(dim=1) - 1).clamp(min=0)
-    return ids, valid, positions
-
 
 def verify_mask(cache_valid: torch.Tensor, block_valid: torch.Tensor) -> torch.Tensor:
     """Bool [B, 1, q, T + q]: block query j sees the valid cache slots and the valid block slots 0..j (causal).

@@ -286,7 +286,7 @@ def _checkpoint(model, knob: str | None, which: str) -> str:
     path = knob or getattr(model, "name_or_path", None)
     if not path:
         raise DFlashError(f"SGLang serves checkpoints, and this {which} model has no path (in-memory models, such "
-                          f"as dflash.testing's random pairs, cannot be served). Pass {which}_path=<directory or "
+                          f"as the tests' random pairs, cannot be served). Pass {which}_path=<directory or "
                           "hub id>.")
     return str(path)
 

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine import generate
-from .policies import BreakEvenScheduler
+from ..engine import generate
+from ..policies import BreakEvenScheduler
+from .measure import interleave, tokens_per_s_total
 
 HF_GREEDY, HF_LOOKUP, TARGET_ONLY = "hf-greedy", "hf-prompt-lookup", "target-only"
 PROMPT_LOOKUP_TOKENS = 10
@@ -92,36 +93,25 @@ def run_peers(modes: dict, prompts: list[list[int]], *, max_new_tokens: int, sto
     for run in modes.values():
         run(prompts[0], 8, stop_ids)
     names = list(modes)
-    runs: dict[str, list[PeerRun]] = {name: [] for name in names}
-    for index, prompt in enumerate(progress(prompts) if progress else prompts):
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
-            runs[name].append(modes[name](prompt, max_new_tokens, stop_ids))
-    return runs
-
-
-def _tokens_per_s(runs: list[PeerRun]) -> float:
-    wall = sum(r.wall_s for r in runs)
-    return sum(len(r.output_ids) for r in runs) / wall if wall > 0 else 0.0
+    results = interleave(progress(prompts) if progress else prompts,
+                         [lambda prompt, _, run=modes[name]: run(prompt, max_new_tokens, stop_ids) for name in names])
+    return dict(zip(names, results))
 
 
 def peer_metrics(runs: dict[str, list[PeerRun]], prompts: list[list[int]], target=None) -> dict:
     """The peer table (one row per mode) and the per-prompt vectors the harness gates need."""
-    from .evaluation import float_tie
+    from .evaluation import float_ties
     reference = runs[HF_GREEDY]
-    hf_rate = _tokens_per_s(reference)
+    hf_rate = tokens_per_s_total(reference)
     own = runs[TARGET_ONLY]
     t1 = sum(r.verify_s for r in own) / max(1, sum(r.cycles for r in own))  # one-token target forward
-    own_rate = _tokens_per_s(own)
+    own_rate = tokens_per_s_total(own)
     rows = {}
     for name, mode_runs in runs.items():
         identical = [r.output_ids == ref.output_ids for r, ref in zip(mode_runs, reference)]
-        ties = {}
-        if target is not None:
-            for i, (ok, r, ref) in enumerate(zip(identical, mode_runs, reference)):
-                if not ok and (tie := float_tie(target, prompts[i], ref.output_ids, r.output_ids)):
-                    ties[str(i)] = tie
-        rate = _tokens_per_s(mode_runs)
+        ties = {} if target is None else float_ties(target, prompts, [ref.output_ids for ref in reference],
+                                                    [r.output_ids for r in mode_runs], block_size=16)
+        rate = tokens_per_s_total(mode_runs)
         row = {"tokens_per_s": rate, "ratio_to_hf_greedy": rate / hf_rate if hf_rate else 0.0,
                "identical_to_hf_greedy": sum(identical), "n": len(mode_runs), "float_ties": ties,
                "mismatched_prompts": [i for i, ok in enumerate(identical) if not ok]}

@@ -1,9 +1,9 @@
 """`dflash train`: the DFlash draft recipe end to end for any Hugging Face causal-LM target.
 
 prompts -> the target's own greedy responses (batched self-distillation) -> cached context features -> draft
-training (random anchors, exp(-(k-1)/gamma) loss weights; dflash.train) -> greedy tau per category and block size
-on held-out prompts -> `out/` in the z-lab checkpoint format + manifest.json (command, seed, data sizes, losses,
-quality, sha256 of every file, wall time).
+training (random anchors, exp(-(k-1)/gamma) loss weights; dflash.training.train) -> greedy tau per category and
+block size on held-out prompts -> `out/` in the z-lab checkpoint format + manifest.json (command, seed, data sizes,
+losses, quality, sha256 of every file, wall time).
 
 Every stage is resumable: intermediate results live in `out/.work/` (distilled sequences, features, training
 checkpoint) and `resume=True` picks up from the last finished stage / checkpoint. `.work` is removed on success.
@@ -16,7 +16,7 @@ a stage made from other inputs or options, and an old `.pt` file from before thi
                                (a fingerprint of the prompts, the distillation options and the target's shape)
   .work/features.safetensors   feature.<i> ([T_i, K*H] per sequence, in the stored dtype); JSON: the key (a
                                fingerprint of the sequences, layer ids, dtype, batch size and the target's shape)
-  .work/checkpoint.safetensors the training checkpoint (dflash.train._save_checkpoint)
+  .work/checkpoint.safetensors the training checkpoint (dflash.training.train._save_checkpoint)
   .work/timings.json           stage wall times
 """
 from __future__ import annotations
@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from .errors import DFlashError
-from .evaluation import greedy_quality
+from ..errors import DFlashError
+from ..harness.evaluation import greedy_quality
+from ..loading import chat_prompt_ids
 from .train import (DraftTrainingConfig, TrainingSequence, as_json, context_features, load_state_file,
                     save_state_file, self_distill, sequences_sha256, train_draft, unusable_file)
 
@@ -190,7 +191,7 @@ def run_recipe(target, data: RecipeData, out_dir: str | Path, *, config: DraftTr
     log(f"self-distillation: {len(sequences)} sequences, "
         f"{sum(s.token_ids.numel() - s.response_start for s in sequences)} response tokens")
 
-    from .model import build_target_layer_ids
+    from ..model import build_target_layer_ids
     num_target_layers = target.config.get_text_config().num_hidden_layers
     layer_ids = config.target_layer_ids or build_target_layer_ids(num_target_layers, config.num_layers)
     feature_dtype = getattr(torch, options.feature_dtype)
@@ -261,65 +262,8 @@ def run_recipe(target, data: RecipeData, out_dir: str | Path, *, config: DraftTr
     return manifest
 
 
-NAMED_PROMPT_SETS = ("smol-train", "smol-heldout", "tiny-train", "tiny-heldout")
-
-
-def load_prompt_texts(spec: str, *, per_category: int) -> dict[str, list[str]]:
-    """Prompts by category from a named set (smol-train, smol-heldout) or a file: .txt (one prompt per line),
-    .json ({category: [prompt, ...]}) or .jsonl (objects with "prompt" and optional "category")."""
-    from .errors import DFlashError
-    if spec == "smol-train":
-        from .smol_prompts import training_prompts
-        return training_prompts(per_category)
-    if spec == "smol-heldout":
-        from .smol_prompts import heldout_prompts
-        return heldout_prompts(per_category)
-    if spec == "tiny-train":  # the tiny build's distillation prompts (corpus windows + fresh code headers)
-        from .loading import load_tokenizer
-        from .tinyworld.build import tiny_distillation_prompts
-        return tiny_distillation_prompts(load_tokenizer("tiny"))
-    if spec == "tiny-heldout":
-        from .loading import PACKAGE_MODELS
-        table = json.loads((PACKAGE_MODELS / "tiny" / "heldout.json").read_text())
-        return {c: prompts[:per_category] for c, prompts in table.items()}
-    path = Path(spec)
-    if not path.is_file():
-        raise DFlashError(f"Prompts {spec!r}: not a named set ({', '.join(NAMED_PROMPT_SETS)}) and not a file. "
-                          "Pass a .txt (one prompt per line), .json ({category: [prompts]}) or .jsonl file.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DFlashError(f"Prompts file {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
-                          "re-encode it as UTF-8.") from None
-    try:
-        if path.suffix == ".json":
-            table = json.loads(text)
-            if not isinstance(table, dict) or not all(isinstance(v, list) for v in table.values()):
-                raise ValueError("expected an object mapping category names to lists of prompts")
-            return {str(k): [str(p) for p in v] for k, v in table.items()}
-        if path.suffix == ".jsonl":
-            table: dict[str, list[str]] = {}
-            for line in filter(str.strip, text.splitlines()):
-                row = json.loads(line)
-                table.setdefault(str(row.get("category", "all")), []).append(str(row["prompt"]))
-            return table
-    except (ValueError, KeyError) as error:
-        raise DFlashError(f"Cannot read prompts from {path}: {error}") from None
-    return {"all": [line for line in text.splitlines() if line.strip()]}
-
-
-def check_prompt_texts(table: dict[str, list[str]], source: str) -> dict[str, list[str]]:
-    """At least one non-empty prompt, and no category without prompts."""
-    empty = [c for c, prompts in table.items() if not any(p.strip() for p in prompts)]
-    if not table or empty:
-        raise DFlashError(f"Prompts {source!r} hold no prompts" + (f" in categories {empty}" if table else "") +
-                          ": give at least one non-empty prompt per category.")
-    return table
-
-
 def tokenize_prompts(texts: dict[str, list[str]], tokenizer, *, chat: bool) -> dict[str, list[list[int]]]:
     if chat:
-        return {c: [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False) for t in ts]
+        return {c: [chat_prompt_ids(tokenizer, [{"role": "user", "content": t}]) for t in ts]
                 for c, ts in texts.items()}
     return {c: [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ts] for c, ts in texts.items()}

@@ -1,7 +1,9 @@
 """Measure a target/draft pair: greedy tau per prompt category and block size, and losslessness."""
 from __future__ import annotations
 
-from .engine import generate
+from collections.abc import Sequence
+
+from ..engine import generate
 
 
 def greedy_quality(target, draft, prompts: dict[str, list[list[int]]], *, block_sizes, max_new_tokens: int,
@@ -23,14 +25,25 @@ def greedy_quality(target, draft, prompts: dict[str, list[list[int]]], *, block_
                 "tau_macro": sum(r.tau for r in results if r.num_cycles) / max(1, sum(bool(r.num_cycles)
                                                                                       for r in results)),
                 "identical_to_target_only": sum(r.output_ids == ref for r, ref in zip(results, references)),
-                "float_ties": [f"prompt {i}: {tie}" for i, (p, r, ref) in enumerate(zip(category_prompts, results,
-                                                                                       references))
-                               if r.output_ids != ref and (tie := float_tie(target, p, ref, r.output_ids,
-                                                                             block_size=block_size))],
+                "float_ties": [f"prompt {i}: {tie}" for i, tie in float_ties(
+                    target, category_prompts, references, [r.output_ids for r in results], block_size).items()],
             }
     table["mean"] = {str(b): {"tau_micro": sum(table[c][str(b)]["tau_micro"] for c in prompts) / len(prompts)}
                      for b in block_sizes}
     return table
+
+
+def float_ties(target, prompts, references, results, block_size: int | Sequence[int] = 16) -> dict[str, str]:
+    """Every greedy output in `results` that differs from its reference (target-only output of the same prompt),
+    proven a float tie by `float_tie`: {prompt index (a string, as records store it): explanation}. A difference
+    that is no float tie is left out, so a caller fails on every index that differs and is not here.
+    `block_size` is the block size the outputs were decoded with, one for all or one per prompt."""
+    sizes = [block_size] * len(prompts) if isinstance(block_size, int) else list(block_size)
+    ties = {}
+    for i, (prompt, expected, got, size) in enumerate(zip(prompts, references, results, sizes)):
+        if list(got) != list(expected) and (tie := float_tie(target, prompt, expected, got, block_size=size)):
+            ties[str(i)] = tie
+    return ties
 
 
 def float_tie(target, prompt: list[int], expected: list[int], got: list[int], *,
@@ -60,7 +73,7 @@ def float_tie(target, prompt: list[int], expected: list[int], got: list[int], *,
     """
     import torch
 
-    from .cache import new_cache, with_cache
+    from ..cache import new_cache, with_cache
     k = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), None)
     if k is None:
         return None  # one is a prefix of the other: a length difference is never a tie

@@ -1,11 +1,12 @@
-"""Random small target/draft pairs for property tests (tests/ and the variants' lossless checks)."""
+"""Random small target/draft pairs and reference decoding for the tests (imported as `helpers`: pytest puts
+tests/ on sys.path). Test-only, so the package itself needs neither this module nor hypothesis."""
 from __future__ import annotations
 
 import torch
 from hypothesis import strategies as st
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from .model import DFlashDraftModel, make_draft_config
+from dflash.model import DFlashDraftModel, make_draft_config
 
 
 def random_target(seed: int, *, vocab_size: int = 48, hidden_size: int = 32, num_layers: int = 3,

@@ -1,4 +1,5 @@
-"""Prompts for the SmolLM2 target: generated training prompts for self-distillation and a small held-out set.
+"""Prompt sets for `dflash train`: the named sets (NAMED_PROMPT_SETS), prompt files, and the SmolLM2 target's
+generated training prompts for self-distillation and small held-out set.
 
 Three categories, matching the `smol` profile's datasets: arithmetic word problems (math), everyday questions
 (chat) and Python function tasks written like HumanEval prompts (code). Training and held-out prompts are drawn
@@ -7,7 +8,11 @@ training prompt's content; HumanEval itself is never used for training.
 """
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
+
+from ..errors import DFlashError
 
 NAMES = ("Ava Ben Chloe Dan Emma Finn Grace Hugo Iris Jack Kira Liam Maya Noah Olga Paul Quinn Rosa Sam Tara "
          "Umar Vera Will Xena Yuri Zoe Aria Bruno Cleo Diego").split()
@@ -174,3 +179,56 @@ def heldout_prompts(per_category: int = 12, seed: int = 1000) -> dict[str, list[
     return {"math": math_prompts(per_category, seed, held_out=True),
             "chat": chat_prompts(per_category, seed + 1, held_out=True),
             "code": code_prompts(per_category, seed + 2, held_out=True)}
+
+
+NAMED_PROMPT_SETS = ("smol-train", "smol-heldout", "tiny-train", "tiny-heldout")
+
+
+def load_prompt_texts(spec: str, *, per_category: int) -> dict[str, list[str]]:
+    """Prompts by category from a named set (smol-train, smol-heldout) or a file: .txt (one prompt per line),
+    .json ({category: [prompt, ...]}) or .jsonl (objects with "prompt" and optional "category")."""
+    if spec == "smol-train":
+        return training_prompts(per_category)
+    if spec == "smol-heldout":
+        return heldout_prompts(per_category)
+    if spec == "tiny-train":  # the tiny build's distillation prompts (corpus windows + fresh code headers)
+        from ..loading import load_tokenizer
+        from ..tinyworld.build import tiny_distillation_prompts
+        return tiny_distillation_prompts(load_tokenizer("tiny"))
+    if spec == "tiny-heldout":
+        from ..loading import PACKAGE_MODELS
+        table = json.loads((PACKAGE_MODELS / "tiny" / "heldout.json").read_text())
+        return {c: prompts[:per_category] for c, prompts in table.items()}
+    path = Path(spec)
+    if not path.is_file():
+        raise DFlashError(f"Prompts {spec!r}: not a named set ({', '.join(NAMED_PROMPT_SETS)}) and not a file. "
+                          "Pass a .txt (one prompt per line), .json ({category: [prompts]}) or .jsonl file.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DFlashError(f"Prompts file {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
+                          "re-encode it as UTF-8.") from None
+    try:
+        if path.suffix == ".json":
+            table = json.loads(text)
+            if not isinstance(table, dict) or not all(isinstance(v, list) for v in table.values()):
+                raise ValueError("expected an object mapping category names to lists of prompts")
+            return {str(k): [str(p) for p in v] for k, v in table.items()}
+        if path.suffix == ".jsonl":
+            table: dict[str, list[str]] = {}
+            for line in filter(str.strip, text.splitlines()):
+                row = json.loads(line)
+                table.setdefault(str(row.get("category", "all")), []).append(str(row["prompt"]))
+            return table
+    except (ValueError, KeyError) as error:
+        raise DFlashError(f"Cannot read prompts from {path}: {error}") from None
+    return {"all": [line for line in text.splitlines() if line.strip()]}
+
+
+def check_prompt_texts(table: dict[str, list[str]], source: str) -> dict[str, list[str]]:
+    """At least one non-empty prompt, and no category without prompts."""
+    empty = [c for c, prompts in table.items() if not any(p.strip() for p in prompts)]
+    if not table or empty:
+        raise DFlashError(f"Prompts {source!r} hold no prompts" + (f" in categories {empty}" if table else "") +
+                          ": give at least one non-empty prompt per category.")
+    return table

@@ -24,8 +24,9 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .errors import DFlashError
-from .model import DFlashDraftModel, extract_context_feature, make_draft_config
+from ..engine import left_pad
+from ..errors import DFlashError
+from ..model import DFlashDraftModel, extract_context_feature, make_draft_config
 
 
 def default_gamma(block_size: int) -> float:
@@ -81,12 +82,8 @@ def self_distill(target, prompts: list[list[int]], *, max_new_tokens: int, stop_
     sequences: list[TrainingSequence | None] = [None] * len(prompts)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="self-distillation", disable=not progress):
-        width = max(len(prompts[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            attention_mask[row, width - len(prompts[i]):] = 1
+        input_ids, valid, _ = left_pad([prompts[i] for i in batch], pad_token_id)
+        width, attention_mask = input_ids.shape[1], valid.long()
         with torch.autocast(target.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
             out = target.generate(input_ids=input_ids.to(target.device),
                                   attention_mask=attention_mask.to(target.device), do_sample=False,
