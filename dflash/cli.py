@@ -392,8 +392,10 @@ def main(argv=None) -> int:
         return 128 + signal.SIGINT
     except OSError as error:  # the environment refused: a path that cannot be read or written, a full disk
         where = f" ({error.filename})" if error.filename else ""
-        print(f"dflash: error: {error.strerror or error}{where}. Check the path and its permissions and free "
-              "space; what earlier stages finished is kept (dflash train --resume continues).", file=sys.stderr)
+        resume = "; the stages that finished are kept (dflash train --resume continues)" if argv[:1] == ["train"] \
+            else ""
+        print(f"dflash: error: {error.strerror or error}{where}. Check the path, its permissions and free space"
+              f"{resume}.", file=sys.stderr)
         return 2
 
 

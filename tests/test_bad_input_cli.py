@@ -265,6 +265,28 @@ def test_ctrl_c_gives_one_line_and_exit_130(monkeypatch, capsys):
     assert capsys.readouterr().err == "dflash: interrupted.\n"
 
 
+@pytest.mark.parametrize("command,resume", [("generate", False), ("train", True)])
+def test_a_path_the_environment_refuses_gives_one_line(monkeypatch, capsys, command, resume):
+    import dflash.cli as cli
+
+    def refused(args):
+        raise PermissionError(13, "Permission denied", "/read-only/out")
+    monkeypatch.setattr(cli, f"cmd_{command}", refused)
+    monkeypatch.setattr(cli, "build_parser", lambda: _parser_for(refused))
+    assert run_main([command]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dflash: error: Permission denied (/read-only/out). Check the path") and \
+        err.count("\n") == 1 and ("--resume" in err) == resume
+
+
+def _parser_for(func):
+    import argparse
+    parser = argparse.ArgumentParser(prog="dflash")
+    parser.add_argument("command")
+    parser.set_defaults(func=func)
+    return parser
+
+
 def test_ctrl_c_of_a_real_process_gives_no_traceback(tmp_path):
     """SIGINT at a random point of start-up or decoding (here: 2 s in) never prints a traceback."""
     process = subprocess.Popen([sys.executable, "-m", "dflash.cli", "generate", "--prompt", "x", "--draft", "none",
