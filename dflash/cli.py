@@ -3,60 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
 
+from .argtypes import bounded_int, finite_float, int_list
 from .errors import DFlashError
 
 SEED_MAX = (1 << 63) - 1
-
-
-def bounded_int(low: int, high: int | None = None):
-    """argparse type: an integer in [low, high] (argparse prints the error and exits 2)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high if high is not None else 'inf'}]"
-                                             f", got {value}")
-        return value
-    parse.__name__ = "integer"
-    return parse
-
-
-def finite_float(low: float, high: float | None = None, *, low_open: bool = False):
-    """argparse type: a finite float in [low, high] ((low, high] with low_open); nan and inf are refused."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (low_open and value == low) or (high is not None and
-                                                                                      value > high):
-            bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{']' if high else ')'}"
-            raise argparse.ArgumentTypeError(f"must be a finite number in {bounds}, got {text}")
-        return value
-    parse.__name__ = "number"
-    return parse
-
-
-def int_list(low: int = 0):
-    """argparse type: comma-separated integers, each >= low, at least one."""
-    def parse(text: str) -> list[int]:
-        parts = [t.strip() for t in text.split(",") if t.strip()]
-        try:
-            values = [int(t) for t in parts]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-        if not values or min(values) < low:
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers >= {low}, got {text!r}")
-        return values
-    parse.__name__ = "list"
-    return parse
 
 
 def _prompt_ids(args, tokenizer) -> list[int]:

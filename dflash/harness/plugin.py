@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ..argtypes import bounded_int
 from ..errors import DFlashError
 from ..loading import enforce_offline
 from . import baselines as baseline_store
@@ -68,19 +69,6 @@ def _shard_option(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def _count_option(option: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{text!r} is not accepted: {option} needs a whole number >= 1")
-        return value
-    parse.__name__ = option.lstrip("-").replace("-", "_")
-    return parse
-
-
 def pytest_addoption(parser):
     group = parser.getgroup("dflash", "DFlash ablations")
     group.addoption("--profile", default=None, help=f"profile to run ({', '.join(PROFILES)}); default: tiny, and "
@@ -112,9 +100,9 @@ def pytest_addoption(parser):
                     "xdist with several GPUs, cuda binds worker gwN to cuda:N")
     group.addoption("--dtype", dest="dflash_dtype", default=None, choices=("float32", "bfloat16", "float16"),
                     help="override the profiles' dtype")
-    group.addoption("--prompts", dest="dflash_prompts", type=_count_option("--prompts"), default=None,
+    group.addoption("--prompts", dest="dflash_prompts", type=bounded_int(1), default=None,
                     help="prompts per case (and their cap) instead of the profile's: a short rehearsal")
-    group.addoption("--max-new-tokens", dest="dflash_max_new_tokens", type=_count_option("--max-new-tokens"),
+    group.addoption("--max-new-tokens", dest="dflash_max_new_tokens", type=bounded_int(1),
                     default=None, help="token budget of every case (full-length ones too) instead of the profile's")
     group.addoption("--tau-accounting", choices=("engine", "upstream"), default="engine",
                     help="engine: the last block shrinks to the token budget; upstream: plain-DFlash cases keep "
