@@ -45,7 +45,8 @@ import pytest
 
 from dflash.harness import runs
 from dflash.harness.baselines import SCHEMA_VERSION, load_baselines, write_baseline_payloads
-from dflash.harness.case import NO_BASELINE, SEEDS
+from dflash.harness.case import NO_BASELINE
+from dflash.harness.runs import SEEDS
 from dflash.harness.results import latest_by_id, load
 from dflash.harness.stats import tau_gate
 from dflash.loading import PACKAGE_MODELS

@@ -19,7 +19,6 @@ from .stats import REGRESSION, confirm, sequential_tau_gate, tau_gate, throughpu
 RECORD_KEY = "dflash_record"
 
 
-SEEDS = {"prompt_seed": "index of the prompt", "torch": 0}
 
 
 def in_ci() -> bool:
@@ -198,7 +197,7 @@ class Case:
 
     @property
     def fingerprint(self) -> dict:
-        return baseline_store.collect_fingerprint(self.profile.name, SEEDS, device=self.profile.device)
+        return self.state.fingerprint(self.profile.name)
 
     def _float_ties(self, comparison) -> dict:
         """Greedy outputs that differ from target-only, each proven a float tie ({prompt index: explanation});

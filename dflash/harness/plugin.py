@@ -20,7 +20,7 @@ from ..argtypes import bounded_int
 from ..errors import DFlashError
 from ..loading import enforce_offline
 from . import baselines as baseline_store
-from .case import NO_BASELINE, RECORD_KEY, SEEDS, Case
+from .case import NO_BASELINE, RECORD_KEY, Case
 from .profiles import PROFILES
 from .recording import baseline_payload
 from .results import id_problem
@@ -529,7 +529,7 @@ class ReportWriter:
         for record in records:
             record["gates"] = [holm.get((g["case_id"], g["kind"]), g) for g in record.get("gates", [])]
         announced = sorted({info["id"] for info in collected} - set(skipped))
-        text = render_summary(records, baseline_store.collect_fingerprint(profile, SEEDS), announced=announced,
+        text = render_summary(records, state.fingerprint(profile), announced=announced,
                               skipped=skipped, title=f"dflash ablations: {profile}")
         path = write_summary(run_dir, text)
         self.paths.append(path)

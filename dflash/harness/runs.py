@@ -23,6 +23,8 @@ from .profiles import PROFILES, get_profile, unavailable_reason
 from .results import ResultsFile, ResultsFileError, latest_by_id
 from .stats import apply_holm
 
+SEEDS = {"prompt_seed": "index of the prompt", "torch": 0}
+
 DEFAULT_PROFILES = ("tiny", "gpu-qwen3-4b", "gpu-qwen3-8b")
 
 
@@ -70,10 +72,18 @@ class RunState:
         self.errors: list[str] = []  # session-end failures, one paragraph each (printed in the terminal summary)
         self._recorded: dict[str, dict] = {}
         self._unavailable: dict[tuple[str, str], str | None] = {}
+        self._fingerprints: dict[str, dict] = {}
 
     def profile(self, name: str):
         """The profile as this run uses it (--device / --dtype; the worker's GPU)."""
         return run_profile(self.config, name)
+
+    def fingerprint(self, name: str) -> dict:
+        """The machine and software a profile's cases run on in this process (collected once: it runs git)."""
+        if name not in self._fingerprints:
+            self._fingerprints[name] = baseline_store.collect_fingerprint(name, SEEDS,
+                                                                          device=self.profile(name).device)
+        return self._fingerprints[name]
 
     def unavailable(self, name: str, dataset: str) -> str | None:
         """Why a profile's cases on `dataset` cannot run here (CUDA, weights, the dataset; one line, checked
