@@ -8,20 +8,26 @@ and two references: unbatched DFlash (same block size) and batched target-only, 
 speculation buys from what batching buys. One throughput sample per group (aggregate tokens / seconds on the profile's clock),
 so a batch of 4 prompts gives one sample, not four copies of one.
 """
+from dataclasses import dataclass
+
 import pytest
 
 from dflash import generate
+from dflash.harness.ablation_cases import KnobCase, as_params
 from dflash.harness.evaluation import float_ties
 from dflash.harness.measure import interleave, per_prompt_tau, seconds, tokens_per_s_total
-from dflash.variants.batched import decode_batch
+from dflash.backends.batched import decode_batch
 
 BLOCK_SIZE = 8
-CASES = [
-    pytest.param(1, True, id="batch1"),
-    pytest.param(2, True, id="batch2"),
-    pytest.param(4, True, id="batch4"),
-    pytest.param(4, False, id="batch4-mask-only"),
-]
+
+
+@dataclass(frozen=True)
+class Batch(KnobCase):
+    batch_size: int
+    compact: bool = True  # False: rejected cache slots stay, masked, instead of being compacted ("mask-only")
+
+
+CASES = [Batch("batch1", 1), Batch("batch2", 2), Batch("batch4", 4), Batch("batch4-mask-only", 4, compact=False)]
 MIN_GROUPS = 6  # one-sided Mann-Whitney needs >= 6 samples a side to reach p ~ 1e-3
 
 
@@ -45,18 +51,18 @@ def _timed_alone(models, group, max_new_tokens, block_size, repeats, clock):
 
 
 @pytest.mark.ablation("batched", ci_datasets=("math",))
-@pytest.mark.parametrize("batch_size,compact", CASES)
-def test_batched(case, batch_size, compact):
+@pytest.mark.parametrize("knobs", as_params(CASES))
+def test_batched(case, knobs):
     models, profile, clock = case.models, case.profile, case.clock
     max_new = profile.max_new_tokens
-    prompts = case.prompts(max(profile.prompts, MIN_GROUPS * batch_size))
-    groups = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    prompts = case.prompts(max(profile.prompts, MIN_GROUPS * knobs.batch_size))
+    groups = [prompts[i:i + knobs.batch_size] for i in range(0, len(prompts), knobs.batch_size)]
     repeats = profile.timing_repeats
     modes = {
         "target-only": lambda g: _timed_alone(models, g, max_new, 1, repeats, clock),
-        "batched": lambda g: _timed_batch(models, g, max_new, BLOCK_SIZE, compact, repeats, clock),
+        "batched": lambda g: _timed_batch(models, g, max_new, BLOCK_SIZE, knobs.compact, repeats, clock),
         "dflash-unbatched": lambda g: _timed_alone(models, g, max_new, BLOCK_SIZE, repeats, clock),
-        "target-only-batched": lambda g: _timed_batch(models, g, max_new, 1, compact, repeats, clock,
+        "target-only-batched": lambda g: _timed_batch(models, g, max_new, 1, knobs.compact, repeats, clock,
                                                       use_draft=False),
     }
     for run in modes.values():  # warm-up: allocator growth, kernel selection, lazy imports
@@ -114,5 +120,5 @@ def test_batched(case, batch_size, compact):
         return [v / b for v, b in zip(rates(fresh["batched"]), rates(fresh["target-only"]))]
 
     gates = case.gate(metrics, remeasure)
-    case.finish("batched", {"batch_size": batch_size, "compact": compact, "block_size": BLOCK_SIZE,
-                            "groups": len(groups)}, metrics, gates, max_new_tokens=max_new)
+    case.finish("batched", knobs.params(block_size=BLOCK_SIZE, groups=len(groups)), metrics, gates,
+                max_new_tokens=max_new)

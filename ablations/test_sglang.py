@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from dflash.harness.profiles import PROFILES, get_profile, load_prompts, unavailable_reason
-from dflash.variants import sglang_backend as sg
+from dflash.backends import sglang as sg
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]  # the full GPU tier: hours of serving sweeps
 

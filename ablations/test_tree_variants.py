@@ -11,32 +11,54 @@ the same block size, interleaved per prompt, so `speedup_vs_dflash_samples` answ
 import statistics
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import pytest
 import torch
 
-from dflash.cache import crop_cache, new_cache, with_cache
-from dflash.engine import protocol_costs
+from dflash.engine import Proposal, protocol_costs
+from dflash.engine.cache import crop_cache, new_cache, with_cache
+from dflash.engine.verifiers import verify_tree
+from dflash.harness.ablation_cases import as_params
 from dflash.harness.measure import Variant, rate, tokens_per_s_total
-from dflash.tree import chain_trie, verify_tree
 
 BLOCK_SIZE = 16
 PLAIN = "dflash"  # plain DFlash at the same block size, run interleaved with each case
 SWEEP_NODES = (16, 32, 48)
+
+
+@dataclass(frozen=True)
+class TreeCase:
+    """One case: a tree method and its knobs, (name, value) pairs in the order the case spells them. The
+    variant's name and the record's params keep that order; the decode gets the knobs sorted by name."""
+    id: str
+    method: str
+    knobs: tuple[tuple[str, object], ...]
+
+    @classmethod
+    def of(cls, id: str, method: str, **knobs) -> "TreeCase":
+        return cls(id, method, tuple(knobs.items()))
+
+    def variant(self, block_size: int) -> Variant:
+        return Variant(f"{self.method} {dict(self.knobs)}", block_size=block_size, method=self.method,
+                       knobs=tuple(sorted(self.knobs)))
+
+    def params(self, **more) -> dict:
+        return {"method": self.method, **dict(self.knobs), **more}
+
+
 CASES = [
-    pytest.param("tree", {"candidates": 1}, id="tree-K1"),
-    pytest.param("tree", {"candidates": 2}, id="tree-K2"),
-    pytest.param("tree", {"candidates": 4}, id="tree-K4"),
-    pytest.param("tree_lite", {"depth": 1}, id="tree_lite-depth1"),
-    pytest.param("tree_lite", {"depth": 2}, id="tree_lite-depth2"),
-    pytest.param("tree_lite", {"depth": 4}, id="tree_lite-depth4"),
-    pytest.param("candidates", {"mode": "branch_beam"}, id="candidates-branch_beam"),
-    pytest.param("candidates", {"mode": "fixed_prefix_rank", "fixed_prefix_len": 2, "branch_top_k": 4},
-                 id="candidates-fixed_prefix_rank"),
-    pytest.param("candidates", {"mode": "uncertainty_sparse_rank", "fixed_prefix_len": 1},
-                 id="candidates-uncertainty_sparse"),
-    pytest.param("candidates", {"mode": "branch_beam", "adaptive": True, "max_candidates": 8},
-                 id="candidates-adaptive"),
+    TreeCase.of("tree-K1", "tree", candidates=1),
+    TreeCase.of("tree-K2", "tree", candidates=2),
+    TreeCase.of("tree-K4", "tree", candidates=4),
+    TreeCase.of("tree_lite-depth1", "tree_lite", depth=1),
+    TreeCase.of("tree_lite-depth2", "tree_lite", depth=2),
+    TreeCase.of("tree_lite-depth4", "tree_lite", depth=4),
+    TreeCase.of("candidates-branch_beam", "candidates", mode="branch_beam"),
+    TreeCase.of("candidates-fixed_prefix_rank", "candidates", mode="fixed_prefix_rank", fixed_prefix_len=2,
+                branch_top_k=4),
+    TreeCase.of("candidates-uncertainty_sparse", "candidates", mode="uncertainty_sparse_rank", fixed_prefix_len=1),
+    TreeCase.of("candidates-adaptive", "candidates", mode="branch_beam", adaptive=True, max_candidates=8),
 ]
 
 
@@ -54,8 +76,8 @@ def verify_cost_sweep(target, prompt, node_counts=SWEEP_NODES, repeats=15) -> di
     vocab = target.get_input_embeddings().weight.shape[0]
     forwards = {}
     for n in node_counts:
-        trie = chain_trie(int(prompt[-1]), torch.randint(vocab, (n - 1,), generator=generator))
-        forwards[str(n)] = lambda trie=trie: verify_tree(target, cache, trie, start)
+        tree = Proposal.chain(torch.randint(vocab, (n - 1,), generator=generator))
+        forwards[str(n)] = lambda tree=tree: verify_tree(target, cache, int(prompt[-1]), tree, start)
     block = torch.randint(vocab, (1, 16), generator=generator, device=device)
     forwards["plain_causal_16"] = lambda: target(input_ids=block, **with_cache(target, cache), use_cache=True)
     samples = {name: [] for name in forwards}
@@ -91,11 +113,11 @@ def tree_metrics(comparison) -> dict:
 
 
 @pytest.mark.ablation("tree_variants", ci_datasets=("math",))
-@pytest.mark.parametrize("method,knobs", CASES)
-def test_tree_variant(case, method, knobs):
+@pytest.mark.parametrize("tree", as_params(CASES))
+def test_tree_variant(case, tree):
     block_size = min(BLOCK_SIZE, case.draft_block_size)
-    variant = Variant(f"{method} {knobs}", block_size=block_size, method=method, knobs=tuple(sorted(knobs.items())))
+    variant = tree.variant(block_size)
     plain = Variant(PLAIN, block_size=block_size)
     _, metrics, gates = case.measure(variant, extra=tree_metrics, others=(plain,))
     metrics["verify_s_by_packed_nodes"] = verify_cost_sweep(case.models.target, case.prompts(1)[0])
-    case.finish("tree_variants", {"method": method, **knobs, "block_size": block_size}, metrics, gates)
+    case.finish("tree_variants", tree.params(block_size=block_size), metrics, gates)

@@ -215,7 +215,7 @@ def cmd_gate_quality(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .acceptance import SAMPLING_RULES
+    from .engine.acceptance import SAMPLING_RULES
     parser = argparse.ArgumentParser(prog="dflash", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 

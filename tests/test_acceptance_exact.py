@@ -1,4 +1,4 @@
-"""Exact-enumeration property tests: the acceptance rules in `dflash.acceptance` are lossless.
+"""Exact-enumeration property tests: the acceptance rules in `dflash.engine.acceptance` are lossless.
 
 No sampling anywhere. Every random choice (draft tokens, accept uniforms, the final uniform) is enumerated with its
 exact weight, and the real functions (`sampling_accept`, `multiround_accept`, `sample_from`) are called at a point
@@ -20,7 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dflash.acceptance import (
+from dflash.engine.acceptance import (
     SAMPLING_RULES,
     greedy_accept,
     multiround_accept,

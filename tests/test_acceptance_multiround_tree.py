@@ -2,7 +2,7 @@
 
 R rounds each draft a chain (lengths 1..k, like different block sizes); round r's token at depth d is drawn from
 q_r[d], independently of the other depths and rounds (a DFlash pass; a point mass models a greedy or rank-picked
-token). The chains are merged into a trie and `MultiRoundAcceptor.accept` walks it. Every random choice is
+token). The chains are merged into a trie and `TreeSamplingAcceptor.accept` walks it. Every random choice is
 enumerated with its exact weight: the drafted tokens of every round, and, at every node the walk visits, which
 alive round is accepted (uniforms placed inside the accept/reject intervals) or, when all are rejected, each
 interval of the final residual. The uniforms are served in the order the acceptor asks for them, and every tape
@@ -20,9 +20,8 @@ from hypothesis import strategies as st
 from test_acceptance_exact import TOL, _SLOW_OK, distributions, extend_with_target, interval_midpoints, target_law, \
     target_tables
 
-from dflash.acceptance import speculative_accept_probability, speculative_residual
-from dflash.engine import Proposal
-from dflash.variants.multiround import MultiRoundAcceptor
+from dflash.engine.acceptance import speculative_accept_probability, speculative_residual
+from dflash.engine import Proposal, TreeSamplingAcceptor
 
 
 @st.composite
@@ -52,7 +51,7 @@ def enumerate_walk(V, k, cond, laws):
     """Mass of each committed sequence (accepted path tokens + next token), by committed length."""
     R = len(laws)
     mass = [None] + [np.zeros((V,) * L) for L in range(1, k + 2)]
-    acceptor = MultiRoundAcceptor(temperature=1.0)
+    acceptor = TreeSamplingAcceptor(temperature=1.0)
     for drafts in itertools.product(*[itertools.product(range(V), repeat=len(q)) for q in laws]):
         weight = math.prod(laws[r][d][drafts[r][d]] for r in range(R) for d in range(len(laws[r])))
         if weight == 0:
@@ -61,7 +60,7 @@ def enumerate_walk(V, k, cond, laws):
         proposal = Proposal.from_chains([torch.tensor(x, dtype=torch.long) for x in drafts], q_tensors)
         node_prefix = {0: ()}
         for branch, x in zip(proposal.branches, drafts):
-            for depth, node in enumerate(branch):
+            for depth, node in enumerate(branch[1:]):
                 node_prefix[node] = tuple(x[: depth + 1])
         target_probs = np.stack([cond[len(node_prefix[n])][node_prefix[n]] for n in range(proposal.size + 1)])
         logits = torch.from_numpy(np.log(np.where(target_probs > 0, target_probs, 1e-300)))  # softmax(log p) = p (0 -> 1e-300: far below TOL)

@@ -1,4 +1,4 @@
-"""Batched decoding (dflash.variants.batched): every sequence of a batch equals its own target-only greedy output.
+"""Batched decoding (dflash.backends.batched): every sequence of a batch equals its own target-only greedy output.
 
 Float64 random targets (tests/helpers.py), prompts of different lengths (left padding), stop tokens that hit at
 different cycles (rows leave the batch at different times), both cache layouts (compacted and mask-only), and
@@ -10,15 +10,9 @@ from hypothesis import given, settings, strategies as st
 
 from dflash import DFlashError, generate
 from dflash.engine import left_pad
-from dflash.variants.batched import (compaction_index, decode_batch, derived_prompts, draft_mask, generate_batch,
+from dflash.backends.batched import (compaction_index, decode_batch, derived_prompts, draft_mask, generate_batch,
                                      is_compact, verify_mask)
 from helpers import random_draft, random_target, reference_greedy
-
-
-@pytest.fixture(scope="module")
-def pair():
-    target = random_target(1, vocab_size=5)  # small vocabulary: the random draft is often right, so tau varies
-    return target, random_draft(target, 2)
 
 
 # --- pure helpers -----------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ their behaviour moves between transformers releases, these tests fail instead of
 """
 import torch
 
-from dflash.cache import cache_length, new_cache
+from dflash.engine.cache import cache_length, new_cache
 from helpers import random_draft, random_target
 
 

@@ -1,32 +1,28 @@
-"""The engine's plug-in protocol: proposals as trees, the branch-wise linear verifier, the tree-capable greedy
-acceptor, and a custom drafter through `generate`."""
+"""The engine's plug-in protocol: proposals as trees, the chain and branch-wise verifiers, the tree-capable greedy
+acceptor, and a custom tree drafter through `generate`."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from dflash import generate
-from dflash.acceptance import greedy_accept, greedy_tree_accept
-from dflash.cache import cache_length, new_cache
-from dflash.engine import DFlashDrafter, LinearVerifier, Proposal
-from helpers import random_draft, random_target, reference_greedy
-
-
-@pytest.fixture(scope="module")
-def pair():
-    target = random_target(1, vocab_size=5)
-    return target, random_draft(target, 2)
+from dflash.engine.acceptance import greedy_accept, greedy_tree_accept
+from dflash.engine.cache import cache_length, new_cache
+from dflash.engine import DFlashDrafter, LinearVerifier, Proposal, TreeVerifier
+from dflash.errors import DFlashError
+from dflash.variants.multiround import BranchwiseVerifier
+from helpers import reference_greedy
 
 
 def test_from_chains_merges_shared_prefixes():
     proposal = Proposal.from_chains([torch.tensor([3, 1, 2]), torch.tensor([3, 1, 4]), torch.tensor([0])])
     assert proposal.tokens.tolist() == [3, 1, 2, 4, 0]
     assert proposal.parents == [0, 1, 2, 2, 0]
-    assert proposal.branches == [[1, 2, 3], [1, 2, 4], [5]]
+    assert proposal.branches == [[0, 1, 2, 3], [0, 1, 2, 4], [0, 5]]
     assert not proposal.is_chain and proposal.depth() == 3
     chain = Proposal.chain(torch.tensor([1, 2]))
-    assert chain.is_chain and chain.leaf_paths() == [[1, 2]]
+    assert chain.is_chain and chain.leaf_paths() == [[0, 1, 2]]
     # leaves are found from parents when no branches are given
-    assert Proposal(proposal.tokens, proposal.parents).leaf_paths() == [[1, 2, 3], [1, 2, 4], [5]]
+    assert Proposal(proposal.tokens, proposal.parents).leaf_paths() == [[0, 1, 2, 3], [0, 1, 2, 4], [0, 5]]
 
 
 @settings(max_examples=100, deadline=None)
@@ -48,19 +44,21 @@ def test_greedy_tree_accept_takes_the_matching_branch():
     assert greedy_tree_accept(proposal.tokens, proposal.parents, logits) == ([0, 2, 3], 0)
 
 
-def test_linear_verifier_on_a_tree_matches_plain_forwards_and_commits_the_accepted_branch(pair):
+def test_branchwise_verifier_on_a_tree_matches_plain_forwards_and_commits_the_accepted_branch(pair):
     target, _ = pair
     prompt, anchor = [1, 2, 3], 4
     proposal = Proposal.from_chains([torch.tensor([0, 1, 2]), torch.tensor([0, 3]), torch.tensor([2, 2])])
     cache = new_cache(target.config)
     target(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
-    verifier = LinearVerifier()
+    with pytest.raises(DFlashError, match="LinearVerifier verifies one chain"):
+        LinearVerifier().verify(target, cache, anchor, proposal, len(prompt), [0, 1])
+    verifier = BranchwiseVerifier()
     verification = verifier.verify(target, cache, anchor, proposal, len(prompt), [0, 1])
     assert verification.target_forwards == 3 and verification.verified_nodes == 4 + 3 + 3
     for path in proposal.leaf_paths():
-        ids = prompt + [anchor] + [int(proposal.tokens[p - 1]) for p in path]
+        ids = prompt + [anchor] + proposal.path_tokens(path)
         full = target(input_ids=torch.tensor([ids]), output_hidden_states=True)
-        for row, node in enumerate([0] + path):
+        for row, node in enumerate(path):
             torch.testing.assert_close(verification.logits[node], full.logits[0, len(prompt) + row],
                                        rtol=0, atol=1e-10)
     # commit the first branch's first two nodes (not the last verified branch): the cache must continue exactly
@@ -86,7 +84,8 @@ def test_a_tree_drafter_through_generate_is_lossless(pair, block_size):
     target, draft = pair
     for prompt in ([1, 2, 3], [0], [4, 4, 1, 0, 2]):
         result = generate(target, draft, prompt, max_new_tokens=30, block_size=block_size,
-                          drafter=TwoChainDrafter(draft, target))
+                          drafter=TwoChainDrafter(draft, target), verifier=TreeVerifier())
         assert result.output_ids == reference_greedy(target, prompt, 30)
-        assert all(r.target_forwards == 2 for r in result.trace if r.block_size > 1)
+        assert all(r.target_forwards == 1 for r in result.trace if r.block_size > 1)
+        assert all(r.verified_nodes == 2 * r.block_size - 1 for r in result.trace if r.block_size > 1)
         assert all(r.proposal_stats == {"draft_passes": 1} for r in result.trace if r.block_size > 1)

@@ -7,14 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from dflash import DFlashDraftModel, build_target_layer_ids, generate, load_draft
-from dflash.cache import cache_length, crop_cache, new_cache
+from dflash.engine.cache import cache_length, crop_cache, new_cache
 from helpers import random_draft, random_target, reference_greedy
-
-
-@pytest.fixture(scope="module")
-def pair():
-    target = random_target(1, vocab_size=5)  # small vocabulary: the random draft is often accepted
-    return target, random_draft(target, 2)
 
 
 def test_crop_cache_keeps_the_prefix(pair):

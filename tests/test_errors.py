@@ -140,7 +140,7 @@ def test_prompt_and_new_tokens_within_the_targets_positions(target):
 
 
 def test_batched_prompts_are_checked_like_single_ones(target):
-    from dflash.variants.batched import generate_batch
+    from dflash.backends.batched import generate_batch
     expect(r"Prompt 1 of the batch holds token id 40", generate_batch, target, None, [[1], [40]], max_new_tokens=2,
            block_size=1)
 

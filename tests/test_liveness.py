@@ -12,14 +12,7 @@ from dflash import generate
 from dflash.engine import CycleRecord
 from dflash.harness.measure import Variant
 from dflash.harness.stats import tau_gate, throughput_gate
-from dflash.policies import BreakEvenScheduler, EWMAScheduler
-from helpers import random_draft, random_target
-
-
-@pytest.fixture(scope="module")
-def pair():
-    target = random_target(1, vocab_size=5)
-    return target, random_draft(target, 2)
+from dflash.engine.policies import BreakEvenScheduler, EWMAScheduler
 
 
 # --- decoding knobs ---------------------------------------------------------------------------------------------

@@ -2,14 +2,7 @@
 (rows per forward, attended cache length, block width), observed with a forward hook on the target."""
 import pytest
 
-from helpers import random_draft, random_target
 from dflash.variants import VARIANTS
-
-
-@pytest.fixture(scope="module")
-def pair():
-    target = random_target(1, vocab_size=5)
-    return target, random_draft(target, 2)
 
 
 def _forwards(target, draft, **knobs):

@@ -4,41 +4,31 @@ not just a label. Plus unit checks of the pure pieces the knobs drive, and of th
 import pytest
 import torch
 
-from dflash.engine import DFlashDrafter, LinearVerifier
-from helpers import random_draft, random_target
+from dflash.engine import DFlashDrafter, LinearVerifier, generate
 from dflash.variants import VARIANTS
 from dflash.variants import suffix_recycling
-from dflash.tree import TreeVerifier
-from dflash.variants.multiround import MultiRoundDrafter, diversify, uncertain_positions
-from dflash.variants.refinement import RefinementDrafter
+from dflash.variants.multiround import MultiRoundDrafter, MultiRoundKnobs, diversify, uncertain_positions
+from dflash.variants.refinement import RefinementDrafter, RefinementKnobs
 from dflash.variants.suffix_recycling import seed_plan
 
 
-@pytest.fixture(scope="module")
-def pair():
-    target = random_target(1, vocab_size=5)  # small vocabulary: drafts are often accepted, and often not
-    return target, random_draft(target, 2)
-
-
 def run(pair, name, temperature=0.0, block_size=8, **knobs):
-    """Decode with a variant; the result also carries every proposal the verifier saw (`result.proposals`)."""
+    """Decode with a variant's plug-ins; the result also carries every proposal its verifier saw
+    (`result.proposals`)."""
     target, draft = pair
     spec = VARIANTS[name]
-    proposals, originals = [], {cls: cls.verify for cls in (LinearVerifier, TreeVerifier)}
+    plugins = spec.make_plugins(draft, target, spec.settings(**knobs), temperature)
+    verifier, proposals = plugins.verifier or LinearVerifier(), []
 
-    def spying(original):
+    class Seeing:
         def verify(self, target, cache, anchor, proposal, start, feature_layers):
             proposals.append((proposal.tokens.tolist(), list(proposal.parents)))
-            return original(self, target, cache, anchor, proposal, start, feature_layers)
-        return verify
-    for cls, original in originals.items():
-        cls.verify = spying(original)
-    try:
-        result = spec.decode(target, draft, [1, 2, 3], max_new_tokens=40, block_size=block_size,
-                             temperature=temperature, seed=1, **{**spec.knobs, **knobs})
-    finally:
-        for cls, original in originals.items():
-            cls.verify = original
+            return verifier.verify(target, cache, anchor, proposal, start, feature_layers)
+
+        def commit(self, cache, start, path):
+            verifier.commit(cache, start, path)
+    result = generate(target, draft, [1, 2, 3], max_new_tokens=40, block_size=block_size, temperature=temperature,
+                      seed=1, drafter=plugins.drafter, verifier=Seeing(), acceptor=plugins.acceptor)
     result.proposals = proposals
     return result
 
@@ -120,16 +110,16 @@ def test_uncertain_positions_and_diversify():
 
 def test_multiround_branch_laws_are_the_laws_tokens_were_drawn_from(pair):
     target, draft = pair
-    drafter = MultiRoundDrafter(draft, target, round_block_sizes=(8, 5), rounds=3, diversity="sparse",
-                                margin_threshold=1.0)
+    drafter = MultiRoundDrafter(draft, target, MultiRoundKnobs(round_block_sizes=(8, 5), rounds=3, diversity="sparse",
+                                                               margin_threshold=1.0))
     context = target(input_ids=torch.tensor([[1, 2, 3]]), output_hidden_states=True).hidden_states
     from dflash.model import extract_context_feature
     features = extract_context_feature(context, draft.target_layer_ids)
     proposal = drafter.propose(4, 3, 8, features, 1.0, torch.Generator().manual_seed(0))
-    assert len(proposal.branches) == 3 and [len(b) for b in proposal.branches] == [7, 4, 7]
+    assert len(proposal.branches) == 3 and [len(b) - 1 for b in proposal.branches] == [7, 4, 7]
     for branch, law in zip(proposal.branches, proposal.branch_laws):
-        tokens = proposal.tokens[[n - 1 for n in branch]]
-        assert torch.allclose(law.sum(-1), torch.ones(len(branch), dtype=law.dtype))
+        tokens = proposal.tokens_at(branch[1:])
+        assert torch.allclose(law.sum(-1), torch.ones(len(branch) - 1, dtype=law.dtype))
         assert bool((law.gather(-1, tokens[:, None].cpu()) > 0).all()), "a token outside its own law's support"
     swapped = proposal.branch_laws[1].max(-1).values == 1.0  # round 1 swapped its most uncertain position
     assert int(swapped.sum()) >= 1
@@ -199,11 +189,11 @@ def test_refinement_knob_is_live(pair, knob, values, base):
 def test_refinement_research_compat_drops_the_draft_context(pair):
     """research_compat passes run without the draft cache: the draft cache stays empty."""
     target, draft = pair
-    drafter = RefinementDrafter(draft, target, steps=2, research_compat=True)
+    drafter = RefinementDrafter(draft, target, RefinementKnobs(steps=2, research_compat=True))
     from dflash import generate
     generate(target, draft, [1, 2, 3], max_new_tokens=20, block_size=8, drafter=drafter)
     assert drafter.cache.get_seq_length() == 0
-    exact = RefinementDrafter(draft, target, steps=2)
+    exact = RefinementDrafter(draft, target, RefinementKnobs(steps=2))
     generate(target, draft, [1, 2, 3], max_new_tokens=20, block_size=8, drafter=exact)
     assert exact.cache.get_seq_length() > 3
 
@@ -214,7 +204,7 @@ def test_refinement_sampled_laws(pair):
     from dflash.model import extract_context_feature
     hidden = target(input_ids=torch.tensor([[1, 2, 3]]), output_hidden_states=True).hidden_states
     features = extract_context_feature(hidden, draft.target_layer_ids)
-    drafter = RefinementDrafter(draft, target, steps=2, selective=True, threshold=0.5)
+    drafter = RefinementDrafter(draft, target, RefinementKnobs(steps=2, selective=True, threshold=0.5))
     proposal = drafter.propose(4, 3, 8, features, 1.0, torch.Generator().manual_seed(0))
     laws = proposal.laws
     assert torch.allclose(laws.sum(-1), torch.ones(7, dtype=laws.dtype))

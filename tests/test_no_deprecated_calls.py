@@ -16,7 +16,7 @@ def pair():
 
 def decode_every_path(target, draft):
     from dflash.variants import VARIANTS
-    from dflash.variants.batched import generate_batch
+    from dflash.backends.batched import generate_batch
     generate(target, None, [1, 2, 3], max_new_tokens=6)
     generate(target, draft, [1, 2, 3], max_new_tokens=6, block_size=4)
     generate(target, draft, [1, 2, 3], max_new_tokens=6, block_size=4, temperature=1.0, seed=0)

@@ -300,6 +300,6 @@ def test_package_source_has_no_unsafe_loading():
 
 
 def test_sglang_remote_code_is_an_explicit_default_off_setting():
-    from dflash.variants import sglang_backend as sg
+    from dflash.backends import sglang as sg
     assert sg.EngineSettings("t").trust_remote_code is False
     assert sg.engine_arguments(sg.EngineSettings("t"))["trust_remote_code"] is False

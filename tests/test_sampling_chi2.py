@@ -19,7 +19,7 @@ import torch
 from scipy.stats import chisquare
 
 from dflash import generate, load_draft, load_target, load_tokenizer
-from dflash.acceptance import probabilities
+from dflash.engine.acceptance import probabilities
 
 RUNS = 3000
 NEW_TOKENS = 3

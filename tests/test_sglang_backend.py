@@ -5,7 +5,7 @@ import pytest
 
 from dflash import DFlashError
 from dflash.variants import VARIANTS
-from dflash.variants import sglang_backend as sg
+from dflash.backends import sglang as sg
 
 # meta_info as SGLang reports it for one finished DFLASH request (fields the sweep reads, plus a few others).
 RECORDED = {"output_ids": [11, 12, 13, 14, 15, 16], "meta_info": {

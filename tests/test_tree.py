@@ -1,5 +1,5 @@
-"""Tree verification pieces (dflash.tree): trie packing, ancestor-only mask, one-pass verification, cache
-compaction and greedy tree acceptance.
+"""Tree verification pieces (dflash.engine: Proposal trees, ancestor-only mask, one-pass verification, cache
+compaction, greedy tree acceptance) and the candidate builders of the tree variants.
 
 The strict checks use float64 random targets: tree-verified logits of every root-to-leaf path equal a plain
 sequential forward of that path to 1e-10, and the compacted cache equals the cache of a chain forward of the
@@ -12,64 +12,66 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from dflash.cache import new_cache
+from dflash.engine import GreedyAcceptor, Proposal
+from dflash.engine.cache import new_cache
+from dflash.engine.verifiers import compact_cache, tree_attention_mask, verify_tree
 from dflash.errors import DFlashError
 from helpers import random_target
-from dflash.tree import (Trie, ancestor_matrix, chain_trie, compact_cache, greedy_tree_accept, pack_trie,
-                         path_tokens, tree_attention_mask, tree_positions, verify_tree)
 
 torch.set_num_threads(1)
 
 
-def test_pack_trie_deduplicates_shared_prefixes():
-    trie, ends = pack_trie(9, [[1, 2, 3], [1, 2, 4], [5], [1, 2, 3]])
-    assert trie.tokens.tolist() == [9, 1, 2, 3, 4, 5]
-    assert trie.parents.tolist() == [-1, 0, 1, 2, 2, 0]
-    assert trie.depths.tolist() == [0, 1, 2, 3, 3, 1]
-    assert ends == [3, 4, 5, 3]
+def test_from_chains_deduplicates_shared_prefixes():
+    tree = Proposal.from_chains([[1, 2, 3], [1, 2, 4], [5], [1, 2, 3]])
+    assert tree.tokens.tolist() == [1, 2, 3, 4, 5]
+    assert tree.parents == [0, 1, 2, 2, 0]
+    assert tree.depths() == [0, 1, 2, 3, 3, 1]
+    assert tree.branches == [[0, 1, 2, 3], [0, 1, 2, 4], [0, 5], [0, 1, 2, 3]]
 
 
-def test_pack_trie_node_budget_cuts_later_paths_first():
-    trie, ends = pack_trie(9, [[1, 2, 3], [1, 7, 8], [5, 6]], node_budget=5)
-    assert trie.tokens.tolist() == [9, 1, 2, 3, 7]  # path 2 keeps "1 7", path 3 does not fit at all
-    assert ends == [3, 4, 0]
-    assert pack_trie(9, [[1, 2, 3]], node_budget=1)[0].num_nodes == 1
+def test_node_budget_cuts_later_chains_first():
+    tree = Proposal.from_chains([[1, 2, 3], [1, 7, 8], [5, 6]], node_budget=5)
+    assert tree.tokens.tolist() == [1, 2, 3, 7]  # chain 2 keeps "1 7", chain 3 does not fit at all
+    assert tree.branches == [[0, 1, 2, 3], [0, 1, 4], [0]]
+    assert Proposal.from_chains([[1, 2, 3]], node_budget=1).size == 0
     with pytest.raises(DFlashError, match="node_budget"):
-        pack_trie(9, [[1]], node_budget=0)
+        Proposal.from_chains([[1]], node_budget=0)
 
 
-def test_chain_trie_is_a_linear_block():
-    trie = chain_trie(4, torch.tensor([5, 6, 7]))
-    assert trie.parents.tolist() == [-1, 0, 1, 2] and trie.depths.tolist() == [0, 1, 2, 3]
+def test_a_chain_is_the_one_path_tree():
+    chain = Proposal.chain(torch.tensor([5, 6, 7]))
+    assert chain.is_chain and chain.parents == [0, 1, 2] and chain.depths() == [0, 1, 2, 3]
+    assert chain.leaf_paths() == [[0, 1, 2, 3]] and chain.path_tokens([0, 1, 2]) == [5, 6]
+    assert Proposal.chain(torch.tensor([], dtype=torch.long)).leaf_paths() == [[0]]
 
 
-def test_ancestor_mask_and_positions():
-    trie, _ = pack_trie(9, [[1, 2], [1, 3], [4]])  # nodes: 0 root, 1 "1", 2 "2", 3 "3", 4 "4"
+def test_ancestor_mask_and_depths():
+    tree = Proposal.from_chains([[1, 2], [1, 3], [4]])  # nodes: 0 anchor, 1 "1", 2 "2", 3 "3", 4 "4"
     expected = torch.tensor([[1, 0, 0, 0, 0],
                              [1, 1, 0, 0, 0],
                              [1, 1, 1, 0, 0],
                              [1, 1, 0, 1, 0],
                              [1, 0, 0, 0, 1]], dtype=torch.bool)
-    assert torch.equal(ancestor_matrix(trie.parents), expected)
-    mask = tree_attention_mask(trie.parents, 3, torch.float64)
+    assert torch.equal(tree.ancestors(), expected)
+    mask = tree_attention_mask(tree, 3, torch.float64)
     assert mask.shape == (1, 1, 5, 8)
     assert (mask[0, 0, :, :3] == 0).all()  # every node sees the whole committed cache
     assert torch.equal(mask[0, 0, :, 3:] == 0, expected)
-    assert tree_positions(trie.depths, 10).tolist() == [[10, 11, 12, 12, 11]]
-    with pytest.raises(DFlashError, match="topologically"):
-        ancestor_matrix(torch.tensor([-1, 2, 0]))
+    assert tree.depths() == [0, 1, 2, 2, 1]
+    with pytest.raises(DFlashError, match="do not make a tree"):
+        Proposal(torch.tensor([1, 2]), [1, 0])  # node 1 under node 1 itself
 
 
 def test_greedy_tree_accept_follows_the_argmax_child():
-    trie, _ = pack_trie(9, [[1, 2], [1, 3], [4]])
+    tree = Proposal.from_chains([[1, 2], [1, 3], [4]])
     vocab = 10
-    logits = torch.zeros(trie.num_nodes, vocab)
-    logits[0, 1] = logits[1, 3] = logits[3, 7] = 1.0  # root -> "1" -> "3" -> bonus 7
-    path, bonus = greedy_tree_accept(trie, logits)
-    assert path == [0, 1, 3] and bonus == 7 and path_tokens(trie, path) == [1, 3]
+    logits = torch.zeros(tree.size + 1, vocab)
+    logits[0, 1] = logits[1, 3] = logits[3, 7] = 1.0  # anchor -> "1" -> "3" -> bonus 7
+    path, bonus = GreedyAcceptor().accept(tree, logits)
+    assert path == [0, 1, 3] and bonus == 7 and tree.path_tokens(path) == [1, 3]
     logits[0] = 0
-    logits[0, 5] = 1.0  # no child of the root is the argmax: nothing accepted, bonus 5
-    assert greedy_tree_accept(trie, logits) == ([0], 5)
+    logits[0, 5] = 1.0  # no child of the anchor is the argmax: nothing accepted, bonus 5
+    assert GreedyAcceptor().accept(tree, logits) == ([0], 5)
 
 
 def _prefill(target, prompt):
@@ -84,19 +86,6 @@ def _chain_forward(target, cache, tokens):
         out = target(input_ids=torch.tensor([tokens]), past_key_values=cache, use_cache=True,
                      output_hidden_states=True)
     return out
-
-
-def _leaves(trie: Trie) -> list[list[int]]:
-    """Root-first node paths to every leaf."""
-    parents = trie.parents.tolist()
-    leaves = sorted(set(range(trie.num_nodes)) - set(parents))
-    paths = []
-    for leaf in leaves:
-        path = [leaf]
-        while path[-1] != 0:
-            path.append(parents[path[-1]])
-        paths.append(path[::-1])
-    return paths
 
 
 @st.composite
@@ -115,16 +104,17 @@ def test_tree_logits_equal_sequential_forward_and_compaction_equals_chain_cache(
     target.config._attn_implementation = case["attn"]
     base = _prefill(target, case["prompt"])
     start = len(case["prompt"])
-    trie, _ = pack_trie(case["anchor"], case["paths"])
+    tree = Proposal.from_chains(case["paths"])
+    anchor = case["anchor"]
     # SDPA keeps float64 throughout; HF's eager attention runs its softmax in float32, so rows of different
     # lengths (tree vs chain) round differently at ~1e-7 and the eager check can only be float32-tight.
     atol = 1e-10 if case["attn"] == "sdpa" else 1e-5
     tree_cache = copy.deepcopy(base)
     with torch.inference_mode():
-        tree_out = verify_tree(target, tree_cache, trie, start, output_hidden_states=True)
-    assert tree_cache.get_seq_length() == start + trie.num_nodes
-    for path in _leaves(trie):
-        tokens = trie.tokens[path].tolist()
+        tree_out = verify_tree(target, tree_cache, anchor, tree, start, output_hidden_states=True)
+    assert tree_cache.get_seq_length() == start + tree.size + 1
+    for path in {tuple(p): p for p in tree.leaf_paths()}.values():
+        tokens = [anchor, *tree.path_tokens(path)]
         chain_cache = copy.deepcopy(base)
         chain = _chain_forward(target, chain_cache, tokens)
         torch.testing.assert_close(tree_out.logits[0, path], chain.logits[0], rtol=0, atol=atol)
@@ -144,10 +134,10 @@ def test_keeping_a_sibling_entry_breaks_the_cache():
     """The compaction check has power: keeping a sibling's K/V instead of the path's gives a different cache."""
     target = random_target(3, vocab_size=8, num_layers=2)
     base = _prefill(target, [1, 2, 3])
-    trie, _ = pack_trie(4, [[1, 2], [5, 2]])  # nodes 0, 1 "1", 2 "2", 3 "5", 4 "2"
+    tree = Proposal.from_chains([[1, 2], [5, 2]])  # nodes 0 (anchor 4), 1 "1", 2 "2", 3 "5", 4 "2"
     cache = copy.deepcopy(base)
     with torch.inference_mode():
-        verify_tree(target, cache, trie, 3)
+        verify_tree(target, cache, 4, tree, 3)
     chain_cache = copy.deepcopy(base)
     _chain_forward(target, chain_cache, [4, 1, 2])
     wrong = copy.deepcopy(cache)
@@ -162,13 +152,15 @@ def test_verify_tree_rejects_a_cache_out_of_step():
     target = random_target(3, vocab_size=8, num_layers=2)
     cache = _prefill(target, [1, 2, 3])
     with pytest.raises(DFlashError, match="cache holds 3"):
-        verify_tree(target, cache, chain_trie(1, torch.tensor([2])), 4)
+        verify_tree(target, cache, 1, Proposal.chain(torch.tensor([2])), 4)
 
 
-# --- candidate builders (dflash.candidates) ------------------------------------------------------------------
+# --- candidate builders (dflash.variants.tree, tree_lite, candidates) ------------------------------------------------------------------
 
-from dflash.candidates import (adaptive_budget, branch_beam, check_candidate_knobs, choose_candidate,  # noqa: E402
-                               early_branch_paths, fixed_prefix_rank, k_best_paths, uncertainty_sparse_rank)
+from dflash.variants.candidates import (CandidateKnobs, adaptive_budget, branch_beam, choose_candidate,  # noqa: E402
+                                        fixed_prefix_rank, uncertainty_sparse_rank)
+from dflash.variants.tree import k_best_paths  # noqa: E402
+from dflash.variants.tree_lite import early_branch_paths  # noqa: E402
 
 
 @settings(max_examples=30, deadline=None)
@@ -264,13 +256,12 @@ def test_choose_candidate_tie_break():
 
 
 def test_candidate_knob_errors():
-    good = dict(mode="branch_beam", max_candidates=4, top_k=2, branch_depth=6, prefix_len=5, sparse_max_positions=4,
-                budgets=(1, 4, 8), thresholds=(0.85, 0.65), warmup_cycles=4, probe_interval=16)
-    check_candidate_knobs(**good)
+    CandidateKnobs()
     for bad, match in [({"mode": "beam"}, "Unknown candidate mode"), ({"max_candidates": 0}, "max_candidates"),
-                       ({"budgets": (1, 4)}, "adaptive_budgets"), ({"thresholds": (0.5, 0.9)}, "adaptive_thresholds")]:
+                       ({"adaptive_budgets": (1, 4)}, "adaptive_budgets"),
+                       ({"adaptive_thresholds": (0.5, 0.9)}, "adaptive_thresholds")]:
         with pytest.raises(DFlashError, match=match):
-            check_candidate_knobs(**{**good, **bad})
+            CandidateKnobs(**bad)
 
 
 # --- sampled tree acceptance: exact for point-mass candidates -------------------------------------------------
@@ -279,10 +270,7 @@ import numpy as np  # noqa: E402
 from test_acceptance_exact import TOL, _SLOW_OK, extend_with_target, target_law, target_tables  # noqa: E402
 from test_acceptance_multiround_tree import enumerate_walk  # noqa: E402
 
-from dflash.engine import Proposal  # noqa: E402
-from dflash.tree import proposal_from_trie  # noqa: E402
-from dflash.variants.multiround import MultiRoundAcceptor  # noqa: E402
-from dflash.variants.tree import tree_acceptor  # noqa: E402
+from dflash.engine import TreeSamplingAcceptor  # noqa: E402
 
 
 @st.composite
@@ -306,23 +294,15 @@ def test_sampled_tree_walk_over_candidate_paths_commits_target_law(setup):
     assert np.allclose(extend_with_target(mass, cond, k), target_law(cond, k), rtol=0, atol=TOL)
 
 
-@given(st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=5), min_size=1, max_size=6))
-def test_packed_proposal_is_the_enumerated_one(paths):
-    """The variants' proposals (pack_trie -> proposal_from_trie) are the tries the enumeration walks."""
-    mine = proposal_from_trie(*pack_trie(7, paths))
-    theirs = Proposal.from_chains([torch.tensor(p) for p in paths])
-    assert mine.tokens.tolist() == theirs.tokens.tolist() and mine.parents == theirs.parents
-    assert mine.branches == theirs.branches
-
-
 def test_variants_sample_with_the_exact_walk():
-    assert isinstance(tree_acceptor(0.7), MultiRoundAcceptor)
     target = random_target(4, vocab_size=6)
     from helpers import random_draft
     from dflash.variants import VARIANTS
     draft = random_draft(target, 5)
     for name in ("tree", "tree_lite", "candidates"):
         spec = VARIANTS[name]
+        acceptor = spec.make_plugins(draft, target, spec.settings(), 0.7).acceptor
+        assert isinstance(getattr(acceptor, "base", acceptor), TreeSamplingAcceptor), name
         assert spec.sampling
         runs = [spec.decode(target, draft, [1, 2], max_new_tokens=24, block_size=8, stop_token_ids=[],
                             temperature=1.0, seed=seed, **spec.knobs).output_ids for seed in (0, 0, 1)]
@@ -341,3 +321,29 @@ def test_variant_knob_errors_are_clear():
             VARIANTS[name].decode(target, draft, [1, 2], max_new_tokens=8, block_size=8, **knobs)
     with pytest.raises(DFlashError, match="needs a DFlash draft"):
         VARIANTS["tree"].decode(target, None, [1, 2], max_new_tokens=8, block_size=8)
+    with pytest.raises(DFlashError, match="Unknown knob.*candidate.*its knobs are: candidates, node_budget"):
+        VARIANTS["tree"].decode(target, draft, [1, 2], max_new_tokens=8, block_size=8, candidate=2)
+
+
+@pytest.mark.parametrize("name", ["tree", "tree_lite", "candidates"])
+def test_draft_temperature_is_declared_inert_for_candidate_trees_and_refused(name):
+    """Candidates are picked from the draft's raw logits at every temperature: the proposals do not depend on the
+    drafting temperature (shown here), so the registry refuses the knob instead of letting it sit dead."""
+    from helpers import random_draft
+    from dflash.variants import VARIANTS
+    target = random_target(4, vocab_size=6)
+    draft = random_draft(target, 5)
+    spec = VARIANTS[name]
+    assert not spec.draft_temperature
+    from dflash.model import extract_context_feature
+    proposals = []
+    with torch.inference_mode():
+        context = target(input_ids=torch.tensor([[1, 2, 3]]), output_hidden_states=True).hidden_states
+        features = extract_context_feature(context, draft.target_layer_ids)
+        for temperature in (0.3, 1.0, 3.0):
+            drafter = spec.make_plugins(draft, target, spec.settings(), temperature).drafter
+            proposals.append(drafter.propose(4, 3, 8, features, temperature, torch.Generator().manual_seed(0)))
+    assert all(p.tokens.tolist() == proposals[0].tokens.tolist() and p.parents == proposals[0].parents
+               for p in proposals)
+    with pytest.raises(DFlashError, match="draft_temperature would have no effect"):
+        spec.decode(target, draft, [1, 2], max_new_tokens=8, block_size=8, temperature=1.0, draft_temperature=0.5)

@@ -73,7 +73,7 @@ def float_tie(target, prompt: list[int], expected: list[int], got: list[int], *,
     """
     import torch
 
-    from ..cache import new_cache, with_cache
+    from ..engine.cache import new_cache, with_cache
     k = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), None)
     if k is None:
         return None  # one is a prefix of the other: a length difference is never a tie

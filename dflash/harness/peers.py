@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..engine import generate
-from ..policies import BreakEvenScheduler
+from ..engine.policies import BreakEvenScheduler
 from .measure import interleave, tokens_per_s_total
 
 HF_GREEDY, HF_LOOKUP, TARGET_ONLY = "hf-greedy", "hf-prompt-lookup", "target-only"

@@ -9,31 +9,43 @@ length, merged into a tree, verified, and accepted by the exact multi-round walk
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..errors import DFlashError
-from . import VariantSpec, register
-from .multiround import decode_multiround
+from ..registry import Plugins, VariantSpec, register
+from . import multiround
 
 MODES = ("rank", "sparse", "block_sizes")
 
 
-def decode_candidate_diversity(target, draft, prompt, *, max_new_tokens, block_size, temperature=0.0, seed=None,
-                               stop_token_ids=None, diversity="sparse", ranks=3, margin_threshold=1.0,
-                               verifier="tree", draft_temperature=None):
-    if diversity not in MODES:
-        raise DFlashError(f"Unknown diversity mode {diversity!r}; choose one of {', '.join(MODES)}.")
-    if ranks < 1:
-        raise DFlashError(f"ranks (proposals per cycle) must be >= 1, got {ranks}.")
-    sizes = (draft.block_size,) * ranks  # capped by each cycle's length
-    return decode_multiround(target, draft, prompt, max_new_tokens=max_new_tokens, block_size=block_size,
-                             temperature=temperature, seed=seed, stop_token_ids=stop_token_ids,
-                             round_block_sizes=sizes, diversity=diversity, margin_threshold=margin_threshold,
-                             verifier=verifier, draft_temperature=draft_temperature)
+@dataclass(frozen=True)
+class CandidateDiversityKnobs:
+    diversity: str = "sparse"  # MODES (module docstring)
+    ranks: int = 3  # proposals per cycle
+    margin_threshold: float = 1.0  # a position is uncertain when its top-1 - top-2 probability is <= this
+    verifier: str = "tree"  # multiround.VERIFIERS
+
+    def __post_init__(self):
+        if self.diversity not in MODES:
+            raise DFlashError(f"Unknown diversity mode {self.diversity!r}; choose one of {', '.join(MODES)}.")
+        if self.ranks < 1:
+            raise DFlashError(f"ranks (proposals per cycle) must be >= 1, got {self.ranks}.")
+        if self.verifier not in multiround.VERIFIERS:
+            raise DFlashError(f"Unknown verifier {self.verifier!r}; choose one of "
+                              f"{', '.join(multiround.VERIFIERS)}.")
+
+
+def make_plugins(draft, target, knobs: CandidateDiversityKnobs, temperature: float) -> Plugins:
+    rounds = multiround.MultiRoundKnobs(round_block_sizes=(draft.block_size,) * knobs.ranks,  # capped per cycle
+                                        diversity=knobs.diversity, margin_threshold=knobs.margin_threshold,
+                                        verifier=knobs.verifier)
+    return multiround.make_plugins(draft, target, rounds, temperature)
 
 
 register(VariantSpec(
     name="candidate_diversity",
-    decode=decode_candidate_diversity,
-    knobs={"diversity": "sparse", "ranks": 3, "margin_threshold": 1.0, "verifier": "tree"},
+    knob_class=CandidateDiversityKnobs,
+    make_plugins=make_plugins,
     knob_grid=({}, {"diversity": "rank"}, {"diversity": "block_sizes"}, {"ranks": 1}, {"ranks": 5},
                {"margin_threshold": 0.5}, {"margin_threshold": 0.0}, {"verifier": "linear"},
                {"diversity": "rank", "ranks": 4, "verifier": "linear"}),

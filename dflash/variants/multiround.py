@@ -7,8 +7,7 @@ into one tree and verified together. Acceptance walks the tree from the anchor: 
 passes through it propose their next tokens x_r ~ q_r in round order; round r is accepted with
 min(1, r_r(x_r) / q_r(x_r)) against the running residual r_1 = p, r_{r+1} = norm(max(0, r_r - q_r)); an accepted
 round moves the walk to its child, and when every round is rejected the token is drawn from the last residual
-(the bonus from p when no round reaches further). `dflash.acceptance.multiround_accept` is the per-node rule; the
-walk is proven exact by enumeration in tests/test_acceptance_multiround_tree.py.
+(the bonus from p when no round reaches further).
 
 Why the walk is exact: a round's token at depth d is drawn from its law independently of the other depths and of
 the other rounds, so the rounds still alive at a node (chains that agree with the accepted path so far) propose
@@ -22,9 +21,11 @@ token and keeps the rest, so fixing an early error can keep a long accepted run;
 L - 4r positions of the cycle's length L (the sizes in `round_block_sizes` are then ignored, only their count).
 
 Rounds with equal block sizes share one draft pass (its logits do not depend on sampled tokens). Verification:
-"linear" runs one target forward per distinct branch (dflash.engine.LinearVerifier); "tree" packs the tree into
-one forward with an ancestor-only mask (dflash.tree). `proposal_depth=1` keeps only each round's first token: the
-research script's one-position rounds, with the bonus token after an accepted round.
+"linear" runs one plain causal forward per distinct branch (`BranchwiseVerifier`, below); "tree" packs the tree
+into one forward with an ancestor-only mask (dflash.engine.verifiers.TreeVerifier). `proposal_depth=1` keeps only
+each round's first token: the research script's one-position rounds, with the bonus token after an accepted
+round. Acceptance is the engine's tree walk (dflash.engine.acceptance.multiround_tree_accept), proven exact by
+enumeration in tests/test_acceptance_multiround_tree.py.
 """
 from __future__ import annotations
 
@@ -32,11 +33,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import acceptance as rules
-from ..engine import DFlashDrafter, GenerationResult, GreedyAcceptor, LinearVerifier, Proposal, generate, one_hot_law
+from ..engine import DFlashDrafter, Proposal, TreeSamplingAcceptor, TreeVerifier, Verification, one_hot_law
+from ..engine import probability_margins
+from ..engine.cache import crop_cache, with_cache
+from ..engine.verifiers import check_cache_at, context_features
 from ..errors import DFlashError
-from ..tree import TreeVerifier
-from . import VariantSpec, register
+from ..registry import Plugins, VariantSpec, register
 
 DIVERSITY_MODES = ("none", "rank", "sparse", "block_sizes")
 BLOCK_SIZE_STEP = 4  # "block_sizes" diversity: round r drafts L - 4r positions
@@ -46,8 +48,7 @@ def uncertain_positions(logits: torch.Tensor, margin_threshold: float) -> list[i
     """Block rows whose draft top-1 minus top-2 probability is <= margin_threshold, most uncertain first."""
     if logits.shape[-1] < 2 or logits.shape[0] == 0:
         return []
-    top = torch.softmax(logits.double(), dim=-1).topk(2, dim=-1).values
-    margins = top[:, 0] - top[:, 1]
+    margins = probability_margins(logits)
     order = torch.argsort(margins, stable=True).tolist()
     return [j for j in order if float(margins[j]) <= margin_threshold]
 
@@ -76,23 +77,39 @@ def diversify(round_index: int, logits: torch.Tensor, tokens: torch.Tensor, laws
     return tokens, laws
 
 
+@dataclass(frozen=True)
+class MultiRoundKnobs:
+    round_block_sizes: tuple = (16, 12)  # block size per round (capped by the cycle's length), cycled for more rounds
+    rounds: int | None = None  # None: one round per entry of round_block_sizes
+    diversity: str = "none"  # DIVERSITY_MODES (module docstring)
+    margin_threshold: float = 1.0  # "rank"/"sparse": a position is uncertain when top-1 - top-2 <= this
+    proposal_depth: int | None = None  # drafted tokens kept per round; None: whole blocks
+    verifier: str = "linear"  # VERIFIERS
+
+    def __post_init__(self):
+        sizes = tuple(self.round_block_sizes)
+        if not sizes or min(sizes) < 1 or (self.rounds is not None and self.rounds < 1):
+            raise DFlashError(f"round_block_sizes must be a non-empty list of sizes >= 1 and rounds >= 1; got "
+                              f"{self.round_block_sizes!r} and {self.rounds!r}. Example: round_block_sizes=(16, 12).")
+        if self.diversity not in DIVERSITY_MODES:
+            raise DFlashError(f"Unknown diversity mode {self.diversity!r}; choose one of "
+                              f"{', '.join(DIVERSITY_MODES)}.")
+        if self.proposal_depth is not None and self.proposal_depth < 1:
+            raise DFlashError(f"proposal_depth must be >= 1 or None (whole blocks), got {self.proposal_depth}.")
+        if self.verifier not in VERIFIERS:
+            raise DFlashError(f"Unknown verifier {self.verifier!r}; choose one of {', '.join(VERIFIERS)}.")
+
+
 class MultiRoundDrafter(DFlashDrafter):
     """R rounds of DFlash proposals for one anchor, merged into a tree (branches in round order)."""
 
-    def __init__(self, draft, target, *, round_block_sizes=(16, 12), rounds: int | None = None,
-                 diversity: str = "none", margin_threshold: float = 1.0, proposal_depth: int | None = None):
+    def __init__(self, draft, target, knobs: MultiRoundKnobs):
         super().__init__(draft, target)
-        sizes = tuple(int(b) for b in round_block_sizes)
-        rounds = len(sizes) if rounds is None else int(rounds)
-        if not sizes or min(sizes) < 1 or rounds < 1:
-            raise DFlashError(f"round_block_sizes must be a non-empty list of sizes >= 1 and rounds >= 1; got "
-                              f"{round_block_sizes!r} and {rounds!r}. Example: round_block_sizes=(16, 12).")
-        if diversity not in DIVERSITY_MODES:
-            raise DFlashError(f"Unknown diversity mode {diversity!r}; choose one of {', '.join(DIVERSITY_MODES)}.")
-        if proposal_depth is not None and proposal_depth < 1:
-            raise DFlashError(f"proposal_depth must be >= 1 or None (whole blocks), got {proposal_depth}.")
+        sizes = tuple(int(b) for b in knobs.round_block_sizes)
+        rounds = len(sizes) if knobs.rounds is None else int(knobs.rounds)
         self.sizes = [sizes[r % len(sizes)] for r in range(rounds)]  # cycle through the sizes for more rounds
-        self.diversity, self.margin_threshold, self.proposal_depth = diversity, margin_threshold, proposal_depth
+        self.diversity, self.margin_threshold = knobs.diversity, knobs.margin_threshold
+        self.proposal_depth = knobs.proposal_depth
 
     def propose(self, anchor, start, length, context_features, temperature, generator) -> Proposal:
         passes: dict[int, torch.Tensor] = {}
@@ -115,69 +132,80 @@ class MultiRoundDrafter(DFlashDrafter):
         return proposal
 
 
-@dataclass
-class MultiRoundAcceptor:
-    """Greedy: the tree's argmax path. Sampling: the multi-round residual walk described in the module docstring."""
-    temperature: float
-
-    def accept(self, proposal: Proposal, logits: torch.Tensor, draw) -> tuple[list[int], int]:
-        if self.temperature == 0:
-            return GreedyAcceptor().accept(proposal, logits)
-        target_law = rules.probabilities(logits, self.temperature).cpu()
-        vocab = target_law.shape[-1]
-        tokens = proposal.tokens.cpu()
-        branches = proposal.leaf_paths() if proposal.size else []
-        branch_laws = proposal.branch_laws or [None] * len(branches)
-        return multiround_tree_accept(tokens, branches, [
-            law.cpu() if law is not None else one_hot_law(tokens[[n - 1 for n in branch]], vocab)
-            for branch, law in zip(branches, branch_laws)], target_law, draw)
+def maximal_paths(paths: list[list[int]]) -> list[list[int]]:
+    """The paths that are not a prefix of another (duplicates kept once), in order: the forwards worth running."""
+    out = []
+    for index, path in enumerate(paths):
+        longer = [p for i, p in enumerate(paths) if i != index and p[: len(path)] == path]
+        if not any(len(p) > len(path) or (len(p) == len(path) and paths.index(p) < index) for p in longer):
+            out.append(path)
+    return out
 
 
-def multiround_tree_accept(tokens: torch.Tensor, branches: list[list[int]], branch_laws: list[torch.Tensor],
-                           target_probs: torch.Tensor, draw) -> tuple[list[int], int]:
-    """The multi-round walk over a tree of round chains; returns (accepted node path from 0, next token).
+class BranchwiseVerifier:
+    """Verifies each distinct root-to-leaf branch with one plain causal forward (the cost a tree verifier saves).
+    The K/V of every branch but the last is kept aside so `commit` installs the accepted branch's without
+    re-running the target."""
 
-    tokens [N] (node i's token at i-1); branches: per round, its nodes at depths 1..len; branch_laws: per round
-    [len, V], the law each of its tokens was drawn from; target_probs [N+1, V]; draw(n) -> n uniforms. At each node
-    the walk draws (alive rounds + 1) uniforms: one accept uniform per alive round, one final uniform.
-    """
-    path = [0]
-    while True:
-        node, depth = path[-1], len(path) - 1
-        alive = [r for r, branch in enumerate(branches)
-                 if len(branch) > depth and (depth == 0 or branch[depth - 1] == node)]
-        uniforms = draw(len(alive) + 1).tolist()
-        proposals = [int(tokens[branches[r][depth] - 1]) for r in alive]
-        token, accepted = rules.multiround_accept(proposals, [branch_laws[r][depth] for r in alive],
-                                                  target_probs[node], uniforms[:-1], uniforms[-1])
-        if accepted is None:
-            return path, token
-        path.append(branches[alive[accepted]][depth])
+    def __init__(self):
+        self._stash: list[tuple[list[int], list | None]] = []
+
+    def verify(self, target, cache, anchor: int, proposal: Proposal, start: int,
+               feature_layers: list[int] | None) -> Verification:
+        check_cache_at(cache, start)
+        device = target.get_input_embeddings().weight.device
+        n = proposal.size
+        branches = maximal_paths(proposal.leaf_paths())
+        logits = features = None
+        self._stash, nodes_done, verified = [], set(), 0
+        for index, path in enumerate(branches):
+            crop_cache(cache, start)
+            ids = torch.cat([torch.tensor([anchor], device=device), proposal.tokens_at(path[1:]).to(device)])
+            out = target(input_ids=ids[None], **with_cache(target, cache), use_cache=True,
+                         output_hidden_states=feature_layers is not None)
+            verified += ids.numel()
+            branch_features = context_features(out, feature_layers)
+            if logits is None:
+                logits = out.logits.new_zeros((n + 1, out.logits.shape[-1]))
+                if branch_features is not None:
+                    features = branch_features.new_zeros((1, n + 1, branch_features.shape[-1]))
+            rows = [row for row, node in enumerate(path) if node not in nodes_done]
+            nodes = [path[row] for row in rows]
+            nodes_done.update(nodes)
+            logits[nodes] = out.logits[0, rows]
+            if features is not None:
+                features[0, nodes] = branch_features[0, rows]
+            last = index == len(branches) - 1
+            kv = None if last else [(layer.keys[..., start:, :].clone(), layer.values[..., start:, :].clone())
+                                    for layer in cache.layers]
+            self._stash.append((path, kv))
+        return Verification(logits, features, verified, len(branches))
+
+    def commit(self, cache, start: int, path: list[int]) -> None:
+        """Keep the anchor and the accepted nodes in the target cache."""
+        for branch, kv in reversed(self._stash):  # the last verified branch is still in the cache
+            if branch[: len(path)] == path:
+                crop_cache(cache, start if kv is not None else start + len(path))
+                if kv is not None:
+                    for layer_index, (keys, values) in enumerate(kv):
+                        cache.update(keys[..., : len(path), :], values[..., : len(path), :], layer_index)
+                self._stash = []
+                return
+        raise AssertionError(f"accepted path {path} is not on any verified branch")
 
 
-VERIFIERS = {"linear": LinearVerifier, "tree": TreeVerifier}  # tree: one forward, ancestor-only mask
+VERIFIERS = {"linear": BranchwiseVerifier, "tree": TreeVerifier}  # tree: one forward, ancestor-only mask
 
 
-def decode_multiround(target, draft, prompt, *, max_new_tokens, block_size, temperature=0.0, seed=None,
-                      stop_token_ids=None, round_block_sizes=(16, 12), rounds=None, diversity="none",
-                      margin_threshold=1.0, proposal_depth=None, verifier="linear",
-                      draft_temperature=None) -> GenerationResult:
-    if verifier not in VERIFIERS:
-        raise DFlashError(f"Unknown verifier {verifier!r}; choose one of {', '.join(VERIFIERS)}.")
-    drafter = MultiRoundDrafter(draft, target, round_block_sizes=round_block_sizes, rounds=rounds,
-                                diversity=diversity, margin_threshold=margin_threshold,
-                                proposal_depth=proposal_depth)
-    return generate(target, draft, prompt, max_new_tokens=max_new_tokens, block_size=block_size,
-                    temperature=temperature, seed=seed, stop_token_ids=stop_token_ids,
-                    draft_temperature=draft_temperature, drafter=drafter, verifier=VERIFIERS[verifier](),
-                    acceptor=MultiRoundAcceptor(temperature))
+def make_plugins(draft, target, knobs: MultiRoundKnobs, temperature: float) -> Plugins:
+    return Plugins(MultiRoundDrafter(draft, target, knobs), VERIFIERS[knobs.verifier](),
+                   TreeSamplingAcceptor(temperature))
 
 
 register(VariantSpec(
     name="multiround",
-    decode=decode_multiround,
-    knobs={"round_block_sizes": (16, 12), "rounds": None, "diversity": "none", "margin_threshold": 1.0,
-           "proposal_depth": None, "verifier": "linear"},
+    knob_class=MultiRoundKnobs,
+    make_plugins=make_plugins,
     knob_grid=({}, {"round_block_sizes": (8, 4)}, {"round_block_sizes": (4,), "rounds": 3},
                {"rounds": 1}, {"proposal_depth": 1}, {"verifier": "tree"},
                {"round_block_sizes": (3, 16, 2), "verifier": "tree"},

@@ -13,20 +13,32 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import DFlashDrafter, GenerationResult, Proposal, generate, one_hot_law
+from dataclasses import dataclass
+
+from ..engine import DFlashDrafter, Proposal, one_hot_law
 from ..errors import DFlashError
-from . import VariantSpec, register
+from ..registry import Plugins, VariantSpec, register
+
+
+@dataclass(frozen=True)
+class RefinementKnobs:
+    steps: int = 2  # draft passes per cycle
+    selective: bool = False  # re-mask only low-confidence positions (else rewrite the whole block)
+    threshold: float = 0.9  # selective: positions with draft probability below this are rewritten
+    research_compat: bool = False  # the research's uncached passes (steps > 1 only)
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise DFlashError(f"steps (draft passes per cycle) must be >= 1, got {self.steps}.")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise DFlashError(f"threshold is a draft probability in [0, 1], got {self.threshold}.")
 
 
 class RefinementDrafter(DFlashDrafter):
-    def __init__(self, draft, target, *, steps=2, selective=False, threshold=0.9, research_compat=False):
+    def __init__(self, draft, target, knobs: RefinementKnobs):
         super().__init__(draft, target)
-        if steps < 1:
-            raise DFlashError(f"steps (draft passes per cycle) must be >= 1, got {steps}.")
-        if not 0.0 <= threshold <= 1.0:
-            raise DFlashError(f"threshold is a draft probability in [0, 1], got {threshold}.")
-        self.steps, self.selective, self.threshold = int(steps), bool(selective), float(threshold)
-        self.research_compat = bool(research_compat) and self.steps > 1
+        self.knobs = knobs
+        self.research_compat = knobs.research_compat and knobs.steps > 1
 
     def _logits(self, block, start, context_features):
         if not self.research_compat:
@@ -44,8 +56,8 @@ class RefinementDrafter(DFlashDrafter):
         tokens = laws = None
         rewrite = torch.ones(length - 1, dtype=torch.bool, device=block.device)
         passes = refined = 0
-        for step in range(self.steps):
-            last = step == self.steps - 1
+        for step in range(self.knobs.steps):
+            last = step == self.knobs.steps - 1
             logits = self._logits(block, start, context_features)
             passes += 1
             step_tokens, step_laws = self.pick(logits, temperature if last else 0.0, generator)
@@ -59,9 +71,9 @@ class RefinementDrafter(DFlashDrafter):
                     laws = torch.where(rewrite[:, None].cpu(), step_laws.cpu(),
                                        one_hot_law(tokens, step_laws.shape[-1]).to(step_laws.dtype))
                 break
-            if self.selective:
+            if self.knobs.selective:
                 confidence = torch.softmax(logits.double(), -1).gather(-1, tokens[:, None])[:, 0]
-                rewrite = confidence < self.threshold
+                rewrite = confidence < self.knobs.threshold
                 if not bool(rewrite.any()):
                     if temperature > 0:
                         laws = one_hot_law(tokens, logits.shape[-1])
@@ -70,20 +82,14 @@ class RefinementDrafter(DFlashDrafter):
         return Proposal.chain(tokens, laws, draft_passes=passes, refined_positions=refined)
 
 
-def decode_refinement(target, draft, prompt, *, max_new_tokens, block_size, temperature=0.0, seed=None,
-                      stop_token_ids=None, steps=2, selective=False, threshold=0.9, research_compat=False,
-                      draft_temperature=None) -> GenerationResult:
-    drafter = RefinementDrafter(draft, target, steps=steps, selective=selective, threshold=threshold,
-                                research_compat=research_compat)
-    return generate(target, draft, prompt, max_new_tokens=max_new_tokens, block_size=block_size,
-                    temperature=temperature, seed=seed, stop_token_ids=stop_token_ids,
-                    draft_temperature=draft_temperature, drafter=drafter)
+def make_plugins(draft, target, knobs: RefinementKnobs, temperature: float) -> Plugins:
+    return Plugins(RefinementDrafter(draft, target, knobs))
 
 
 register(VariantSpec(
     name="refinement",
-    decode=decode_refinement,
-    knobs={"steps": 2, "selective": False, "threshold": 0.9, "research_compat": False},
+    knob_class=RefinementKnobs,
+    make_plugins=make_plugins,
     knob_grid=({}, {"steps": 1}, {"steps": 3}, {"selective": True}, {"selective": True, "threshold": 0.5},
                {"selective": True, "steps": 3, "threshold": 0.99}, {"research_compat": True},
                {"research_compat": True, "steps": 3}),

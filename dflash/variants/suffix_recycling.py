@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import CycleOutcome, DFlashDrafter, GenerationResult, Proposal, generate
+from dataclasses import dataclass
+
+from ..engine import CycleOutcome, DFlashDrafter, Proposal
 from ..errors import DFlashError
-from . import VariantSpec, register
+from ..registry import Plugins, VariantSpec, register
 
 MODES = ("none", "dense", "sparse", "aligned")
 
@@ -43,20 +45,30 @@ def seed_plan(recycled: list[tuple[int, int, float]], start: int, length: int, m
     return plan if max_seed_tokens < 0 else plan[:max_seed_tokens]
 
 
+@dataclass(frozen=True)
+class SuffixRecyclingKnobs:
+    mode: str = "aligned"  # where recycled tokens go in the next block (module docstring)
+    min_confidence: float = 0.0  # keep hints whose draft probability was at least this
+    max_seed_tokens: int = -1  # hints per cycle at most (-1: no cap)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise DFlashError(f"Unknown suffix recycling mode {self.mode!r}; choose one of {', '.join(MODES)}.")
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise DFlashError(f"min_confidence is a draft probability in [0, 1], got {self.min_confidence}.")
+
+
 class SuffixRecyclingDrafter(DFlashDrafter):
-    def __init__(self, draft, target, *, mode="aligned", min_confidence=0.0, max_seed_tokens=-1):
+    def __init__(self, draft, target, knobs: SuffixRecyclingKnobs):
         super().__init__(draft, target)
-        if mode not in MODES:
-            raise DFlashError(f"Unknown suffix recycling mode {mode!r}; choose one of {', '.join(MODES)}.")
-        if not 0.0 <= min_confidence <= 1.0:
-            raise DFlashError(f"min_confidence is a draft probability in [0, 1], got {min_confidence}.")
-        self.mode, self.min_confidence, self.max_seed_tokens = mode, min_confidence, int(max_seed_tokens)
+        self.knobs = knobs
         self.recycled: list[tuple[int, int, float]] = []
         self._confidence: list[float] = []
 
     def propose(self, anchor, start, length, context_features, temperature, generator) -> Proposal:
         block = self.masked_block(anchor, length)
-        plan = seed_plan(self.recycled, start, length, self.mode, self.min_confidence, self.max_seed_tokens)
+        plan = seed_plan(self.recycled, start, length, self.knobs.mode, self.knobs.min_confidence,
+                         self.knobs.max_seed_tokens)
         for index, token in plan:
             block[index] = token
         logits = self.draft_logits(block, start, context_features)
@@ -72,20 +84,14 @@ class SuffixRecyclingDrafter(DFlashDrafter):
         self.recycled = [(outcome.start + j + 1, tokens[j], self._confidence[j]) for j in range(accepted, drafted)]
 
 
-def decode_suffix_recycling(target, draft, prompt, *, max_new_tokens, block_size, temperature=0.0, seed=None,
-                            stop_token_ids=None, mode="aligned", min_confidence=0.0, max_seed_tokens=-1,
-                            draft_temperature=None) -> GenerationResult:
-    drafter = SuffixRecyclingDrafter(draft, target, mode=mode, min_confidence=min_confidence,
-                                     max_seed_tokens=max_seed_tokens)
-    return generate(target, draft, prompt, max_new_tokens=max_new_tokens, block_size=block_size,
-                    temperature=temperature, seed=seed, stop_token_ids=stop_token_ids,
-                    draft_temperature=draft_temperature, drafter=drafter)
+def make_plugins(draft, target, knobs: SuffixRecyclingKnobs, temperature: float) -> Plugins:
+    return Plugins(SuffixRecyclingDrafter(draft, target, knobs))
 
 
 register(VariantSpec(
     name="suffix_recycling",
-    decode=decode_suffix_recycling,
-    knobs={"mode": "aligned", "min_confidence": 0.0, "max_seed_tokens": -1},
+    knob_class=SuffixRecyclingKnobs,
+    make_plugins=make_plugins,
     knob_grid=({}, {"mode": "none"}, {"mode": "dense"}, {"mode": "sparse"}, {"mode": "sparse", "max_seed_tokens": 2},
                {"min_confidence": 0.5}, {"min_confidence": 0.9}, {"max_seed_tokens": 1}, {"max_seed_tokens": 0}),
     sampling=True,

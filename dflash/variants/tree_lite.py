@@ -4,45 +4,60 @@ Most rejections happen early in the block, and one draft pass already has the al
 tokens at each of the first `depth` drafted positions are combined (k^depth branches), each followed by the rest
 of the greedy block unchanged (the draft is not re-run per branch, so later tokens are not conditioned on the
 branch: the non-AR caveat). The branches are packed into one trie (1 + k + ... + k^depth + k^depth (L-1-depth)
-nodes for a block of L) and verified in one target pass (dflash.tree.TreeVerifier); greedy acceptance takes the
-longest accepted path; sampling uses the exact tree walk of dflash.variants.tree.
+nodes for a block of L) and verified in one target pass; greedy acceptance takes the longest accepted path;
+sampling uses the exact tree walk (see dflash.variants.tree).
 """
 from __future__ import annotations
 
-from ..candidates import early_branch_paths
+import itertools
+from dataclasses import dataclass
+
+import torch
+
 from ..errors import DFlashError
-from . import VariantSpec, register
-from .tree import CandidateTreeDrafter, decode_tree_variant
+from ..registry import Plugins, VariantSpec, register
+from .tree import CandidateTreeDrafter, tree_plugins
 
 
-class EarlyBranchDrafter(CandidateTreeDrafter):
-    def __init__(self, draft, target, top_k: int, depth: int):
-        super().__init__(draft, target)
-        self.top_k, self.depth = top_k, depth
+def early_branch_paths(draft_logits: torch.Tensor, top_k: int, depth: int) -> list[torch.Tensor]:
+    """Tree-lite: every combination of the top-k tokens at the first `depth` positions, each followed by the
+    rest of the greedy block unchanged (k^depth paths; path 0 is the greedy block)."""
+    greedy = draft_logits.argmax(dim=-1)
+    depth = min(depth, greedy.numel())
+    options = draft_logits.topk(min(top_k, draft_logits.shape[-1]), dim=-1).indices[:depth].tolist()
+    return [torch.cat([torch.tensor(choice, dtype=torch.long), greedy[depth:]])
+            for choice in itertools.product(*options)] if depth else [greedy]
 
-    def candidates(self, logits):
-        paths = early_branch_paths(logits, self.top_k, self.depth)
+
+@dataclass(frozen=True)
+class TreeLiteKnobs:
+    top_k: int = 2  # alternatives per branched position
+    depth: int = 2  # branched positions at the start of the block
+
+    def __post_init__(self):
+        if self.top_k < 1 or self.depth < 0:
+            raise DFlashError(f"tree_lite needs top_k >= 1 and depth >= 0, got top_k={self.top_k}, "
+                              f"depth={self.depth}.")
+        if self.top_k ** min(self.depth, 16) > 4096:
+            raise DFlashError(f"tree_lite with top_k={self.top_k}, depth={self.depth} packs "
+                              f"{self.top_k}^{self.depth} branches; keep top_k^depth <= 4096 (e.g. top_k=2, "
+                              "depth <= 12).")
+
+
+def make_plugins(draft, target, knobs: TreeLiteKnobs, temperature: float) -> Plugins:
+    def candidates(logits):
+        paths = early_branch_paths(logits, knobs.top_k, knobs.depth)
         return paths, [0.0] * len(paths)
-
-
-def decode_tree_lite(target, draft, prompt, *, max_new_tokens, block_size, temperature=0.0, seed=None,
-                     stop_token_ids=None, top_k=2, depth=2):
-    if top_k < 1 or depth < 0:
-        raise DFlashError(f"tree_lite needs top_k >= 1 and depth >= 0, got top_k={top_k}, depth={depth}.")
-    if top_k ** min(depth, 16) > 4096:
-        raise DFlashError(f"tree_lite with top_k={top_k}, depth={depth} packs {top_k}^{depth} branches; keep "
-                          "top_k^depth <= 4096 (e.g. top_k=2, depth <= 12).")
-    return decode_tree_variant("tree_lite", lambda: EarlyBranchDrafter(draft, target, top_k, depth),
-                               target, draft, prompt, max_new_tokens=max_new_tokens, block_size=block_size,
-                               temperature=temperature, seed=seed, stop_token_ids=stop_token_ids)
+    return tree_plugins(CandidateTreeDrafter(draft, target, candidates), temperature)
 
 
 register(VariantSpec(
     name="tree_lite",
-    decode=decode_tree_lite,
-    knobs={"top_k": 2, "depth": 2},
+    knob_class=TreeLiteKnobs,
+    make_plugins=make_plugins,
     knob_grid=({}, {"depth": 0}, {"depth": 1}, {"depth": 4}, {"top_k": 1}, {"top_k": 3, "depth": 3}),
     sampling=True,
+    draft_temperature=False,
     description="top-k alternatives at the first `depth` drafted positions, the rest of the greedy block after "
                 "each branch; one packed target pass",
 ))

@@ -1,15 +1,24 @@
 """Example idea: the draft fills its whole block as usual, but only the first k tokens are proposed, so the target
 verifies k + 1 positions instead of the block size. Does a shorter verification pay for the tokens it gives up?"""
-from dflash.engine import DFlashDrafter, Proposal, generate
+from dataclasses import dataclass
+
+from dflash.engine import DFlashDrafter, Proposal
 from dflash.errors import DFlashError
-from dflash.variants import VariantSpec, register
+from dflash.registry import Plugins, VariantSpec, register
+
+
+@dataclass(frozen=True)
+class FirstKKnobs:
+    k: int = 4  # drafted tokens proposed per cycle
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise DFlashError(f"k (proposed positions) must be >= 1, got {self.k}.")
 
 
 class FirstKDrafter(DFlashDrafter):
-    def __init__(self, draft, target, *, k: int):
+    def __init__(self, draft, target, k: int):
         super().__init__(draft, target)
-        if k < 1:
-            raise DFlashError(f"k (proposed positions) must be >= 1, got {k}.")
         self.k = k
 
     def propose(self, anchor, start, length, context_features, temperature, generator) -> Proposal:
@@ -18,12 +27,10 @@ class FirstKDrafter(DFlashDrafter):
         return Proposal.chain(tokens, laws, draft_passes=1)
 
 
-def decode_first_k(target, draft, prompt, *, max_new_tokens, block_size, temperature=0.0, seed=None,
-                   stop_token_ids=None, k=4):
-    return generate(target, draft, prompt, max_new_tokens=max_new_tokens, block_size=block_size,
-                    temperature=temperature, seed=seed, stop_token_ids=stop_token_ids,
-                    drafter=FirstKDrafter(draft, target, k=k))
+def make_plugins(draft, target, knobs: FirstKKnobs, temperature: float) -> Plugins:
+    return Plugins(FirstKDrafter(draft, target, knobs.k))  # the default verifier and acceptor
 
 
-register(VariantSpec(name="first_k", decode=decode_first_k, knobs={"k": 4}, knob_grid=({"k": 1}, {"k": 4}),
-                     sampling=True, description="propose only the first k drafted tokens of the block"))
+register(VariantSpec(name="first_k", knob_class=FirstKKnobs, make_plugins=make_plugins,
+                     knob_grid=({"k": 1}, {"k": 4}), sampling=True,
+                     description="propose only the first k drafted tokens of the block"))

@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache import new_cache, with_cache
 from ..engine import (CycleRecord, GenerationResult, GreedyAcceptor, Proposal, check_block_size, check_pair,
-                      check_prompt, cpu_seconds, left_pad)
+                      check_prompt, commit_tokens, cpu_seconds, left_pad)
+from ..engine.cache import new_cache, with_cache
+from ..engine.loop import clock, generated_length
+from ..engine.verifiers import additive_mask
 from ..errors import DFlashError
 from ..model import extract_context_feature
-from . import VariantSpec, register
+from ..registry import VariantSpec, register
 
 
 @dataclass
@@ -101,11 +103,6 @@ def draft_mask(cache_valid: torch.Tensor, context_valid: torch.Tensor, block_wid
     block = torch.ones(batch, block_width, dtype=torch.bool, device=cache_valid.device)
     keys = torch.cat([cache_valid, context_valid, block], dim=1)
     return keys[:, None, None, :].expand(-1, 1, block_width, -1)
-
-
-def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool mask as an additive float mask: works for both the SDPA and the eager attention of transformers."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def compaction_index(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,12 +172,6 @@ def derived_prompts(prompt: list[int], count: int) -> list[list[int]]:
 
 # --- the batched decode -----------------------------------------------------------------------------------------
 
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def _check(target, draft, prompts, max_new_tokens, block_size, temperature):
     if not prompts:
         raise DFlashError("generate_batch got no prompts: pass a list of token-id lists.")
@@ -243,7 +234,7 @@ class _Rows:
         mask = verify_mask(self.target_valid, torch.ones_like(block_ids, dtype=torch.bool))
         return target(input_ids=block_ids, position_ids=positions, **with_cache(target, self.target_cache),
                       use_cache=True,
-                      attention_mask=additive(mask, target.get_input_embeddings().weight.dtype),
+                      attention_mask=additive_mask(mask, target.get_input_embeddings().weight.dtype),
                       output_hidden_states=want_features)
 
     def commit(self, accepted: torch.Tensor, positions: torch.Tensor, features: torch.Tensor | None) -> None:
@@ -255,15 +246,6 @@ class _Rows:
         if features is not None:  # appended: a cycle without a draft call (width 1) leaves earlier ones unread
             self.pending = tuple(torch.cat([old, new], dim=1)
                                  for old, new in zip(self.pending, (features, kept, positions)))
-
-
-def _commit_row(drafted: torch.Tensor, accepted: int, next_token: int, stop_ids: set) -> tuple[list[int], bool]:
-    """The engine's commit rule for one row: accepted drafts + the bonus token, cut after a stop token."""
-    committed = drafted[:accepted].tolist() + [next_token]
-    for k, token in enumerate(committed):
-        if token in stop_ids:
-            return committed[: k + 1], True
-    return committed, False
 
 
 @torch.inference_mode()
@@ -285,11 +267,11 @@ def decode_batch(target, draft, prompts, *, max_new_tokens: int, block_size: int
     traces: list[list[CycleRecord]] = [[] for _ in range(n)]
     finished_at, stopped = [0.0] * n, [False] * n
 
-    begin, begin_cpu = _clock(device), time.process_time()
+    begin, begin_cpu = clock(device), time.process_time()
     ids, valid, positions = (t.to(device) for t in left_pad(prompts, pad_id=0))
     target_cache = new_cache(target.config)
     prefill = target(input_ids=ids, position_ids=positions, **with_cache(target, target_cache), use_cache=True,
-                     attention_mask=additive(verify_mask(valid[:, :0], valid), dtype),
+                     attention_mask=additive_mask(verify_mask(valid[:, :0], valid), dtype),
                      output_hidden_states=use_draft, logits_to_keep=1)
     batch = _Rows(list(range(n)), torch.tensor([len(p) for p in prompts], device=device), target_cache, valid,
                   new_cache(), torch.zeros((n, 0), dtype=torch.bool, device=device),
@@ -297,13 +279,13 @@ def decode_batch(target, draft, prompts, *, max_new_tokens: int, block_size: int
     for i, token in enumerate(prefill.logits[:, -1].argmax(dim=-1).tolist()):
         outputs[i].append(token)
         stopped[i] = token in stop_ids
-    stats.prefill_s = ttft = _clock(device) - begin
+    stats.prefill_s = ttft = clock(device) - begin
 
     while True:
         live = [r for r, i in enumerate(batch.prompt_index) if not stopped[i] and len(outputs[i]) < max_new_tokens]
         for r, i in enumerate(batch.prompt_index):
             if r not in live:
-                finished_at[i] = _clock(device) - begin
+                finished_at[i] = clock(device) - begin
         if not live:
             break
         if len(live) < len(batch.prompt_index):
@@ -311,7 +293,7 @@ def decode_batch(target, draft, prompts, *, max_new_tokens: int, block_size: int
             if compact:  # the dropped rows may have been the longest
                 batch.compact()
 
-        cycle_begin = _clock(device)
+        cycle_begin = clock(device)
         rows = batch.prompt_index
         remaining = [max_new_tokens - len(outputs[i]) for i in rows]
         width = max(1, min(block_size, max(remaining)))
@@ -320,23 +302,22 @@ def decode_batch(target, draft, prompts, *, max_new_tokens: int, block_size: int
         drafted = torch.empty((len(rows), 0), dtype=torch.long, device=device)
         if use_draft and width > 1:
             drafted = batch.draft_block(draft, embed, lm_head, anchors, block_positions)
-        draft_end = _clock(device)
+        draft_end = clock(device)
         stats.target_slots.append(batch.target_valid.shape[1])
         stats.target_valid.append(int(batch.target_valid.sum()))
         verified = batch.verify(target, torch.cat([anchors[:, None], drafted], dim=1), block_positions, use_draft)
-        verify_end = _clock(device)
+        verify_end = clock(device)
 
         accepted_counts = []
         for r, i in enumerate(rows):
             length = min(width, remaining[r])  # this sequence's own block: no more than it may still generate
             proposal = Proposal.chain(drafted[r, : length - 1], draft_passes=int(width > 1), batch_rows=len(rows))
             path, next_token = acceptor.accept(proposal, verified.logits[r, :length])
-            committed, stopped[i] = _commit_row(drafted[r], len(path) - 1, next_token, stop_ids)
-            drafted_stops = [k for k, t in enumerate(drafted[r, : length - 1].tolist()) if t in stop_ids]
+            committed, stopped[i] = commit_tokens(proposal.path_tokens(path), next_token, stop_ids)
             # Cost fields: this row's share of the batch's one target forward is its `width` block tokens.
             traces[i].append(CycleRecord(
                 len(traces[i]), len(outputs[i]), length, len(path), draft_end - cycle_begin, verify_end - draft_end,
-                0.0, generated_length=min(drafted_stops[0] + 2, length) if drafted_stops else length,
+                0.0, generated_length=generated_length(proposal.tokens.tolist(), length, stop_ids),
                 verified_nodes=width, target_forwards=1, proposal_stats=dict(proposal.stats)))
             outputs[i].extend(committed)
             accepted_counts.append(len(path) - 1)
@@ -344,12 +325,12 @@ def decode_batch(target, draft, prompts, *, max_new_tokens: int, block_size: int
                      extract_context_feature(verified.hidden_states, layers) if use_draft else None)
         if compact:
             batch.compact()
-        cycle_s = _clock(device) - cycle_begin
+        cycle_s = clock(device) - cycle_begin
         for i in rows:
             traces[i][-1].cycle_s = cycle_s
         stats.record_cycle(len(rows), width, draft_end - cycle_begin, verify_end - draft_end, cycle_s)
 
-    stats.wall_s = _clock(device) - begin
+    stats.wall_s = clock(device) - begin
     stats.cpu_s = cpu_seconds(device, begin_cpu)
     results = [GenerationResult(output_ids=outputs[i][:max_new_tokens],
                                 acceptance_lengths=[r.acceptance_length for r in traces[i]], ttft_s=ttft,
@@ -366,22 +347,31 @@ def generate_batch(target, draft, prompts, *, max_new_tokens: int, block_size: i
                         stop_token_ids=stop_token_ids, compact=compact).results
 
 
-def decode_in_batch(target, draft, prompt, *, max_new_tokens, block_size, stop_token_ids=None, temperature=0.0,
-                    seed=None, batch_size: int = 4, compact: bool = True) -> GenerationResult:
+@dataclass(frozen=True)
+class BatchedKnobs:
+    batch_size: int = 4  # prompts decoded together
+    compact: bool = True  # gather valid cache slots after each cycle (False: mask rejected slots forever)
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise DFlashError(f"batch_size must be >= 1, got {self.batch_size}.")
+
+
+def decode_in_batch(target, draft, prompt, knobs: BatchedKnobs, *, max_new_tokens, block_size, temperature=0.0,
+                    seed=None, stop_token_ids=None) -> GenerationResult:
     """The registry's view: decode `prompt` in a batch of `batch_size` with derived prompts of other lengths, and
     return `prompt`'s result (so the lossless test checks that batching changes nothing)."""
-    if batch_size < 1:
-        raise DFlashError(f"batch_size must be >= 1, got {batch_size}.")
     prompt = [int(t) for t in prompt]
-    others = derived_prompts(prompt, batch_size - 1)
+    others = derived_prompts(prompt, knobs.batch_size - 1)
     middle = len(others) // 2  # the given prompt sits between other rows, not always first
     batch = others[:middle] + [prompt] + others[middle:]
-    return generate_batch(target, draft, batch, max_new_tokens=max_new_tokens, block_size=block_size,
-                          stop_token_ids=stop_token_ids, compact=compact)[middle]
+    return decode_batch(target, draft, batch, max_new_tokens=max_new_tokens, block_size=block_size,
+                        stop_token_ids=stop_token_ids, temperature=temperature,
+                        compact=knobs.compact).results[middle]
 
 
 SPEC = register(VariantSpec(
-    "batched", decode=decode_in_batch, knobs={"batch_size": 4, "compact": True},
+    "batched", knob_class=BatchedKnobs, run=decode_in_batch,
     knob_grid=({"batch_size": 1}, {"batch_size": 2}, {"batch_size": 4}, {"batch_size": 3, "compact": False}),
     description="several prompts decoded together: one draft and one target forward per cycle for the whole "
                 "batch, per-sequence acceptance, left padding + slot validity masks, finished rows dropped"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .engine import CycleRecord
+from .protocol import CycleRecord
 
 
 def _ewma(old: float | None, new: float, alpha: float) -> float:

@@ -32,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ..errors import DFlashError
-from . import VariantSpec, register
+from ..registry import VariantSpec, register
 
 SWEEP_CONCURRENCIES = (1, 2, 4, 8, 16, 32)  # the research script's default sweep
 
@@ -291,14 +291,21 @@ def _checkpoint(model, knob: str | None, which: str) -> str:
     return str(path)
 
 
-def decode_sglang(target, draft, prompt, *, max_new_tokens, block_size, stop_token_ids=None, temperature=0.0,
-                  seed=None, target_path: str | None = None, draft_path: str | None = None):
+@dataclass(frozen=True)
+class SGLangKnobs:
+    target_path: str | None = None  # checkpoint SGLang serves (None: the target's name_or_path)
+    draft_path: str | None = None  # the draft's checkpoint (None: the draft's name_or_path)
+
+
+def decode_sglang(target, draft, prompt, knobs: SGLangKnobs, *, max_new_tokens, block_size, stop_token_ids=None,
+                  temperature=0.0, seed=None):
     """One prompt through a (cached) SGLang DFLASH engine, as a GenerationResult with SGLang's counters: no
     per-cycle trace (SGLang does not expose one); acceptance lengths are spread from completion / verify count."""
     from ..engine import GenerationResult
     if temperature != 0:
         raise DFlashError("The SGLang variant is measured greedy (temperature 0), as the research sweep is.")
-    settings = EngineSettings(_checkpoint(target, target_path, "target"), _checkpoint(draft, draft_path, "draft"),
+    settings = EngineSettings(_checkpoint(target, knobs.target_path, "target"),
+                              _checkpoint(draft, knobs.draft_path, "draft"),
                               block_size=block_size if block_size and block_size > 1 else None)
     if settings not in _ENGINES:
         _ENGINES[settings] = open_engine(settings)
@@ -325,6 +332,6 @@ def _registry_unavailable() -> str | None:
 
 
 SPEC = register(VariantSpec(
-    "sglang", decode=decode_sglang, knobs={"target_path": None, "draft_path": None},
+    "sglang", knob_class=SGLangKnobs, run=decode_sglang,
     unavailable=_registry_unavailable,
     description="SGLang DFLASH serving backend: concurrency sweep of output throughput and accept length"))

@@ -126,6 +126,8 @@ def multiround_accept(proposals: list[int], proposal_probs: list[Tensor], target
     return sample_from(residual, final_uniform), None
 
 
+# --- tree walks: one path from the anchor through a draft tree (dflash.engine.protocol.Proposal's encoding) ------
+
 def greedy_tree_accept(tokens: Tensor, parents: list[int], target_logits: Tensor) -> tuple[list[int], int]:
     """Greedy verification of a draft tree; returns (accepted node path starting at 0, next token).
 
@@ -141,3 +143,29 @@ def greedy_tree_accept(tokens: Tensor, parents: list[int], target_logits: Tensor
     while (path[-1], target_tokens[path[-1]]) in children:
         path.append(children[(path[-1], target_tokens[path[-1]])])
     return path, target_tokens[path[-1]]
+
+
+def multiround_tree_accept(branches: list[list[int]], branch_tokens: list[list[int]], branch_laws: list[Tensor],
+                           target_probs: Tensor, draw: Callable[[int], Tensor]) -> tuple[list[int], int]:
+    """Exact sampling walk over a tree of proposals; returns (accepted node path from 0, next token).
+
+    branches: per proposal (round or candidate), its path from node 0; branch_tokens[r][d] and branch_laws[r][d]
+    are the token of node branches[r][d + 1] and the law [V] it was drawn from (a point mass when it was picked
+    deterministically); target_probs [N+1, V]: row i is the target's law after node i; draw(n) -> n uniforms.
+    At each node the proposals still alive (their path agrees with the walk so far) are tried in order with
+    `multiround_accept`, drawing one accept uniform per alive proposal and one final uniform. An accepted
+    proposal moves the walk to its child; when all are rejected the token comes from the last residual.
+    A proposal's token at depth d is drawn independently of its other depths and of the other proposals, so the
+    ones alive at a node propose with exactly their stated laws, which makes every step exact.
+    """
+    path = [0]
+    while True:
+        node, depth = path[-1], len(path) - 1
+        alive = [r for r, branch in enumerate(branches) if len(branch) > depth + 1 and branch[depth] == node]
+        uniforms = draw(len(alive) + 1).tolist()
+        token, accepted = multiround_accept([branch_tokens[r][depth] for r in alive],
+                                            [branch_laws[r][depth] for r in alive],
+                                            target_probs[node], uniforms[:-1], uniforms[-1])
+        if accepted is None:
+            return path, token
+        path.append(branches[alive[accepted]][depth + 1])
