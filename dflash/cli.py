@@ -64,6 +64,10 @@ def cmd_train(args) -> None:
         from .tinyworld.build import build_tiny_world
         build_tiny_world(args.out, quick=args.quick)
         return
+    if args.what == "ladder":
+        from .cascade.ladder import build_ladder
+        build_ladder(args.out, quick=args.quick)
+        return
     if not args.target or not args.prompts or not args.out:
         raise DFlashError("dflash train needs --target, --prompts and --out (or `dflash train tiny`).")
     from pathlib import Path
@@ -244,10 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
 
-    t = sub.add_parser("train", help="train a DFlash draft for any HF target (or `train tiny`: the embedded pair)")
-    t.add_argument("what", nargs="?", choices=["tiny"], help="tiny: rebuild the embedded tiny target + draft")
-    t.add_argument("--out", default=None, help="output directory (tiny default: the package's models/tiny)")
-    t.add_argument("--quick", action="store_true", help="tiny: a few steps only, to check the pipeline")
+    t = sub.add_parser("train", help="train a DFlash draft for any HF target (or `train tiny`: the embedded pair; "
+                                     "`train ladder`: the cascade world's four graded models)")
+    t.add_argument("what", nargs="?", choices=["tiny", "ladder"],
+                   help="tiny: rebuild the embedded tiny target + draft; ladder: train (or keep, when their "
+                        "manifests match the recipe) the cascade ladder's rungs")
+    t.add_argument("--out", default=None, help="output directory (default: the package's models/tiny or "
+                                               "models/ladder)")
+    t.add_argument("--quick", action="store_true", help="tiny / ladder: a few steps only, to check the pipeline")
     t.add_argument("--target", help="target: known name (e.g. smol), local directory or cached hub id")
     t.add_argument("--prompts", help="training prompts: smol-train, or a .txt/.json/.jsonl file")
     t.add_argument("--heldout", default="smol-heldout", help="held-out prompts for the tau table (same formats)")

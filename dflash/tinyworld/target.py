@@ -69,7 +69,8 @@ def bf16_autocast_ok() -> bool:
 def train_target(corpus: Corpus, tokenizer, *, seed: int = 0, steps: int = 700, batch_size: int = 8,
                  seq_len: int = 256, lr: float = 3e-3, warmup: int = 50, weight_decay: float = 0.1,
                  out_dir: str | None = None, progress: bool = True, config_overrides: dict | None = None,
-                 n_math_eval: int = 48, num_threads: int | None = None, bf16: bool | None = None):
+                 n_math_eval: int = 48, num_threads: int | None = None, bf16: bool | None = None,
+                 exact_answer_category: str = "math"):
     """Train the target from scratch; returns (model, stats).
 
     Time per step (batch 8 x 256, bf16 autocast, idle 2-core machine): ~0.45 s with 1
@@ -162,7 +163,7 @@ def train_target(corpus: Corpus, tokenizer, *, seed: int = 0, steps: int = 700, 
     for cat, prompts in corpus.heldout.items():
         cont = greedy_continuations(model, tokenizer, prompts[:1], 64)[0]
         samples[cat] = {"prompt": prompts[0], "continuation": tokenizer.decode(cont)}
-    math_docs = corpus.heldout_texts["math"][:n_math_eval]
+    math_docs = corpus.heldout_texts[exact_answer_category][:n_math_eval]
     math_prompts = [d[: d.index(ASSISTANT_HEADER) + len(ASSISTANT_HEADER)] for d in math_docs]
     outs = greedy_continuations(model, tokenizer, math_prompts, 32)
     math_acc = sum(d.endswith(tokenizer.decode(o) + "\n") for d, o in zip(math_docs, outs)) / len(math_docs)
@@ -181,7 +182,7 @@ def train_target(corpus: Corpus, tokenizer, *, seed: int = 0, steps: int = 700, 
         "train_slice_loss": train_slice_loss,
         "heldout_loss": heldout_loss,
         "heldout_nats_per_char": per_char,
-        "heldout_math_exact_answer": math_acc,
+        f"heldout_{exact_answer_category}_exact_answer": math_acc,
         "samples": samples,
         "train_seconds": train_seconds,
         "wall_seconds": time.time() - t0,
