@@ -1,4 +1,4 @@
-"""Command line: `dflash generate`, `models`, `train`, `bench`, `gate-quality`, `baselines`, `report`."""
+"""Command line: `dflash generate`, `models`, `train`, `bench`, `gate-quality`, `baselines`, `report`, `cascade`."""
 from __future__ import annotations
 
 import argparse
@@ -218,6 +218,33 @@ def cmd_gate_quality(args) -> None:
                  family=args.family, hogs=args.hogs, block_sizes=tuple(args.block_sizes), out=args.out)
 
 
+def cmd_cascade(args) -> int:
+    """`collect`: every rung on every query once, into a resumable table; `report`: replay every policy on it."""
+    from pathlib import Path
+    from .cascade.profiles import get_profile
+    profile = get_profile(args.profile)
+    table_path = Path(args.table or f"reports/cascade-{profile.name}/table.jsonl")
+    if args.action == "collect":
+        reason = profile.unavailable()
+        if reason:
+            raise DFlashError(f"cascade profile {profile.name}: {reason}.")
+        from .cascade.collect import collect
+        collect(profile.queries(args.queries), table_path, ladder_dir=profile.ladder_dir)
+        print(f"table: {table_path}")
+        return 0
+    if not table_path.exists():
+        raise DFlashError(f"No cascade table at {table_path}: run `dflash cascade collect --profile "
+                          f"{profile.name}` first (or pass --table).")
+    from .cascade.collect import read_table
+    from .cascade.replay import build_table
+    from .cascade.report import write_report
+    header, rows = read_table(table_path)
+    table = build_table(rows, list(profile.rungs)).token_normalised()
+    out = Path(args.out or table_path.parent)
+    print(write_report(table, out, provenance=header).read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .engine.acceptance import SAMPLING_RULES
     parser = argparse.ArgumentParser(prog="dflash", description=__doc__)
@@ -327,6 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="output directory (default: reports/<profile>-merged-<time>)")
     r.add_argument("--reports-dir", default="reports")
     r.set_defaults(func=cmd_report)
+
+    c = sub.add_parser("cascade", help="adaptive cascades over the model ladder: collect every rung's answers "
+                                       "once, then replay every policy exactly")
+    c.add_argument("action", choices=["collect", "report"])
+    c.add_argument("--profile", default="tiny", help="cascade profile (default tiny: the embedded ladder)")
+    c.add_argument("--table", default=None, help="the table file (default reports/cascade-<profile>/table.jsonl)")
+    c.add_argument("--queries", type=bounded_int(1, 100000), default=None,
+                   help="collect: held-out queries per family (default: the profile's all)")
+    c.add_argument("--out", default=None, help="report: output directory (default: the table's)")
+    c.set_defaults(func=cmd_cascade)
     return parser
 
 

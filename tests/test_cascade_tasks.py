@@ -5,7 +5,7 @@ import operator
 
 import pytest
 
-from dflash.cascade.tasks import FAMILIES, MAX_STEPS, MAX_VALUE, build_task_set, is_correct, parse_answer
+from dflash.cascade.tasks import FAMILIES, MAX_STEPS, MAX_VALUE, build_task_set, parse_answer
 
 OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 
@@ -28,9 +28,9 @@ def tasks():
 def test_worked_answers_are_correct_and_checked_by_exact_match(tasks):
     for query in tasks.train[:200] + [q for qs in tasks.heldout.values() for q in qs]:
         worked = query.worked_answer()
-        assert is_correct(worked, query) and parse_answer(worked) == query.answer
-        assert not is_correct(worked.replace(f"The answer is {query.answer}.", f"The answer is {query.answer + 1}."),
-                              query)
+        assert query.grade(worked) == (query.answer, True)
+        assert query.grade(worked.replace(f"The answer is {query.answer}.",
+                                          f"The answer is {query.answer + 1}.")) == (query.answer + 1, False)
         values = [query.start] + [s.result for s in query.steps]
         assert all(0 <= v <= MAX_VALUE for v in values) and 1 <= query.difficulty <= MAX_STEPS
         if query.family == "expression":

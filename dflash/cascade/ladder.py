@@ -27,7 +27,7 @@ from ..loading import PACKAGE_MODELS
 from ..tinyworld.corpus import Corpus, chat_sample
 from ..tinyworld.target import greedy_continuations, train_target
 from ..tinyworld.tokenizer import train_tokenizer
-from .tasks import FAMILIES, Query, build_task_set, is_correct
+from .tasks import FAMILIES, Query, build_task_set
 
 LADDER_DIR = PACKAGE_MODELS / "ladder"
 SEED = 0
@@ -70,10 +70,10 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def recipe_key(rung: Rung, budget: Budget) -> dict:
-    """What a rung's weights are a function of: a kept rung must match it exactly."""
-    return {"rung": asdict(rung), "budget": asdict(budget), "seed": SEED, "torch": torch.__version__,
-            "transformers": transformers.__version__}
+def recipe_key(rung: Rung, budget: Budget, data_sha256: str) -> dict:
+    """What a rung's weights are a function of (the training texts by digest): a kept rung must match it."""
+    return {"rung": asdict(rung), "budget": asdict(budget), "seed": SEED, "data_sha256": data_sha256,
+            "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 @dataclass
@@ -93,7 +93,7 @@ def evaluate(model, tokenizer, heldout: dict[str, list[Query]], budget: Budget) 
     eos = tokenizer.eos_token_id
     for family, queries in heldout.items():
         replies = greedy_continuations(model, tokenizer, [q.prompt for q in queries], budget.max_new_tokens)
-        correct = [is_correct(tokenizer.decode(r, skip_special_tokens=True), q) for r, q in zip(replies, queries)]
+        correct = [q.grade(tokenizer.decode(r, skip_special_tokens=True))[1] for r, q in zip(replies, queries)]
         quality.accuracy[family] = sum(correct) / len(correct)
         quality.n[family] = len(correct)
         quality.accuracy_by_steps[family] = {
@@ -102,7 +102,7 @@ def evaluate(model, tokenizer, heldout: dict[str, list[Query]], budget: Budget) 
         timed = queries[: budget.timed_queries]
         seconds, tokens = [], []
         for query in timed:
-            ids = tokenizer(query.prompt, add_special_tokens=False)["input_ids"]
+            ids = query.prompt_ids(tokenizer)
             result = generate(model, None, ids, max_new_tokens=budget.max_new_tokens, stop_token_ids=[eos])
             seconds.append(result.wall_s)
             tokens.append(len(result.output_ids))
@@ -122,6 +122,7 @@ def build_ladder(out_dir: str | None = None, *, quick: bool = False, rungs: tupl
     torch.set_num_threads(1)  # reproducible kernels and no oversubscription on a shared 2-core machine
     try:
         tasks = build_task_set(SEED, budget.n_train, budget.n_heldout)
+        data_sha256 = hashlib.sha256("\x00".join(tasks.train_texts).encode()).hexdigest()
         tokenizer = train_tokenizer(tasks.train_texts, vocab_size=512)
         corpus = Corpus(train_texts=tasks.train_texts, train_categories=["math"] * len(tasks.train_texts),
                         heldout={f: [q.prompt for q in qs[:1]] for f, qs in tasks.heldout.items()},
@@ -132,8 +133,8 @@ def build_ladder(out_dir: str | None = None, *, quick: bool = False, rungs: tupl
         for rung in selected:
             rung_dir = out / rung.name
             manifest_path = rung_dir / "manifest.json"
-            if manifest_path.exists() and json.loads(manifest_path.read_text()).get("recipe") == recipe_key(rung,
-                                                                                                           budget):
+            recipe = recipe_key(rung, budget, data_sha256)
+            if manifest_path.exists() and json.loads(manifest_path.read_text()).get("recipe") == recipe:
                 print(f"ladder: {rung.name} kept (its manifest matches the recipe)")
                 continue
             model, stats = train_target(corpus, tokenizer, seed=SEED, steps=budget.steps,
@@ -145,7 +146,7 @@ def build_ladder(out_dir: str | None = None, *, quick: bool = False, rungs: tupl
             try:
                 model.to(torch.bfloat16).save_pretrained(staging)
                 tokenizer.save_pretrained(staging)
-                manifest = {"rung": rung.name, "recipe": recipe_key(rung, budget), "params": stats["params"],
+                manifest = {"rung": rung.name, "recipe": recipe, "params": stats["params"],
                             "training": {k: stats[k] for k in ("steps", "batch_size", "seq_len", "lr",
                                                                 "tokens_seen", "epochs", "train_loss",
                                                                 "heldout_loss", "train_seconds")},
@@ -175,8 +176,8 @@ def build_ladder(out_dir: str | None = None, *, quick: bool = False, rungs: tupl
                         "transformers": transformers.__version__, "machine": platform.machine()},
         "tasks": {"families": list(FAMILIES), "train_samples": budget.n_train,
                   "heldout_per_family": budget.n_heldout,
-                  "description": "multi-step arithmetic (1-4 operations, values 0..99) as word problems (held-out "
-                                 "names) and bracketed expressions; held-out problems never occur in training"},
+                  "description": "multi-step arithmetic (1-4 operations, values 0..60, operands up to 10) as word "
+                                 "problems and bracketed expressions; held-out problems never occur in training"},
         "rungs": {name: {"params": m["params"], "accuracy": m["quality"]["accuracy"],
                          "seconds_per_query": m["quality"]["seconds_per_query"],
                          "new_tokens_per_query": m["quality"]["new_tokens_per_query"]}

@@ -4,12 +4,14 @@ A query is a chain of 1..4 operations on small numbers. Two surface forms share 
 tuned on one can be tested on the other (the transfer test):
 
 * "story": a word problem ("Tom has 12 apples. Tom gets 5 more. Then Tom gives away 3. How many apples does Tom
-  have now?"), with held-out names;
+  have now?");
 * "expression": the same chain as a bracketed expression ("Compute ((12 + 5) - 3).").
 
 The worked answer spells every step ("12 + 5 = 17. 17 - 3 = 14. The answer is 14."), and a reply is correct when
-its final "The answer is N" names the chain's value (exact match). Difficulty is the number of steps and the
-operand sizes. Everything is a pure function of the seed.
+its final "The answer is N" names the chain's value (exact match). Difficulty is the number of steps. Numbers stay
+small (values 0..60, operands up to 10), so the arithmetic facts are few enough for the larger rungs to learn
+and many enough that the smaller ones do not. Held-out problems (start value and operations) never occur in
+training. Everything is a pure function of the seed.
 """
 from __future__ import annotations
 
@@ -17,11 +19,12 @@ import random
 import re
 from dataclasses import dataclass
 
-from ..tinyworld.corpus import HELDOUT_NAMES, ITEMS, TRAIN_NAMES, chat_prompt, chat_sample
+from ..tinyworld.corpus import ITEMS, TRAIN_NAMES, chat_prompt, chat_sample
 
 FAMILIES = ("story", "expression")
 MAX_STEPS = 4
-MAX_VALUE = 99
+MAX_VALUE = 60
+MAX_OPERAND = 10
 ANSWER = re.compile(r"The answer is (-?\d+)")
 
 
@@ -53,6 +56,14 @@ class Query:
         """The chat prompt the models answer (the tiny world's chat format)."""
         return chat_prompt(self.question)
 
+    def prompt_ids(self, tokenizer) -> list[int]:
+        return tokenizer(self.prompt, add_special_tokens=False)["input_ids"]
+
+    def grade(self, reply: str) -> tuple[int | None, bool]:
+        """The reply's final answer and whether it is this query's (exact match)."""
+        answer = parse_answer(reply)
+        return answer, answer == self.answer
+
     def worked_answer(self) -> str:
         value, parts = self.start, []
         for step in self.steps:
@@ -71,28 +82,24 @@ def parse_answer(text: str) -> int | None:
     return int(found[-1]) if found else None
 
 
-def is_correct(text: str, query: Query) -> bool:
-    return parse_answer(text) == query.answer
-
-
 def random_chain(rng: random.Random, steps: int) -> tuple[int, tuple[Step, ...]]:
     """A start value and `steps` operations whose every intermediate value stays in 0..MAX_VALUE. Additions and
-    subtractions take operands up to 20; multiplications by 2..4 only when the value is at most 24."""
-    value = start = rng.randint(2, 30)
+    subtractions take operands up to MAX_OPERAND; multiplications by 2 or 3 only when the value is at most 20."""
+    value = start = rng.randint(2, 20)
     chain = []
     for _ in range(steps):
-        ops = ["+", "-"] + (["*"] if value <= 24 else [])
+        ops = ["+", "-"] + (["*"] if value <= 20 else [])
         op = rng.choice(ops)
+        if op == "+" and value >= MAX_VALUE:
+            op = "-"
+        if op == "-" and value == 0:
+            op = "+"
         if op == "+":
-            operand = rng.randint(1, min(20, MAX_VALUE - value)) if value < MAX_VALUE else 0
-            if operand == 0:
-                op, operand = "-", rng.randint(1, 20)
-        if op == "-":
-            operand = rng.randint(1, min(20, value)) if value > 0 else 0
-            if operand == 0:
-                op, operand = "+", rng.randint(1, 20)
-        if op == "*":
-            operand = rng.randint(2, 4)
+            operand = rng.randint(1, min(MAX_OPERAND, MAX_VALUE - value))
+        elif op == "-":
+            operand = rng.randint(1, min(MAX_OPERAND, value))
+        else:
+            operand = rng.randint(2, 3)
         value = {"+": value + operand, "-": value - operand, "*": value * operand}[op]
         chain.append(Step(op, operand, value))
     return start, tuple(chain)
@@ -143,14 +150,14 @@ class TaskSet:
 
 def build_task_set(seed: int = 0, n_train: int = 24000, n_heldout: int = 600) -> TaskSet:
     """Training samples (both families, steps uniform in 1..MAX_STEPS) and held-out queries per family whose
-    problems (start and operations) never occur in training; held-out stories use held-out names."""
+    problems (start and operations) never occur in training."""
     rng = random.Random(seed)
     heldout, seen = {}, set()
     for family in FAMILIES:
         queries = []
         while len(queries) < n_heldout:
             query = make_query(family, f"{family}-heldout-{len(queries)}", rng, 1 + len(queries) % MAX_STEPS,
-                               HELDOUT_NAMES)
+                               TRAIN_NAMES)
             if query.key() not in seen:
                 seen.add(query.key())
                 queries.append(query)
