@@ -225,11 +225,12 @@ def cmd_cascade(args) -> int:
     profile = get_profile(args.profile)
     table_path = Path(args.table or f"reports/cascade-{profile.name}/table.jsonl")
     if args.action == "collect":
+        count = profile.query_count(args.queries)
         reason = profile.unavailable()
         if reason:
             raise DFlashError(f"cascade profile {profile.name}: {reason}.")
         from .cascade.collect import collect
-        collect(profile.queries(args.queries), table_path, ladder_dir=profile.ladder_dir)
+        collect(profile.queries(count), table_path, profile)
         print(f"table: {table_path}")
         return 0
     if not table_path.exists():
@@ -239,7 +240,7 @@ def cmd_cascade(args) -> int:
     from .cascade.replay import build_table
     from .cascade.report import write_report
     header, rows = read_table(table_path)
-    table = build_table(rows, list(profile.rungs)).token_normalised()
+    table = build_table(rows, list(profile.rung_names)).token_normalised()
     out = Path(args.out or table_path.parent)
     print(write_report(table, out, provenance=header).read_text())
     return 0

@@ -92,17 +92,18 @@ def test_calibration_error_sees_miscalibration():
 
 def test_cross_fitted_evaluation_tests_every_query_once_and_keeps_the_invariants():
     table = synthetic_table(n=200, seed=6)
-    evaluation = ev.evaluate_policies(table, lambdas=(0.5, 4.0), seed=0)
+    evaluation = ev.evaluate_policies(table, lambdas=(0.05, 4.0), seed=0)
     results = evaluation.results
     assert evaluation.predicted.shape == (table.size, table.stages)
     names = {r.policy for r in results}
-    assert {"calibrated-threshold", "logprob-threshold", "vote-threshold", "random", "best-pair", "router",
+    assert {"calibrated-threshold", "calibrated-threshold+votes", "logprob-threshold", "vote-threshold", "random",
+            "best-pair", "router",
             "backward-induction", "lookahead",
             "oracle-cascade", "oracle-router", "fixed-l1", "fixed-l4"} <= names
     assert ev.invariants(results) == []
     fixed_l4 = next(r for r in results if r.policy == "fixed-l4")
     assert fixed_l4.accuracy == table.correct[:, 3].mean()  # every query tested exactly once
-    cheap, dear = (next(r for r in results if r.policy == "calibrated-threshold" and r.lam == lam) for lam in (4.0, 0.5))
+    cheap, dear = (next(r for r in results if r.policy == "calibrated-threshold" and r.lam == lam) for lam in (4.0, 0.05))
     assert cheap.mean_cost <= dear.mean_cost  # a higher price of time buys less of it
     metrics = ev.curve_metrics(results, table.rungs)
     assert set(metrics["calibrated-threshold"]) == {"cost_saving_at_matched_accuracy", "normalised_area", "apgr",

@@ -135,7 +135,7 @@ def test_fill_template():
 @pytest.mark.parametrize("name", ["aime25", "gsm8k", "mt-bench"])
 def test_hub_datasets_load_from_the_hub_snapshot(name, hub):
     spec = PROFILE.dataset(name)
-    rows = profiles._rows(spec)
+    rows = profiles.dataset_rows(spec)
     expected = hub["datasets"][spec.hub_id]["rows"]  # gsm8k: config main, split test (not train, not socratic)
     assert rows.to_list() == expected
     assert profiles.dataset_unavailable_reason(spec) is None

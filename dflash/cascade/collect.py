@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,12 +22,10 @@ import torch
 from ..engine import generate
 from ..errors import DFlashError
 from ..loading import load_target, load_tokenizer
-from .ladder import LADDER_DIR, RUNGS
 from .tasks import Query
 
 SAMPLES = 5
 SAMPLE_TEMPERATURE = 0.7
-MAX_NEW_TOKENS = 72
 TABLE_VERSION = 1
 
 
@@ -69,8 +66,8 @@ def sample_seed(qid: str, rung: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{qid}/{rung}".encode()).digest()[:8], "little") >> 1
 
 
-def sampled_answers(model, tokenizer, query: Query, prompt_ids: list[int],
-                    seed: int) -> tuple[list[int | None], float]:
+def sampled_answers(model, tokenizer, query: Query, prompt_ids: list[int], seed: int,
+                    max_new_tokens: int) -> tuple[list[int | None], float]:
     """SAMPLES replies at SAMPLE_TEMPERATURE in one batched call (pure temperature sampling: no top-k/top-p),
     seeded; their parsed answers and the call's wall seconds."""
     device = model.get_input_embeddings().weight.device
@@ -79,18 +76,19 @@ def sampled_answers(model, tokenizer, query: Query, prompt_ids: list[int],
     torch.manual_seed(seed)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                             temperature=SAMPLE_TEMPERATURE, top_k=0, top_p=1.0, max_new_tokens=MAX_NEW_TOKENS,
+                             temperature=SAMPLE_TEMPERATURE, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     seconds = time.perf_counter() - begin
     replies = [tokenizer.decode(row[len(prompt_ids):], skip_special_tokens=True) for row in out.tolist()]
     return [query.grade(r)[0] for r in replies], seconds
 
 
-def run_stage(model, tokenizer, query: Query, rung: str, with_samples: bool = True) -> StageRow:
+def run_stage(model, tokenizer, query: Query, rung: str, *, max_new_tokens: int,
+              with_samples: bool = True) -> StageRow:
     """One rung on one query: what the table stores, and what a live cascade computes at that stage."""
     prompt_ids = query.prompt_ids(tokenizer)
     eos = tokenizer.eos_token_id
-    result = generate(model, None, prompt_ids, max_new_tokens=MAX_NEW_TOKENS, stop_token_ids=[eos])
+    result = generate(model, None, prompt_ids, max_new_tokens=max_new_tokens, stop_token_ids=[eos])
     reply_ids = [t for t in result.output_ids if t != eos]
     reply = tokenizer.decode(reply_ids, skip_special_tokens=True)
     logprobs, entropies = reply_statistics(model, prompt_ids, reply_ids)
@@ -99,19 +97,20 @@ def run_stage(model, tokenizer, query: Query, rung: str, with_samples: bool = Tr
                    len(result.output_ids), result.wall_s)
     if with_samples:
         row.sample_answers, row.sample_s = sampled_answers(model, tokenizer, query, prompt_ids,
-                                                           sample_seed(query.qid, rung))
+                                                           sample_seed(query.qid, rung), max_new_tokens)
     return row
 
 
-def provenance(ladder_dir: Path) -> dict:
+def provenance(profile) -> dict:
+    """What a table's rows are a function of: the code, the machine, every rung's model digest, the settings."""
     from ..harness.baselines import code_identity, collect_fingerprint
-    manifest = ladder_dir / "manifest.json"
-    if not manifest.exists():
-        raise DFlashError(f"No ladder manifest at {manifest}: build the ladder first (`dflash train ladder`).")
-    return {"table_version": TABLE_VERSION, "code": code_identity(),
-            "fingerprint": collect_fingerprint("cascade", seeds=None), "threads": torch.get_num_threads(),
-            "ladder_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
-            "samples": SAMPLES, "sample_temperature": SAMPLE_TEMPERATURE, "max_new_tokens": MAX_NEW_TOKENS}
+    from ..loading import model_digest
+    return {"table_version": TABLE_VERSION, "profile": profile.name, "code": code_identity(),
+            "fingerprint": collect_fingerprint(profile.name, seeds=None, device=profile.device),
+            "threads": torch.get_num_threads(),
+            "models": {name: {"location": location, "digest": model_digest(location, "target")}
+                       for name, location in profile.rungs},
+            "samples": SAMPLES, "sample_temperature": SAMPLE_TEMPERATURE, "max_new_tokens": profile.max_new_tokens}
 
 
 def read_table(path: Path) -> tuple[dict, list[StageRow]]:
@@ -134,16 +133,20 @@ def read_table(path: Path) -> tuple[dict, list[StageRow]]:
     return header, rows
 
 
-def collect(queries: list[Query], out: Path, *, ladder_dir: Path = LADDER_DIR, progress: bool = True) -> Path:
+def load_rung(profile, location: str):
+    return (load_target(location, device=profile.device, dtype=profile.dtype), load_tokenizer(location))
+
+
+def collect(queries: list[Query], out: Path, profile, *, progress: bool = True) -> Path:
     """Run every rung on every query once (resuming an earlier table at `out` with the same provenance)."""
     from tqdm.auto import tqdm
-    header = provenance(ladder_dir)
+    header = provenance(profile)
     done: set[tuple[str, str]] = set()
     if out.exists():
         old_header, rows = read_table(out)
-        keys = ("table_version", "ladder_manifest_sha256", "samples", "sample_temperature", "max_new_tokens")
+        keys = ("table_version", "profile", "models", "samples", "sample_temperature", "max_new_tokens")
         if any(old_header.get(k) != header[k] for k in keys):
-            raise DFlashError(f"{out} was collected with another ladder or settings ({', '.join(keys)} differ); "
+            raise DFlashError(f"{out} was collected with other models or settings ({', '.join(keys)} differ); "
                               "collect into a new file, or delete it to start over.")
         done = {(r.qid, r.rung) for r in rows}
         with out.open("w", encoding="utf-8") as handle:  # rewrite without a torn last line
@@ -152,23 +155,18 @@ def collect(queries: list[Query], out: Path, *, ladder_dir: Path = LADDER_DIR, p
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(header) + "\n", encoding="utf-8")
-    todo = [(rung.name, q) for rung in RUNGS for q in queries if (q.qid, rung.name) not in done]
+    todo = [(name, q) for name, _ in profile.rungs for q in queries if (q.qid, name) not in done]
     bar = tqdm(total=len(todo), desc="collect", disable=not progress)
     with out.open("a", encoding="utf-8") as handle:
-        for rung in RUNGS:
-            pending = [q for name, q in todo if name == rung.name]
+        for name, location in profile.rungs:
+            pending = [q for rung, q in todo if rung == name]
             if not pending:
                 continue
-            model = load_target(str(ladder_dir / rung.name))
-            tokenizer = load_tokenizer(str(ladder_dir / rung.name))
+            model, tokenizer = load_rung(profile, location)
             for query in pending:
-                row = run_stage(model, tokenizer, query, rung.name)
+                row = run_stage(model, tokenizer, query, name, max_new_tokens=profile.max_new_tokens)
                 handle.write(json.dumps(asdict(row)) + "\n")
                 handle.flush()
                 bar.update(1)
     bar.close()
     return out
-
-
-def finite(values: list[float], default: float) -> list[float]:
-    return [v for v in values if math.isfinite(v)] or [default]

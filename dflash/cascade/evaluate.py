@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .replay import (FEATURES, Outcome, StagePredictors, Table, cascade_outcome, fixed, oracle, random_escalation,
+from .replay import (FEATURES, REPLY_FEATURES, Outcome, StagePredictors, Table, cascade_outcome, fixed, oracle, random_escalation,
                      routed_outcome, threshold_stops, tune_thresholds)
 
-LAMBDAS = tuple(float(x) for x in np.geomspace(0.05, 20.0, 9))
+# lam: accuracy given up per unit of cost (the largest model's median query). Below ~0.01 every policy runs the
+# largest model; above ~2 none escalates past the first stage; the grid spans the range where decisions move.
+LAMBDAS = tuple(float(x) for x in np.geomspace(0.01, 2.0, 9))
 FOLDS = 5
 
 
@@ -44,12 +46,15 @@ def folds(n: int, seed: int, count: int = FOLDS) -> list[np.ndarray]:
     return [np.sort(part) for part in np.array_split(order, count)]
 
 
+ROUTER_DIFFICULTY_LEVELS = 8  # one-hot columns of the difficulty (larger ones share the last column)
+
+
 def prompt_features(table: Table) -> np.ndarray:
-    """What a router may read before any model runs: the family and the number of operations in the question
-    (visible in its text), as one-hot columns."""
-    steps = table.difficulty
+    """What a router may read before any model runs: the family and the difficulty visible in the question (the
+    number of operations; GSM8K: the count of numbers in the question), as a fixed set of one-hot columns."""
+    steps = np.clip(table.difficulty, 1, ROUTER_DIFFICULTY_LEVELS)
     return np.column_stack([(table.families == "story").astype(float)] +
-                           [(steps == k).astype(float) for k in range(1, int(steps.max()) + 1)])
+                           [(steps == k).astype(float) for k in range(1, ROUTER_DIFFICULTY_LEVELS + 1)])
 
 
 def _stage_inputs(table: Table, k: int) -> np.ndarray:
@@ -62,7 +67,7 @@ def backward_induction(tune: Table, q_tune: np.ndarray, test: Table, q_test: np.
     the value of continuing (the next stage's realized value minus lam times its cost); stop where the calibrated
     q_k(h_k) is at least g_k(h_k), and the realized value follows that decision. Returns the test stops."""
     from sklearn.linear_model import Ridge
-    cost = tune.stage_cost(True)
+    cost = tune.stage_cost(False)
     value = tune.correct[:, -1].astype(float)
     continuation = []
     for k in range(tune.stages - 2, -1, -1):
@@ -90,7 +95,7 @@ def lookahead(train: Table, test: Table, q_test: np.ndarray, lam: float) -> np.n
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    cost = train.stage_cost(True).mean(axis=0)
+    cost = train.stage_cost(False).mean(axis=0)
     stop = np.full(test.size, test.stages - 1)
     undecided = np.ones(test.size, dtype=bool)
     for k in range(test.stages - 1):
@@ -110,28 +115,31 @@ def lookahead(train: Table, test: Table, q_test: np.ndarray, lam: float) -> np.n
 
 
 def policy_outcomes(train: Table, tune: Table, test: Table, lam: float, seed: int,
-                    q_tune: np.ndarray, q_test: np.ndarray) -> dict[str, Outcome]:
-    """Every lam-dependent policy, fitted on train, tuned on tune, applied to test (q_*: the calibrated stage
-    predictors fitted on train, applied to tune and test)."""
+                    q_tune: np.ndarray, q_test: np.ndarray, v_tune: np.ndarray, v_test: np.ndarray) -> dict[str, Outcome]:
+    """Every lam-dependent policy, fitted on train, tuned on tune, applied to test. q_*: the calibrated stage
+    predictors on the greedy reply's features (no samples needed), v_*: the same with the samples' vote share too
+    (so a policy reading them pays for the samples)."""
     out = {}
-    thresholds = tune_thresholds(q_tune, tune, lam, with_samples=True)
-    out["calibrated-threshold"] = cascade_outcome(test, threshold_stops(q_test, thresholds), True)
+    thresholds = tune_thresholds(q_tune, tune, lam, with_samples=False)
+    out["calibrated-threshold"] = cascade_outcome(test, threshold_stops(q_test, thresholds), False)
+    thresholds = tune_thresholds(v_tune, tune, lam, with_samples=True)
+    out["calibrated-threshold+votes"] = cascade_outcome(test, threshold_stops(v_test, thresholds), True)
     for name, feature, samples in (("logprob-threshold", "mean_logprob", False), ("vote-threshold", "vote_share", True)):
         column = FEATURES.index(feature)
         theta = tune_thresholds(tune.features[:, :, column], tune, lam, with_samples=samples)
         out[name] = cascade_outcome(test, threshold_stops(test.features[:, :, column], theta), samples)
-    out["random"] = random_escalation(test, out["calibrated-threshold"].mean_cost, True, seed)
-    out["backward-induction"] = cascade_outcome(test, backward_induction(tune, q_tune, test, q_test, lam), True)
-    out["lookahead"] = cascade_outcome(test, lookahead(train, test, q_test, lam), True)
+    out["random"] = random_escalation(test, out["calibrated-threshold"].mean_cost, False, seed)
+    out["backward-induction"] = cascade_outcome(test, backward_induction(tune, q_tune, test, q_test, lam), False)
+    out["lookahead"] = cascade_outcome(test, lookahead(train, test, q_test, lam), False)
     # the best two-model cascade: stage i, then stage j, thresholded on q_i (the pair chosen on the tuning split)
     best, best_value = None, -np.inf
     for pair in itertools.combinations(range(train.stages), 2):
         keep = list(pair)
-        theta = tune_thresholds(q_tune[:, keep], tune.with_stages(keep), lam, with_samples=True)
-        on_tune = cascade_outcome(tune.with_stages(keep), threshold_stops(q_tune[:, keep], theta), True)
+        theta = tune_thresholds(q_tune[:, keep], tune.with_stages(keep), lam, with_samples=False)
+        on_tune = cascade_outcome(tune.with_stages(keep), threshold_stops(q_tune[:, keep], theta), False)
         value = (on_tune.correct - lam * on_tune.cost).mean()
         if value > best_value:
-            on_test = cascade_outcome(test.with_stages(keep), threshold_stops(q_test[:, keep], theta), True)
+            on_test = cascade_outcome(test.with_stages(keep), threshold_stops(q_test[:, keep], theta), False)
             best, best_value = Outcome(np.array(keep)[on_test.stop], on_test.correct, on_test.cost), value
     out["best-pair"] = best
     # the pre-generation router: ex-ante quality per model from prompt features, argmax q - lam * mean cost
@@ -149,7 +157,7 @@ def policy_outcomes(train: Table, tune: Table, test: Table, lam: float, seed: in
 @dataclass
 class Evaluation:
     results: list[PolicyResult]
-    predicted: np.ndarray  # [n, K] calibrated stage predictions, each query's from the fold that tested it
+    predicted: np.ndarray  # [n, K] calibrated stage predictions (reply features), from the fold that tested each query
 
 
 def evaluate_policies(table: Table, *, lambdas=LAMBDAS, seed: int = 0) -> Evaluation:
@@ -174,11 +182,14 @@ def evaluate_policies(table: Table, *, lambdas=LAMBDAS, seed: int = 0) -> Evalua
         cascade, router = oracle(test)
         put("oracle-cascade", None, test_index, cascade)
         put("oracle-router", None, test_index, router)
-        predictors = StagePredictors(seed=seed).fit(train)
+        predictors = StagePredictors(REPLY_FEATURES, seed=seed).fit(train)
+        with_votes = StagePredictors(FEATURES, seed=seed).fit(train)
         q_tune, q_test = predictors.predict(tune), predictors.predict(test)
+        v_tune, v_test = with_votes.predict(tune), with_votes.predict(test)
         predicted[test_index] = q_test
         for lam in lambdas:
-            for name, outcome in policy_outcomes(train, tune, test, lam, seed + index, q_tune, q_test).items():
+            for name, outcome in policy_outcomes(train, tune, test, lam, seed + index, q_tune, q_test, v_tune,
+                                                 v_test).items():
                 put(name, lam, test_index, outcome)
     return Evaluation([PolicyResult(name, lam, v["correct"].astype(bool), v["cost"], v["stop"])
                        for (name, lam), v in pooled.items()], predicted)

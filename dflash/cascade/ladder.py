@@ -42,12 +42,12 @@ class Rung:
 RUNGS = (
     Rung("l1", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                     intermediate_size=192)),
-    Rung("l2", dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                    head_dim=32, intermediate_size=384)),
-    Rung("l3", dict(hidden_size=192, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+    Rung("l2", dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, head_dim=32,
+                    intermediate_size=256)),
+    Rung("l3", dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=3, num_key_value_heads=1, head_dim=32,
+                    intermediate_size=256)),
+    Rung("l4", dict(hidden_size=192, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
                     head_dim=48, intermediate_size=576)),
-    Rung("l4", dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
-                    head_dim=64, intermediate_size=768)),
 )
 
 
@@ -130,6 +130,7 @@ def build_ladder(out_dir: str | None = None, *, quick: bool = False, rungs: tupl
                                        for f, qs in tasks.heldout.items()},
                         modules=[], heldout_modules=[], seed=SEED)
         selected = [r for r in RUNGS if rungs is None or r.name in rungs]
+        built = []
         for rung in selected:
             rung_dir = out / rung.name
             manifest_path = rung_dir / "manifest.json"
@@ -137,6 +138,7 @@ def build_ladder(out_dir: str | None = None, *, quick: bool = False, rungs: tupl
             if manifest_path.exists() and json.loads(manifest_path.read_text()).get("recipe") == recipe:
                 print(f"ladder: {rung.name} kept (its manifest matches the recipe)")
                 continue
+            rung_begin = time.perf_counter()
             model, stats = train_target(corpus, tokenizer, seed=SEED, steps=budget.steps,
                                         batch_size=budget.batch_size, seq_len=budget.seq_len, lr=budget.lr,
                                         config_overrides=rung.config, exact_answer_category="story",
@@ -150,7 +152,8 @@ def build_ladder(out_dir: str | None = None, *, quick: bool = False, rungs: tupl
                             "training": {k: stats[k] for k in ("steps", "batch_size", "seq_len", "lr",
                                                                 "tokens_seen", "epochs", "train_loss",
                                                                 "heldout_loss", "train_seconds")},
-                            "quality": asdict(quality), "storage_dtype": "bfloat16"}
+                            "quality": asdict(quality), "storage_dtype": "bfloat16",
+                            "build_seconds": round(time.perf_counter() - rung_begin, 1)}
                 for path in [staging, *staging.rglob("*")]:
                     path.chmod(0o755 if path.is_dir() else 0o644)
                 manifest["files"] = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
@@ -159,6 +162,7 @@ def build_ladder(out_dir: str | None = None, *, quick: bool = False, rungs: tupl
                 if rung_dir.exists():
                     shutil.rmtree(rung_dir)
                 staging.rename(rung_dir)
+                built.append(rung.name)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
@@ -171,7 +175,9 @@ def build_ladder(out_dir: str | None = None, *, quick: bool = False, rungs: tupl
                       for r in RUNGS if (out / r.name / "manifest.json").exists()}
     manifest = {
         "build_command": "dflash train ladder" + (" --quick" if quick else ""),
-        "seed": SEED, "budget": asdict(budget), "wall_s_this_invocation": round(time.perf_counter() - begin, 1),
+        "seed": SEED, "budget": asdict(budget),
+        "last_invocation": {"wall_s": round(time.perf_counter() - begin, 1), "rungs_built": built,
+                            "threads": 1},
         "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
                         "transformers": transformers.__version__, "machine": platform.machine()},
         "tasks": {"families": list(FAMILIES), "train_samples": budget.n_train,

@@ -7,13 +7,10 @@ wall seconds are measured again).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from ..loading import load_target, load_tokenizer
-from .collect import run_stage
-from .ladder import LADDER_DIR, RUNGS
+from .collect import load_rung, run_stage
 from .replay import StagePredictors, reply_features
 from .tasks import Query
 
@@ -28,20 +25,20 @@ class LiveResult:
     new_tokens: int  # greedy tokens generated over every stage run
 
 
-def run_live(queries: list[Query], predictors: StagePredictors, thresholds, *,
-             ladder_dir: Path = LADDER_DIR) -> list[LiveResult]:
+def run_live(queries: list[Query], predictors: StagePredictors, thresholds, profile) -> list[LiveResult]:
     """Run the cascade "stop at the first stage k < K-1 with q_k(h_k) >= thresholds[k]" on each query."""
-    models = {r.name: (load_target(str(ladder_dir / r.name)), load_tokenizer(str(ladder_dir / r.name))) for r in RUNGS}
+    models = {name: load_rung(profile, location) for name, location in profile.rungs}
     with_samples = predictors.reads_samples
     results = []
     for query in queries:
         previous, cost, tokens = None, 0.0, 0
-        for k, rung in enumerate(RUNGS):
-            model, tokenizer = models[rung.name]
-            row = run_stage(model, tokenizer, query, rung.name, with_samples=with_samples)
+        for k, (name, _) in enumerate(profile.rungs):
+            model, tokenizer = models[name]
+            row = run_stage(model, tokenizer, query, name, max_new_tokens=profile.max_new_tokens,
+                            with_samples=with_samples)
             cost += row.greedy_s + (row.sample_s if with_samples else 0.0)
             tokens += row.new_tokens
-            last = k == len(RUNGS) - 1
+            last = k == len(profile.rungs) - 1
             if not last:
                 features = np.array([reply_features(row, previous)])[:, predictors.columns]
                 model_k = predictors.models[k]

@@ -1,43 +1,124 @@
 """Cascade profiles: which ladder answers which queries. `tiny` is the embedded default (the package's ladder on
-the graded arithmetic tasks' held-out queries)."""
+the graded arithmetic tasks' held-out queries); `gpu-cascade-qwen3` is Qwen3-0.6B / 1.7B / 4B / 8B on GSM8K in
+bf16, through the same collect -> replay path, skipping with one line where weights, data or CUDA are missing."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DFlashError
 from .ladder import LADDER_DIR, RUNGS, SEED, Budget
-from .tasks import FAMILIES, Query, build_task_set
+from .tasks import FAMILIES, build_task_set
+
+BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def number_in(text: str) -> int | None:
+    """The last number of `text` as an integer (commas dropped; a non-integer: None)."""
+    found = NUMBER.findall(text)
+    if not found:
+        return None
+    value = float(found[-1].replace(",", ""))
+    return int(value) if value.is_integer() else None
+
+
+@dataclass(frozen=True)
+class MathQuery:
+    """A benchmark math question with an integer answer, asked through the model's chat template."""
+    qid: str
+    family: str
+    question: str
+    answer: int
+    difficulty: int  # what the question shows of it: the count of numbers in the question (a router may read it)
+
+    def prompt_ids(self, tokenizer) -> list[int]:
+        from ..harness.profiles import MATH_SUFFIX
+        from ..loading import chat_prompt_ids
+        return chat_prompt_ids(tokenizer, [{"role": "user", "content": self.question + MATH_SUFFIX}])
+
+    def grade(self, reply: str) -> tuple[int | None, bool]:
+        """The final answer (the last \\boxed{...}, else the reply's last number) and whether it is right."""
+        boxed = BOXED.findall(reply)
+        answer = number_in(boxed[-1]) if boxed else number_in(reply)
+        return answer, answer == self.answer
 
 
 @dataclass(frozen=True)
 class CascadeProfile:
     name: str
-    ladder_dir: Path
-    rungs: tuple[str, ...]
     description: str
+    rungs: tuple[tuple[str, str], ...]  # (rung name, model directory or hub id), cheapest first
     queries_per_family: int
+    max_new_tokens: int
+    device: str = "cpu"
+    dtype: str | None = None
+    dataset: str | None = None  # a GPU profile's dataset (dflash.harness.profiles); None: the graded tasks
 
-    def queries(self, per_family: int | None = None) -> list[Query]:
+    @property
+    def rung_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.rungs)
+
+    def query_count(self, per_family: int | None = None) -> int:
+        """Queries per family to use: all the profile has by default; more than that is an error."""
         count = self.queries_per_family if per_family is None else per_family
         if not 1 <= count <= self.queries_per_family:
             raise DFlashError(f"--queries must be between 1 and {self.queries_per_family} per family for profile "
                               f"{self.name}, got {count}.")
-        heldout = build_task_set(SEED, n_train=0, n_heldout=self.queries_per_family).heldout
-        return [q for family in FAMILIES for q in heldout[family][:count]]
+        return count
+
+    def queries(self, per_family: int | None = None) -> list:
+        count = self.query_count(per_family)
+        if self.dataset is None:
+            heldout = build_task_set(SEED, n_train=0, n_heldout=self.queries_per_family).heldout
+            return [q for family in FAMILIES for q in heldout[family][:count]]
+        from ..harness.profiles import GPU_DATASETS, dataset_rows
+        spec = next(d for d in GPU_DATASETS if d.name == self.dataset)
+        rows = dataset_rows(spec)
+        queries = []
+        for index, row in enumerate(rows):
+            if len(queries) == count:
+                break
+            answer = number_in(row["answer"].rpartition("####")[2])
+            if answer is not None:
+                queries.append(MathQuery(f"{self.dataset}-{index}", self.dataset, row["question"], answer,
+                                         len(NUMBER.findall(row["question"]))))
+        return queries
 
     def unavailable(self) -> str | None:
-        missing = [r for r in self.rungs if not (self.ladder_dir / r / "model.safetensors").exists()]
-        if missing:
-            return (f"the ladder in {self.ladder_dir} lacks rung(s) {', '.join(missing)}: build it with "
-                    "`dflash train ladder`")
-        return None
+        if self.dataset is None:
+            missing = [name for name, path in self.rungs if not (Path(path) / "model.safetensors").exists()]
+            if missing:
+                return (f"the ladder in {LADDER_DIR} lacks rung(s) {', '.join(missing)}: build it with "
+                        "`dflash train ladder`")
+            return None
+        import torch
+
+        from ..harness.profiles import GPU_DATASETS, dataset_unavailable_reason
+        from ..loading import resolve
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            return f"profile {self.name} needs CUDA, which this machine does not have"
+        for _, model in self.rungs:
+            try:
+                resolve(model, "target")
+            except DFlashError:
+                return (f"profile {self.name}: weights {model} are not in the local Hugging Face cache (run "
+                        f"`hf download {model}` where there is network)")
+        reason = dataset_unavailable_reason(next(d for d in GPU_DATASETS if d.name == self.dataset))
+        return f"profile {self.name}: {reason}" if reason else None
 
 
 PROFILES = {
-    "tiny": CascadeProfile("tiny", LADDER_DIR, tuple(r.name for r in RUNGS),
-                           "the embedded ladder (four tiny Qwen3 models) on held-out graded arithmetic, two "
-                           "families (story, expression)", Budget().n_heldout),
+    "tiny": CascadeProfile("tiny", "the embedded ladder (four tiny Qwen3 models) on held-out graded arithmetic, "
+                           "two families (story, expression)",
+                           tuple((r.name, str(LADDER_DIR / r.name)) for r in RUNGS), Budget().n_heldout,
+                           Budget().max_new_tokens),
+    "gpu-cascade-qwen3": CascadeProfile(
+        "gpu-cascade-qwen3", "Qwen3-0.6B / 1.7B / 4B / 8B (thinking off, bf16) on GSM8K test",
+        tuple((m.split("/")[-1], m) for m in ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-4B",
+                                              "Qwen/Qwen3-8B")),
+        1319, 512, device="cuda", dtype="bfloat16", dataset="gsm8k"),
 }
 
 

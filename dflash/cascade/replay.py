@@ -20,6 +20,7 @@ from .collect import StageRow
 FEATURES = ("mean_logprob", "min_logprob", "q10_logprob", "q25_logprob", "q50_logprob", "mean_entropy",
             "new_tokens", "vote_share", "has_answer", "agrees_with_previous")
 SAMPLING_FEATURES = ("vote_share",)  # features that need the m samples, so their cost is charged
+REPLY_FEATURES = tuple(f for f in FEATURES if f not in SAMPLING_FEATURES)  # what the greedy reply alone gives
 
 
 @dataclass
@@ -130,11 +131,12 @@ class StagePredictors:
         self.models = []
         for k in range(table.stages):
             x, y = table.features[:, k, self.columns], table.correct[:, k].astype(int)
-            if y.min() == y.max():  # a stage always (or never) right on the training split: a constant law
-                self.models.append(float(y[0]))
+            minority = int(min(y.sum(), len(y) - y.sum()))
+            if minority < 2:  # (nearly) always or never right on the training split: too little to calibrate
+                self.models.append(float(y.mean()))
                 continue
             base = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=self.seed))
-            folds = max(2, min(3, int(min(y.sum(), len(y) - y.sum()))))
+            folds = min(3, minority)
             self.models.append(CalibratedClassifierCV(base, method=self.calibration, cv=folds).fit(x, y))
         return self
 

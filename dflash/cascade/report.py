@@ -10,11 +10,11 @@ import numpy as np
 
 from . import evaluate as ev
 from .online import epsilon_greedy, exp3
-from .replay import (StagePredictors, Table, cascade_outcome, expected_calibration_error, fixed, predictor_quality,
+from .replay import (REPLY_FEATURES, StagePredictors, Table, cascade_outcome, expected_calibration_error, fixed, predictor_quality,
                      threshold_stops, tune_thresholds)
 
-REPORT_LAMBDAS = (0.2, 1.0, 5.0)  # the lam values the summary tables spell out (all are plotted)
-ONLINE_LAMBDA = 1.0
+REPORT_LAMBDAS = (0.03, 0.1, 0.3)  # the lam values the summary tables spell out (all are plotted)
+ONLINE_LAMBDA = 0.1
 ONLINE_GRID = (0.3, 0.5, 0.7, 0.9, 1.01)  # per-stage thresholds of the online learners' arms (1.01: never stop)
 
 
@@ -24,9 +24,9 @@ def transfer(table: Table, tune_family: str, test_family: str, lam: float, seed:
     order = np.random.default_rng(seed).permutation(source)
     train, tune = table.subset(np.sort(order[::2])), table.subset(np.sort(order[1::2]))
     test = table.subset(np.flatnonzero(table.families == test_family))
-    predictors = StagePredictors(seed=seed).fit(train)
-    theta = tune_thresholds(predictors.predict(tune), tune, lam, with_samples=True)
-    outcome = cascade_outcome(test, threshold_stops(predictors.predict(test), theta), True)
+    predictors = StagePredictors(REPLY_FEATURES, seed=seed).fit(train)
+    theta = tune_thresholds(predictors.predict(tune), tune, lam, with_samples=False)
+    outcome = cascade_outcome(test, threshold_stops(predictors.predict(test), theta), False)
     largest = fixed(test, test.stages - 1)
     return {"tune": tune_family, "test": test_family, "lam": lam, "n_test": test.size,
             "accuracy": outcome.accuracy, "cost": outcome.mean_cost, "largest_accuracy": largest.accuracy,
@@ -39,8 +39,8 @@ def online_runs(table: Table, predicted: np.ndarray, seed: int = 0) -> list:
     order = np.random.default_rng(seed).permutation(table.size)
     stream, scores = table.subset(order), predicted[order]
     arms = list(itertools.product(ONLINE_GRID, repeat=table.stages - 1))
-    return [epsilon_greedy(stream, scores, arms, ONLINE_LAMBDA, True, seed=seed),
-            exp3(stream, scores, arms, ONLINE_LAMBDA, True, seed=seed)]
+    return [epsilon_greedy(stream, scores, arms, ONLINE_LAMBDA, False, seed=seed),
+            exp3(stream, scores, arms, ONLINE_LAMBDA, False, seed=seed)]
 
 
 def summarise(table: Table, *, seed: int = 0) -> dict:
@@ -104,7 +104,7 @@ def write_report(table: Table, out_dir: Path, *, seed: int = 0, provenance: dict
     for policy, m in summary["curves"].items():
         lines.append(f"| {policy} | " + " | ".join("-" if m[k] is None else f"{m[k]:.3f}" for k in (
             "cost_saving_at_matched_accuracy", "normalised_area", "apgr", "best_delta_ibc")) + " |")
-    lines += ["", "## Quality predictors (calibrated logistic regression, cross-fitted)", "",
+    lines += ["", "## Quality predictors (reply features, calibrated logistic regression, cross-fitted)", "",
               "| stage | accuracy | AUROC | ECE | Brier |", "|---|---|---|---|---|"]
     for rung, m in summary["predictors"].items():
         auroc = "-" if m["auroc"] is None else f"{m['auroc']:.3f}"

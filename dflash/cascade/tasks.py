@@ -25,6 +25,7 @@ FAMILIES = ("story", "expression")
 MAX_STEPS = 4
 MAX_VALUE = 60
 MAX_OPERAND = 10
+MAX_MULTIPLICAND = 20  # multiplications (by 2 or 3) only up to this value
 ANSWER = re.compile(r"The answer is (-?\d+)")
 
 
@@ -84,11 +85,11 @@ def parse_answer(text: str) -> int | None:
 
 def random_chain(rng: random.Random, steps: int) -> tuple[int, tuple[Step, ...]]:
     """A start value and `steps` operations whose every intermediate value stays in 0..MAX_VALUE. Additions and
-    subtractions take operands up to MAX_OPERAND; multiplications by 2 or 3 only when the value is at most 20."""
+    subtractions take operands up to MAX_OPERAND; multiplications by 2 or 3 only up to MAX_MULTIPLICAND."""
     value = start = rng.randint(2, 20)
     chain = []
     for _ in range(steps):
-        ops = ["+", "-"] + (["*"] if value <= 20 else [])
+        ops = ["+", "-"] + (["*"] if value <= MAX_MULTIPLICAND else [])
         op = rng.choice(ops)
         if op == "+" and value >= MAX_VALUE:
             op = "-"

