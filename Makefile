@@ -25,10 +25,13 @@ test: install
 	$(PY) -m pytest tests --profile tiny -n auto -q -m "not slow"
 	$(PY) -m pytest ablations --profile tiny -n auto -q -m "not slow"
 
-# The main job: every tiny-profile ablation, gated, with a markdown summary under reports/.
+# The main job: every tiny-profile ablation, gated, with a markdown summary under reports/; then the full
+# cascade replay (1200 queries; the collected table is reused when it is complete) under reports/cascade-tiny/.
 report: install
 	$(PY) -m pytest ablations --profile tiny -n auto -q --report
 	@cat "$$(ls -td reports/tiny-*/ | head -1)summary.md"
+	$(VENV)/bin/dflash cascade collect --profile tiny
+	$(VENV)/bin/dflash cascade report --profile tiny
 
 clean:
 	rm -rf $(VENV) reports/*/

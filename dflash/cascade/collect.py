@@ -103,8 +103,8 @@ def run_stage(model, tokenizer, query: Query, rung: str, *, max_new_tokens: int,
 
 def provenance(profile) -> dict:
     """What a table's rows are a function of: the code, the machine, every rung's model digest, the settings."""
-    from ..harness.baselines import code_identity, collect_fingerprint
     from ..loading import model_digest
+    from ..provenance import code_identity, collect_fingerprint
     return {"table_version": TABLE_VERSION, "profile": profile.name, "code": code_identity(),
             "fingerprint": collect_fingerprint(profile.name, seeds=None, device=profile.device),
             "threads": torch.get_num_threads(),

@@ -206,16 +206,26 @@ def paired_ci(values: np.ndarray, seed: int = 0, confidence: float = 0.95) -> tu
     return float(values.mean()), float(ci.low), float(ci.high)
 
 
+CHAINS = ("calibrated-threshold", "calibrated-threshold+votes", "logprob-threshold", "vote-threshold", "random",
+          "backward-induction", "lookahead")  # cascades over the whole ladder, cheapest first
+
+
 def invariants(results: list[PolicyResult]) -> list[str]:
-    """Properties that hold mathematically; each violation is a bug in the replay."""
+    """Properties that hold mathematically; each violation is a bug in the replay. The oracle router (the
+    cheapest correct model per query) is right wherever any policy is, and no dearer there: a policy that is
+    right paid for at least one correct model. A cascade over the whole ladder is also bounded by the oracle
+    cascade (stop at the first correct stage)."""
     by_name = {(r.policy, r.lam): r for r in results}
-    oracle_cascade = by_name[("oracle-cascade", None)]
+    router, chain = by_name[("oracle-router", None)], by_name[("oracle-cascade", None)]
     problems = []
     for r in results:
         if r.policy.startswith("oracle"):
             continue
-        if np.any(r.correct & ~oracle_cascade.correct):
-            problems.append(f"{r.policy} (lam {r.lam}) is right where the oracle is wrong")
+        for name, oracle in [("oracle router", router)] + ([("oracle cascade", chain)] if r.policy in CHAINS else []):
+            if np.any(r.correct & ~oracle.correct):
+                problems.append(f"{r.policy} (lam {r.lam}) is right where the {name} is wrong")
+            if np.any(r.correct & (oracle.cost > r.cost + 1e-9)):
+                problems.append(f"{r.policy} (lam {r.lam}) is right more cheaply than the {name}")
     return problems
 
 

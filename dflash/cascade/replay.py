@@ -208,9 +208,13 @@ def fixed(table: Table, stage: int) -> Outcome:
 
 
 def oracle(table: Table) -> tuple[Outcome, Outcome]:
-    """The cheapest correct stage (none correct: the cheapest), as a cascade and as a router."""
+    """The oracle as a cascade (stop at the first correct stage; none correct: at the first) and as a router (the
+    cheapest correct model for this query; none correct: the cheapest model)."""
     first_correct = np.where(table.correct.any(axis=1), table.correct.argmax(axis=1), 0)
-    return cascade_outcome(table, first_correct, False), routed_outcome(table, first_correct)
+    cost = table.stage_cost(False)
+    cheapest_correct = np.where(table.correct.any(axis=1), np.where(table.correct, cost, np.inf).argmin(axis=1),
+                                cost.argmin(axis=1))
+    return cascade_outcome(table, first_correct, False), routed_outcome(table, cheapest_correct)
 
 
 def threshold_stops(scores: np.ndarray, thresholds) -> np.ndarray:

@@ -24,8 +24,6 @@ import fcntl
 import json
 import math
 import os
-import platform
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -34,9 +32,11 @@ from ..errors import DFlashError
 from .fileio import atomic_write_text
 
 SCHEMA_VERSION = 1
-PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding dflash/ (git runs there, whatever the cwd)
 FINGERPRINT_KEYS = ("hardware", "torch", "transformers", "python", "git_sha", "profile", "seeds")
 CASE_KEYS = ("id", "per_prompt_tau", "counters", "speedup_samples", "fingerprint", "provenance")
+# A non-lossless method's case (kind "cascade") keeps per-query outcomes instead: {"qids", "correct", "cost"}.
+CASCADE_KEYS = ("id", "kind", "per_query", "fingerprint", "provenance")
+PER_QUERY_KEYS = ("qids", "correct", "cost")
 
 
 class BaselineError(DFlashError):
@@ -45,20 +45,32 @@ class BaselineError(DFlashError):
 
 @dataclass(frozen=True)
 class BaselineCase:
+    """A decode case (kind "decode": per-prompt taus and speedups) or a cascade case (kind "cascade":
+    per-query correctness and cost, `per_query`)."""
     id: str
-    per_prompt_tau: list[float]
-    counters: dict
-    speedup_samples: list[float]
     fingerprint: dict
     provenance: dict
+    per_prompt_tau: list[float] = field(default_factory=list)
+    counters: dict = field(default_factory=dict)
+    speedup_samples: list[float] = field(default_factory=list)
     reference: dict | None = None
+    kind: str = "decode"
+    per_query: dict | None = None
 
     @property
     def tau_mean(self) -> float:
         return sum(self.per_prompt_tau) / len(self.per_prompt_tau)
 
+    @property
+    def headline(self) -> tuple[str, float, int]:
+        """(measure, mean, n) a diff line shows: tau for a decode case, accuracy for a cascade case."""
+        if self.kind == "cascade":
+            correct = self.per_query["correct"]
+            return "accuracy", sum(correct) / len(correct), len(correct)
+        return "tau", self.tau_mean, len(self.per_prompt_tau)
+
     def to_json(self) -> dict:
-        data = {key: getattr(self, key) for key in CASE_KEYS}
+        data = {key: getattr(self, key) for key in (CASCADE_KEYS if self.kind == "cascade" else CASE_KEYS)}
         if self.reference is not None:
             data["reference"] = self.reference
         return data
@@ -92,9 +104,36 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_per_query(per_query, where: str, problems: list[str]) -> None:
+    if not isinstance(per_query, dict) or any(k not in per_query for k in PER_QUERY_KEYS):
+        problems.append(f"{where}: per_query must be an object with {', '.join(PER_QUERY_KEYS)}")
+        return
+    qids, correct, cost = (per_query[k] for k in PER_QUERY_KEYS)
+    if not (isinstance(qids, list) and qids and all(isinstance(q, str) for q in qids) and len(set(qids)) == len(qids)):
+        problems.append(f"{where}: per_query.qids must be a non-empty list of distinct strings")
+        return
+    if not (isinstance(correct, list) and len(correct) == len(qids) and all(c in (0, 1) for c in correct)):
+        problems.append(f"{where}: per_query.correct must hold one 0 or 1 per query")
+    if not (isinstance(cost, list) and len(cost) == len(qids) and all(_is_number(c) and c > 0 for c in cost)):
+        problems.append(f"{where}: per_query.cost must hold one positive number per query")
+
+
 def _check_case(raw, where: str, problems: list[str], profile: str) -> None:
     if not isinstance(raw, dict):
         problems.append(f"{where} is not an object")
+        return
+    if raw.get("kind", "decode") not in ("decode", "cascade"):
+        problems.append(f"{where}: kind must be 'decode' or 'cascade', got {raw.get('kind')!r}")
+        return
+    if raw.get("kind") == "cascade":
+        missing = [key for key in CASCADE_KEYS if key not in raw]
+        if missing:
+            problems.append(f"{where} is missing field(s) {', '.join(missing)}")
+        if "per_query" in raw:
+            _check_per_query(raw["per_query"], where, problems)
+        if "provenance" in raw and not isinstance(raw["provenance"], dict):
+            problems.append(f"{where}: provenance must be an object")
+        _check_fingerprint(raw.get("fingerprint"), where, problems, profile)
         return
     missing = [key for key in CASE_KEYS if key not in raw]
     if missing:
@@ -171,7 +210,7 @@ def _check_prompt_counts(cases: dict[str, BaselineCase], expected: int | Mapping
     problems = []
     for case_id, case in sorted(cases.items()):
         wanted = expected if isinstance(expected, int) else expected.get(case_id)
-        if wanted is not None and len(case.per_prompt_tau) != wanted:
+        if wanted is not None and case.kind == "decode" and len(case.per_prompt_tau) != wanted:
             problems.append(f"case {case_id!r} has {len(case.per_prompt_tau)} per-prompt taus but the current "
                             f"case runs {wanted} prompts (prompt set changed? re-record with --update-baselines)")
     return problems
@@ -184,6 +223,14 @@ def _raise(path: Path, problems: list[str]) -> None:
 def _from_json(data: dict) -> BaselineFile:
     cases = {}
     for raw in data["cases"]:
+        if raw.get("kind") == "cascade":
+            per_query = {"qids": list(raw["per_query"]["qids"]),
+                         "correct": [int(c) for c in raw["per_query"]["correct"]],
+                         "cost": [float(c) for c in raw["per_query"]["cost"]]}
+            cases[raw["id"]] = BaselineCase(id=raw["id"], fingerprint=raw["fingerprint"],
+                                            provenance=raw["provenance"], reference=raw.get("reference"),
+                                            kind="cascade", per_query=per_query)
+            continue
         cases[raw["id"]] = BaselineCase(
             id=raw["id"], per_prompt_tau=[float(t) for t in raw["per_prompt_tau"]], counters=raw["counters"],
             speedup_samples=[float(s) for s in raw["speedup_samples"]], fingerprint=raw["fingerprint"],
@@ -269,13 +316,13 @@ def diff_baselines(old: BaselineFile | None, new: BaselineFile, path: str | os.P
     """Lines like `+ bs=16 (tau 7.47, n=30)`, `- bs=24`, `~ bs=8: tau mean 5.40 -> 5.32 (-1.5%)`."""
     header = f"baselines {path}".rstrip()
     if old is None:
-        lines = [f"+ {cid} (tau {c.tau_mean:.3f}, n={len(c.per_prompt_tau)})" for cid, c in sorted(new.cases.items())]
+        lines = [f"+ {cid} ({_headline(c)})" for cid, c in sorted(new.cases.items())]
         return "\n".join([f"{header}: new file with {len(new.cases)} case(s)", *lines])
     lines = []
     for cid in sorted(set(old.cases) | set(new.cases)):
         before, after = old.cases.get(cid), new.cases.get(cid)
         if before is None:
-            lines.append(f"+ {cid} (tau {after.tau_mean:.3f}, n={len(after.per_prompt_tau)})")
+            lines.append(f"+ {cid} ({_headline(after)})")
         elif after is None:
             lines.append(f"- {cid}")
         elif before != after:
@@ -285,54 +332,22 @@ def diff_baselines(old: BaselineFile | None, new: BaselineFile, path: str | os.P
     return "\n".join([f"{header}: {len(lines)} case(s) changed", *lines])
 
 
+def _headline(case: BaselineCase) -> str:
+    measure, mean, n = case.headline
+    return f"{measure} {mean:.3f}, n={n}"
+
+
 def _case_change(before: BaselineCase, after: BaselineCase) -> str:
-    old_mean, new_mean = before.tau_mean, after.tau_mean
+    (measure, old_mean, old_n), (_, new_mean, new_n) = before.headline, after.headline
     rel = f" ({(new_mean - old_mean) / old_mean:+.1%})" if old_mean else ""
-    parts = [f"tau mean {old_mean:.3f} -> {new_mean:.3f}{rel}"]
-    if len(before.per_prompt_tau) != len(after.per_prompt_tau):
-        parts.append(f"n {len(before.per_prompt_tau)} -> {len(after.per_prompt_tau)}")
-    changed = [k for k in ("speedup_samples", "counters", "fingerprint", "provenance", "reference")
+    parts = [f"{measure} mean {old_mean:.3f} -> {new_mean:.3f}{rel}"]
+    if old_n != new_n:
+        parts.append(f"n {old_n} -> {new_n}")
+    changed = [k for k in ("speedup_samples", "counters", "per_query", "fingerprint", "provenance", "reference")
                if getattr(before, k) != getattr(after, k)]
     if changed:
         parts.append("changed: " + ", ".join(changed))
     return "; ".join(parts)
-
-
-def collect_fingerprint(profile: str, seeds, *, git_sha: str | None = None, device: str = "cpu") -> dict:
-    """The machine/software fingerprint of a run on `device` (imports torch/transformers lazily: they are
-    slow). A CPU run on a machine with a GPU is fingerprinted as the CPU it ran on."""
-    import torch
-    import transformers
-
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        hardware = torch.cuda.get_device_name(torch.device(device))
-    else:
-        hardware = f"cpu {platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores"
-    return {"hardware": hardware, "torch": str(torch.__version__), "transformers": str(transformers.__version__),
-            "python": platform.python_version(), "git_sha": git_sha or _git_sha(), "profile": profile,
-            "seeds": seeds}
-
-
-def code_identity() -> str:
-    """The code a run measured: the git commit plus a digest of uncommitted changes to tracked files
-    ("<sha>" or "<sha>+<digest>"); "unknown" outside a git checkout."""
-    import hashlib
-    sha = _git_sha()
-    try:
-        diff = subprocess.run(["git", "-C", str(PROJECT_ROOT), "diff", "HEAD", "--", "dflash", "ablations"],
-                              capture_output=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return sha
-    return f"{sha}+{hashlib.sha256(diff).hexdigest()[:12]}" if diff else sha
-
-
-def _git_sha() -> str:
-    try:
-        result = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return result.stdout.strip() or "unknown"
 
 
 def coverage(baselines_dir: str | os.PathLike, profile: str, expected: Mapping[str, set[str]]) -> dict:

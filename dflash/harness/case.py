@@ -53,13 +53,16 @@ class Case:
 
     def __init__(self, request, state: RunState, profile, dataset: str):
         self.request, self.state, self.profile = request, state, profile
-        self.spec = profile.dataset(dataset)
+        self.spec = self._dataset(profile, dataset)
         self.ablation = request.node.get_closest_marker("ablation").args[0]
         self.experiment_id = f"{self.ablation}/{request.node.name}"  # e.g. block_size/test_sweep[tiny-math-bs8]
         self.update = state.update
         self.recorded: dict | None = None  # --resume: this case's record from the run being continued
         self._warmed = False
         self._models: Models | None = None
+
+    def _dataset(self, profile, dataset: str):
+        return profile.dataset(dataset)
 
     @property
     def models(self) -> Models:

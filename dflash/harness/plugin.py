@@ -193,10 +193,13 @@ def ablation_case(item) -> dict | None:
     """{"id", "profile", "ablation", "gated"} of a collected ablation case; None for any other test."""
     marker = item.get_closest_marker("ablation")
     callspec = getattr(item, "callspec", None)
-    if marker is None or callspec is None or "case" not in callspec.params:
+    if marker is None or callspec is None or not {"case", "cascade_case"} & set(callspec.params):
         return None
     name = marker.args[0] if marker.args else ""
-    profile, dataset = callspec.params["case"]
+    if "case" in callspec.params:
+        profile, dataset = callspec.params["case"]
+    else:  # a cascade case (dflash.cascade.ablation): the profile's ladder, no decode dataset
+        profile, dataset = callspec.params["cascade_case"], None
     return {"id": f"{name}/{item.name}", "profile": profile, "dataset": dataset, "ablation": name,
             "gated": marker.kwargs.get("gated", True)}
 
@@ -237,16 +240,17 @@ def pytest_collection_modifyitems(config, items):
         marker = item.get_closest_marker("ablation")
         if ablation_case(item) is None or ablation_problem(item):
             continue  # a broken case is reported once collection is done
+        info = ablation_case(item)
         ci_datasets = marker.kwargs.get("ci_datasets")
-        ci_cases = PROFILES[item.callspec.params["case"][0]].ci_cases
+        ci_cases = PROFILES[info["profile"]].ci_cases
         if ci_cases is not None:  # a profile with its own CI tier (the GPU profiles: one GPU-hour)
-            if not re.search(ci_cases, ablation_case(item)["id"]):
+            if not re.search(ci_cases, info["id"]):
                 item.add_marker(pytest.mark.slow)
-        elif ci_datasets is not None and item.callspec.params["case"][1] not in ci_datasets:
+        elif ci_datasets is not None and info["dataset"] not in ci_datasets:
             item.add_marker(pytest.mark.slow)
 
 
-GATES_PER_CASE = 2  # tau and throughput: the family counts both for every gated case that will run
+GATES_PER_CASE = 2  # tau and throughput (cascades: accuracy and cost): the family counts both per gated case
 
 
 class Selection:
@@ -339,7 +343,7 @@ def case(request):
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem):
     """--resume: a recorded case is not measured again; its recorded verdict is re-applied."""
-    made = pyfuncitem.funcargs.get("case")
+    made = pyfuncitem.funcargs.get("case") or pyfuncitem.funcargs.get("cascade_case")
     if isinstance(made, Case) and made.recorded is not None:
         made.replay()
         return True

@@ -13,8 +13,15 @@ from .runs import RUN_FILE, identity_digest, record_problem
 
 def baseline_payload(record: dict) -> dict:
     """A case's baseline entry from its results record: per-prompt taus, speedup samples, raw counters,
-    fingerprint, provenance and the published figures that describe this case (GPU profiles)."""
+    fingerprint, provenance and the published figures that describe this case (GPU profiles); for a cascade
+    case, its per-query outcomes."""
     metrics, references = record["metrics"], record.get("references") or []
+    if "per_query" in metrics:
+        return {"profile": record["profile"], "ablation": record["ablation"], "id": record["id"], "kind": "cascade",
+                "per_query": metrics["per_query"], "fingerprint": record["fingerprint"],
+                "provenance": {"command": "pytest ablations --update-baselines", "recorded": time.strftime("%F %T"),
+                               "queries": len(metrics["per_query"]["qids"]),
+                               "run_identity": record.get("identity")}}
     return {
         "profile": record["profile"], "ablation": record["ablation"], "id": record["id"],
         "per_prompt_tau": metrics["per_prompt_tau"], "speedup_samples": metrics["speedup_samples"],

@@ -385,8 +385,23 @@ def protocol_variant_table(records: list[dict], full_ids: bool = False) -> str:
     return text
 
 
+def cascade_table(records: list[dict]) -> str:
+    """Cascade policies (dflash.cascade): accuracy and cost over the same queries, with 95% CIs, stage usage."""
+    rows = []
+    for r in sorted(records, key=lambda r: (_params(r).get("policy", ""), _params(r).get("lam") or 0)):
+        m, per_query = _metrics(r), _metrics(r).get("per_query") or {}
+        usage = " / ".join(f"{100 * u:.0f}%" for u in m.get("stage_usage") or [])
+        lam = _params(r).get("lam")
+        rows.append([r["id"].split("[")[-1].rstrip("]"), "-" if lam is None else fmt(lam),
+                     str(len(per_query.get("qids") or [])), mean_ci_cell(per_query.get("correct")),
+                     mean_ci_cell(per_query.get("cost")), usage, verdict_cell(r)])
+    return ("Cost: token-normalised seconds, the largest model's median query = 1; a cascade pays every stage it "
+            "ran.\n\n" + table(["Case", "lam", "queries", "accuracy", "cost", "stage usage (cheapest first)",
+                                 "Verdict"], rows, numeric=[False, True, True, True, True, False, False]))
+
+
 RENDERERS = {"block_size": block_size_table, "full_length": full_length_table, "dynamic": dynamic_table,
-             "profiling": profiling_tables, "batched": batched_table, "peers": peers_table,
+             "profiling": profiling_tables, "batched": batched_table, "peers": peers_table, "cascade": cascade_table,
              **dict.fromkeys(("multiround", "suffix_recycling", "refinement", "candidate_diversity",
                               "tree_variants"), protocol_variant_table)}
 

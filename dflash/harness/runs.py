@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 
 from ..errors import DFlashError
+from ..provenance import code_identity, collect_fingerprint
 from . import baselines as baseline_store
 from .fileio import atomic_write_text
 from .profiles import PROFILES, get_profile, unavailable_reason
 from .results import ResultsFile, ResultsFileError, latest_by_id
-from .stats import apply_holm
+from .stats import GATE_KINDS, apply_holm
 
 SEEDS = {"prompt_seed": "index of the prompt", "torch": 0}
 
@@ -81,15 +82,16 @@ class RunState:
     def fingerprint(self, name: str) -> dict:
         """The machine and software a profile's cases run on in this process (collected once: it runs git)."""
         if name not in self._fingerprints:
-            self._fingerprints[name] = baseline_store.collect_fingerprint(name, SEEDS,
+            self._fingerprints[name] = collect_fingerprint(name, SEEDS,
                                                                           device=self.profile(name).device)
         return self._fingerprints[name]
 
-    def unavailable(self, name: str, dataset: str) -> str | None:
+    def unavailable(self, name: str, dataset: str | None) -> str | None:
         """Why a profile's cases on `dataset` cannot run here (CUDA, weights, the dataset; one line, checked
-        once), or None."""
+        once), or None. dataset None: the profile itself (a cascade case, whose ladder its fixture checks)."""
         if (name, dataset) not in self._unavailable:
-            self._unavailable[name, dataset] = unavailable_reason(self.profile(name), datasets=[dataset])
+            self._unavailable[name, dataset] = unavailable_reason(self.profile(name),
+                                                                  datasets=[] if dataset is None else [dataset])
         return self._unavailable[name, dataset]
 
     def release_models(self) -> None:
@@ -236,16 +238,21 @@ def record_problem(record: dict) -> str | None:
     if not isinstance(gates, list):
         return "gates must be a list"
     for index, gate in enumerate(gates):
-        if not isinstance(gate, dict) or gate.get("kind") not in ("tau", "throughput"):
-            return f"gate #{index} must be an object of kind 'tau' or 'throughput'"
+        if not isinstance(gate, dict) or gate.get("kind") not in GATE_KINDS:
+            return f"gate #{index} must be an object of kind {' or '.join(map(repr, GATE_KINDS))}"
         bad = [k for k in GATE_NUMBERS if not _is_number(gate.get(k))]
         if bad or not isinstance(gate.get("case_id"), str) or not isinstance(gate.get("verdict"), str):
             return f"gate #{index} ({gate['kind']}) lacks numeric {', '.join(bad) or 'fields'} or its case_id/verdict"
     if record.get("recording"):
         metrics = record.get("metrics")
-        for key in ("per_prompt_tau", "speedup_samples"):
+        cascade = isinstance(metrics, dict) and "per_query" in metrics
+        for key in (("per_query",) if cascade else ("per_prompt_tau", "speedup_samples")):
             values = metrics.get(key) if isinstance(metrics, dict) else None
-            if not isinstance(values, list) or not all(_is_number(v) for v in values):
+            if key == "per_query":
+                if not isinstance(values, dict) or not all(isinstance(values.get(k), list) for k in
+                                                           ("qids", "correct", "cost")):
+                    return "a recording's metrics.per_query must hold the lists qids, correct and cost"
+            elif not isinstance(values, list) or not all(_is_number(v) for v in values):
                 return f"a recording's metrics.{key} must be a list of numbers"
         if not isinstance(record.get("dataset"), str) or not isinstance(record.get("fingerprint"), dict):
             return "a recording needs its dataset (string) and fingerprint (object)"
@@ -293,7 +300,7 @@ def run_identity(config, profile_name: str) -> dict:
             "dtype": profile.dtype,
             "target_files": model_digest(target, "target"), "draft_files": model_digest(draft, "draft"),
             "overrides": sorted(k for k in ("target", "draft") if config.getoption(f"dflash_{k}")),
-            "code": baseline_store.code_identity(), "clock": profile.clock,
+            "code": code_identity(), "clock": profile.clock,
             "options": {k: config.getoption(k) for k in IDENTITY_OPTIONS}}
 
 
@@ -323,11 +330,10 @@ def remove_if_unused(run_dir: Path) -> None:
 
 def holm_over(records, family: int) -> list[dict]:
     """Holm's step-down over every gate of `records`, with `family` gates in the family."""
-    from .stats import TauGateResult, ThroughputGateResult
     gates = []
     for record in records:
         for g in record.get("gates", []):
-            cls = TauGateResult if g["kind"] == "tau" else ThroughputGateResult
+            cls = GATE_KINDS[g["kind"]]
             fields = {k: v for k, v in g.items() if k in cls.__dataclass_fields__}
             fields.update(p_adjusted=None, p_improvement_adjusted=None)
             gates.append(cls(**fields))

@@ -195,6 +195,43 @@ class ThroughputGateResult(GateResult):
         return self.baseline <= 0 or self.new / self.baseline > self.factor
 
 
+@dataclass(frozen=True)
+class AccuracyGateResult(GateResult):
+    """Paired per-query correctness (a non-lossless method: a cascade). `baseline`/`new` are accuracies;
+    `lost`/`gained`: queries right in the baseline and wrong now, and the reverse."""
+    margin: float = 0.01  # accuracy points a change must exceed to count
+    lost: int = 0
+    gained: int = 0
+
+    kind = "accuracy"
+
+    def _worse_beyond_threshold(self) -> bool:
+        return self.baseline - self.new > self.margin
+
+    def _better_beyond_threshold(self) -> bool:
+        return self.new - self.baseline > self.margin
+
+
+def accuracy_gate(baseline_correct: Sequence[bool], new_correct: Sequence[bool], *, margin: float = 0.01,
+                  alpha: float = 0.05, case_id: str = "") -> AccuracyGateResult:
+    """Exact McNemar test on queries paired by position: under "no change" a discordant query is as likely lost
+    as gained, so p (worse) is the one-sided binomial tail of `lost` out of the discordant ones. Regression iff p
+    < alpha AND the accuracy fell by more than `margin` (absolute)."""
+    base = _as_1d(baseline_correct, "baseline_correct").astype(bool)
+    new = _as_1d(new_correct, "new_correct").astype(bool)
+    if base.size != new.size:
+        raise DFlashError(f"accuracy_gate{f' ({case_id})' if case_id else ''} pairs queries: the baseline has "
+                          f"{base.size}, the run {new.size}. Re-record the baseline with --update-baselines.")
+    lost, gained = int((base & ~new).sum()), int((~base & new).sum())
+    discordant = lost + gained
+    p_worse = float(sps.binomtest(lost, discordant, 0.5, alternative="greater").pvalue) if discordant else 1.0
+    p_better = float(sps.binomtest(gained, discordant, 0.5, alternative="greater").pvalue) if discordant else 1.0
+    old, now = float(base.mean()), float(new.mean())
+    return AccuracyGateResult(case_id=case_id, baseline=old, new=now, rel_change=_relative_change(old, now),
+                              p_value=p_worse, p_improvement=p_better, alpha=alpha, n_baseline=base.size,
+                              n_new=new.size, margin=margin, lost=lost, gained=gained)
+
+
 def worst_verdict(verdicts: Sequence[str]) -> str:
     """The most severe of several verdicts (e.g. a case's tau and throughput gates); unknown ones rank last."""
     rank = {v: i for i, v in enumerate(SEVERITY)}
@@ -322,6 +359,9 @@ def confirm(first: ThroughputGateResult, second: ThroughputGateResult) -> Throug
 
 # --------------------------------------------------------------------------------------------------
 # Multiple comparisons over one run
+
+
+GATE_KINDS = {"tau": TauGateResult, "throughput": ThroughputGateResult, "accuracy": AccuracyGateResult}
 
 
 def apply_holm(results: Sequence[GateResult], family: int | None = None) -> list[GateResult]:

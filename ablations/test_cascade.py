@@ -1,0 +1,35 @@
+"""Adaptive cascades over the tiny ladder: every policy (each learned one at three prices of time, lam), replayed
+exactly on a fresh table of 100 held-out queries, cross-fitted, gated against its baseline paired over queries
+(accuracy and cost). Cascades are not lossless: quality is measured, never assumed."""
+from dataclasses import dataclass
+
+import pytest
+
+from dflash.cascade.ablation import ABLATION_LAMBDAS
+from dflash.cascade.ladder import RUNGS
+from dflash.harness.ablation_cases import as_params
+
+LEARNED = ("calibrated-threshold", "calibrated-threshold+votes", "logprob-threshold", "vote-threshold",
+           "backward-induction", "lookahead", "best-pair", "router", "random")
+
+
+@dataclass(frozen=True)
+class Policy:
+    id: str
+    name: str
+    lam: float | None = None
+
+
+CASES = ([Policy(f"fixed-{r.name}", f"fixed-{r.name}") for r in RUNGS]
+         + [Policy(name, name) for name in ("oracle-cascade", "oracle-router")]
+         + [Policy(f"{name}-lam{lam:g}", name, lam) for name in LEARNED for lam in ABLATION_LAMBDAS])
+
+
+@pytest.mark.ablation("cascade")
+@pytest.mark.parametrize("policy", as_params(CASES))
+def test_cascade(cascade_case, policy):
+    table, result = cascade_case.outcome(policy.name, policy.lam)
+    metrics = cascade_case.metrics(table, result)
+    gates = cascade_case.cascade_gates(metrics)
+    cascade_case.finish("cascade", {"policy": policy.name, "lam": policy.lam, "queries": table.size}, metrics,
+                        gates, lossless=False)

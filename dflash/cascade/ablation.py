@@ -1,0 +1,94 @@
+"""Cascade policies as ablation cases, gated like every other ablation (the `cascade_case` fixture of
+ablations/conftest.py).
+
+A run collects a fresh table of the profile's first `ABLATION_QUERIES` queries per family (every rung, once per
+process), replays every policy on it by the cross-fitted protocol (dflash.cascade.evaluate), and hands each case
+its policy's per-query outcomes. A case is gated against its baseline entry paired over queries: accuracy by
+the exact McNemar gate (`stats.accuracy_gate`, margin 1 point), cost by the paired gate on per-query "speedup
+over the largest model" (its median query's cost over the query's, token-normalised and measured in the same
+run), with the run's family correction and Holm. The invariants that hold mathematically are checked on every
+run: the oracle is right wherever any policy is, and a fixed model's outcome is that model's own.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ..harness.case import Case
+from ..harness.profiles import DatasetSpec
+from ..harness.stats import accuracy_gate
+from . import evaluate as ev
+from .collect import collect, read_table
+from .profiles import PROFILES, get_profile
+from .replay import build_table, fixed
+
+ABLATION_QUERIES = 50  # per family: the run and its baselines replay the same queries
+ABLATION_LAMBDAS = (0.03, 0.1, 0.3)
+_EVALUATIONS: dict[tuple[str, Path], tuple] = {}  # per process: (table, results by (policy, lam))
+
+
+def evaluation(profile_name: str, directory: Path):
+    """The profile's table (collected once per process into `directory`) and every policy's replayed outcome."""
+    key = (profile_name, directory)
+    if key not in _EVALUATIONS:
+        profile = get_profile(profile_name)
+        path = collect(profile.queries(ABLATION_QUERIES), directory / f"cascade-table-{profile_name}.jsonl",
+                       profile, progress=False)
+        table = build_table(read_table(path)[1], list(profile.rung_names)).token_normalised()
+        results = ev.evaluate_policies(table, lambdas=ABLATION_LAMBDAS).results
+        problems = ev.invariants(results)
+        for k in range(table.stages):  # fixed-k is the stage itself
+            mine = next(r for r in results if r.policy == f"fixed-{table.rungs[k]}")
+            own = fixed(table, k)
+            if not (np.array_equal(mine.correct, own.correct) and np.allclose(mine.cost, own.cost)):
+                problems.append(f"fixed-{table.rungs[k]} differs from stage {k}'s own answers or cost")
+        _EVALUATIONS[key] = (table, {(r.policy, r.lam): r for r in results}, problems)
+    return _EVALUATIONS[key]
+
+
+class CascadeCase(Case):
+    """One policy (at one lam) of a cascade profile: replayed outcomes, gates against the baseline, the record."""
+
+    def __init__(self, request, state, profile):
+        super().__init__(request, state, profile, dataset=None)
+
+    def _dataset(self, profile, dataset):
+        return DatasetSpec("ladder", "cascade", chat=False)
+
+    def outcome(self, policy: str, lam: float | None):
+        directory = Path(self.state.results(self.profile.name).path).parent
+        table, results, problems = evaluation(self.profile.name, directory)
+        if problems:
+            pytest.fail(f"{self.experiment_id}: replay invariants broken: " + "; ".join(problems), pytrace=False)
+        if (policy, lam) not in results:
+            pytest.fail(f"{self.experiment_id}: no policy {policy!r} at lam {lam} (known: "
+                        f"{sorted({p for p, _ in results})})", pytrace=False)
+        return table, results[(policy, lam)]
+
+    def metrics(self, table, result) -> dict:
+        return {"accuracy": result.accuracy, "mean_cost": result.mean_cost,
+                "stage_usage": [float((result.stop == k).mean()) for k in range(table.stages)],
+                "per_query": {"qids": list(table.qids), "correct": result.correct.astype(int).tolist(),
+                              "cost": [float(c) for c in result.cost]}}
+
+    def cascade_gates(self, metrics: dict) -> list:
+        baseline = self.baseline()
+        if baseline is None:
+            return []
+        if baseline.kind != "cascade" or baseline.per_query["qids"] != metrics["per_query"]["qids"]:
+            pytest.fail(f"{self.experiment_id}: the baseline holds other queries than this run (the query set "
+                        "changed?); re-record with --update-baselines", pytrace=False)
+        accuracy = accuracy_gate(baseline.per_query["correct"], metrics["per_query"]["correct"],
+                                 alpha=self._option("gate_alpha"), case_id=self.experiment_id)
+        speedups = [1.0 / c for c in metrics["per_query"]["cost"]]
+        base_speedups = [1.0 / c for c in baseline.per_query["cost"]]
+        cost = self.gate_throughput(type(baseline)(baseline.id, baseline.fingerprint, baseline.provenance,
+                                                   speedup_samples=base_speedups), speedups)
+        return [accuracy, cost]
+
+
+def cascade_profiles(names) -> list[str]:
+    """The cascade profiles among a run's profiles (same name: `tiny`)."""
+    return [name for name in names if name in PROFILES]

@@ -1,0 +1,83 @@
+"""The cascade family's gates and storage: the exact McNemar accuracy gate (no alarm on unchanged outcomes,
+detection of a real drop, the margin), cascade baseline entries (validated, round-tripped, diffed by accuracy),
+records from a cascade run becoming baseline payloads, and the report's cascade table."""
+import json
+
+import numpy as np
+import pytest
+
+from dflash.harness import baselines
+from dflash.harness.recording import baseline_payload
+from dflash.harness.render import cascade_table
+from dflash.harness.runs import holm_over, record_problem
+from dflash.harness.stats import IMPROVEMENT, PASS, REGRESSION, accuracy_gate
+
+FINGERPRINT = {"hardware": "cpu", "torch": "2", "transformers": "5", "python": "3.11", "git_sha": "abc",
+               "profile": "tiny", "seeds": None}
+
+
+def test_accuracy_gate_is_quiet_on_the_same_outcomes_and_detects_a_real_drop():
+    rng = np.random.default_rng(0)
+    base = rng.random(200) < 0.9
+    assert accuracy_gate(base, base).verdict == PASS
+    dropped = base.copy()
+    dropped[np.flatnonzero(base)[:30]] = False  # 30 queries lost, none gained
+    gate = accuracy_gate(base, dropped)
+    assert gate.verdict == REGRESSION and gate.lost == 30 and gate.gained == 0 and gate.p_value < 1e-8
+    assert accuracy_gate(dropped, base).verdict == IMPROVEMENT
+    within = base.copy()
+    within[np.flatnonzero(base)[:1]] = False  # one query: below the 1-point margin whatever p says
+    assert accuracy_gate(base, within).verdict == PASS
+    swapped = base.copy()  # as many lost as gained: no evidence of a change
+    swapped[np.flatnonzero(base)[:10]] = False
+    swapped[np.flatnonzero(~base)[:10]] = True
+    assert accuracy_gate(base, swapped).verdict == PASS
+    with pytest.raises(Exception, match="pairs queries"):
+        accuracy_gate(base, base[:-1])
+
+
+def cascade_entry(**over):
+    entry = {"id": "cascade/test_cascade[tiny-router-lam0.1]", "kind": "cascade",
+             "per_query": {"qids": ["a", "b", "c"], "correct": [1, 0, 1], "cost": [0.5, 1.2, 0.7]},
+             "fingerprint": FINGERPRINT, "provenance": {"command": "test"}}
+    entry.update(over)
+    return entry
+
+
+def write(tmp_path, cases):
+    path = tmp_path / "tiny" / "cascade.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"schema_version": baselines.SCHEMA_VERSION, "profile": "tiny", "ablation": "cascade",
+                                "cases": cases}))
+    return path
+
+
+def test_cascade_baseline_entries_are_validated_and_round_trip(tmp_path):
+    path = write(tmp_path, [cascade_entry()])
+    case = baselines.load_baselines(path).get("cascade/test_cascade[tiny-router-lam0.1]")
+    assert case.kind == "cascade" and case.per_query["correct"] == [1, 0, 1]
+    assert case.headline == ("accuracy", pytest.approx(2 / 3), 3)
+    assert case.to_json() == cascade_entry()
+    for bad, words in [({"per_query": {"qids": ["a", "a"], "correct": [1, 0], "cost": [1, 1]}}, "distinct"),
+                       ({"per_query": {"qids": ["a"], "correct": [2], "cost": [1.0]}}, "one 0 or 1"),
+                       ({"per_query": {"qids": ["a"], "correct": [1], "cost": [0.0]}}, "positive number"),
+                       ({"kind": "other"}, "kind must be")]:
+        with pytest.raises(baselines.BaselineError, match=words):
+            baselines.load_baselines(write(tmp_path, [cascade_entry(**bad)]))
+
+
+def test_a_cascade_record_becomes_a_cascade_baseline_and_its_gates_reach_holm(tmp_path):
+    gate = accuracy_gate([1, 1, 0], [1, 0, 0], case_id="x").to_dict()
+    record = {"id": "cascade/test_cascade[tiny-router-lam0.1]", "profile": "tiny", "ablation": "cascade",
+              "dataset": "ladder", "recording": True, "fingerprint": FINGERPRINT, "identity": "i", "gates": [gate],
+              "params": {"policy": "router", "lam": 0.1}, "outcome": "passed", "failures": [],
+              "metrics": {"per_query": cascade_entry()["per_query"], "stage_usage": [0, 0, 0.5, 0.5]}}
+    assert record_problem(record) is None
+    payload = baseline_payload(record)
+    assert payload["kind"] == "cascade" and payload["per_query"] == cascade_entry()["per_query"]
+    diff = baselines.write_baseline_payloads(tmp_path, [payload])
+    assert "accuracy 0.667, n=3" in diff
+    adjusted = holm_over([record], family=4)
+    assert adjusted[0]["kind"] == "accuracy" and adjusted[0]["p_adjusted"] >= gate["p_value"]
+    table = cascade_table([record])
+    assert "tiny-router-lam0.1" in table and "0% / 0% / 50% / 50%" in table
