@@ -7,10 +7,12 @@ its policy's per-query outcomes. A case is gated against its baseline entry pair
 the exact McNemar gate (`stats.accuracy_gate`, margin 1 point), cost by the paired gate on per-query "speedup
 over the largest model" (its median query's cost over the query's, token-normalised and measured in the same
 run), with the run's family correction and Holm. The invariants that hold mathematically are checked on every
-run: the oracle is right wherever any policy is, and a fixed model's outcome is that model's own.
+run: the oracle is right wherever any policy is, and a fixed model's outcome is that model's own. With
+`--report`, the run also gets this table's full cascade report (frontier, lam table, calibration, regret plots).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +31,17 @@ ABLATION_LAMBDAS = (0.03, 0.1, 0.3)
 _EVALUATIONS: dict[tuple[str, Path], tuple] = {}  # per process: (table, results by (policy, lam))
 
 
-def evaluation(profile_name: str, directory: Path):
-    """The profile's table (collected once per process into `directory`) and every policy's replayed outcome."""
+def evaluation(profile_name: str, directory: Path, report: bool = False):
+    """The profile's table (collected once per process into `directory`) and every policy's replayed outcome.
+    With `report`, the full cascade report of this table (every lam of the grid, plots) is written next to the
+    run's summary, under cascade-<profile>[-<xdist worker>]/ (each worker process replays its own table)."""
     key = (profile_name, directory)
     if key not in _EVALUATIONS:
         profile = get_profile(profile_name)
-        path = collect(profile.queries(ABLATION_QUERIES), directory / f"cascade-table-{profile_name}.jsonl",
-                       profile, progress=False)
+        worker = os.environ.get("PYTEST_XDIST_WORKER")  # each process collects its own table
+        suffix = f"{profile_name}-{worker}" if worker else profile_name
+        path = collect(profile.queries(ABLATION_QUERIES), directory / f"cascade-table-{suffix}.jsonl", profile,
+                       progress=False)
         table = build_table(read_table(path)[1], list(profile.rung_names)).token_normalised()
         results = ev.evaluate_policies(table, lambdas=ABLATION_LAMBDAS).results
         problems = ev.invariants(results)
@@ -45,6 +51,9 @@ def evaluation(profile_name: str, directory: Path):
             if not (np.array_equal(mine.correct, own.correct) and np.allclose(mine.cost, own.cost)):
                 problems.append(f"fixed-{table.rungs[k]} differs from stage {k}'s own answers or cost")
         _EVALUATIONS[key] = (table, {(r.policy, r.lam): r for r in results}, problems)
+        if report:
+            from .report import write_report
+            write_report(table, directory / f"cascade-{suffix}", provenance=read_table(path)[0])
     return _EVALUATIONS[key]
 
 
@@ -59,7 +68,7 @@ class CascadeCase(Case):
 
     def outcome(self, policy: str, lam: float | None):
         directory = Path(self.state.results(self.profile.name).path).parent
-        table, results, problems = evaluation(self.profile.name, directory)
+        table, results, problems = evaluation(self.profile.name, directory, self._option("report"))
         if problems:
             pytest.fail(f"{self.experiment_id}: replay invariants broken: " + "; ".join(problems), pytrace=False)
         if (policy, lam) not in results:

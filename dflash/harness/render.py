@@ -396,7 +396,8 @@ def cascade_table(records: list[dict]) -> str:
                      str(len(per_query.get("qids") or [])), mean_ci_cell(per_query.get("correct")),
                      mean_ci_cell(per_query.get("cost")), usage, verdict_cell(r)])
     return ("Cost: token-normalised seconds, the largest model's median query = 1; a cascade pays every stage it "
-            "ran.\n\n" + table(["Case", "lam", "queries", "accuracy", "cost", "stage usage (cheapest first)",
+            "ran. The full cascade report of this run's table (frontier, lam table, calibration and regret "
+            "plots) is in cascade-<profile>*/summary.md next to this file.\n\n" + table(["Case", "lam", "queries", "accuracy", "cost", "stage usage (cheapest first)",
                                  "Verdict"], rows, numeric=[False, True, True, True, True, False, False]))
 
 
