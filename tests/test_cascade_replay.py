@@ -138,7 +138,7 @@ def test_token_normalised_costs_follow_the_rung_rates_in_units_of_the_largest_mo
 def test_the_report_writes_its_tables_and_plots(tmp_path):
     from dflash.cascade.report import write_report
     table = synthetic_table(n=160, seed=10)
-    path = write_report(table, tmp_path)
+    path = write_report(table, tmp_path, lambdas=(0.03, 0.3, 3.0))
     text = path.read_text()
     for heading in ("## Fixed models and the oracle", "## Frontier metrics", "## Quality predictors",
                     "## Cross-family transfer", "## Online learning"):

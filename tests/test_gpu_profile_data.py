@@ -116,7 +116,7 @@ def test_math_suffix_braces_are_literal(name, hub, tokenizer, monkeypatch):
     from datasets import Dataset
     spec = PROFILE.dataset(name)
     rows = hub["datasets"][spec.hub_id]["rows"]
-    monkeypatch.setattr(profiles, "_rows", lambda s: Dataset.from_list(rows))
+    monkeypatch.setattr(profiles, "dataset_rows", lambda s: Dataset.from_list(rows))
     texts = expected_texts(name, hub, 4)
     assert texts[0].endswith("put your final answer within \\boxed{}.")
     assert load_prompts(PROFILE, spec, tokenizer, 4) == [standins.chat_ids([t]) for t in texts]

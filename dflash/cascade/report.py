@@ -43,9 +43,9 @@ def online_runs(table: Table, predicted: np.ndarray, seed: int = 0) -> list:
             exp3(stream, scores, arms, ONLINE_LAMBDA, False, seed=seed)]
 
 
-def summarise(table: Table, *, seed: int = 0) -> dict:
+def summarise(table: Table, *, seed: int = 0, lambdas=ev.LAMBDAS) -> dict:
     """Everything the report shows, as plain data (also written as summary.json)."""
-    evaluation = ev.evaluate_policies(table, seed=seed)
+    evaluation = ev.evaluate_policies(table, seed=seed, lambdas=lambdas)
     results = evaluation.results
     largest = next(r for r in results if r.policy == f"fixed-{table.rungs[-1]}")
     rows = []
@@ -58,7 +58,7 @@ def summarise(table: Table, *, seed: int = 0) -> dict:
     runs = online_runs(table, evaluation.predicted, seed)
     return {
         "n": table.size, "families": {f: int((table.families == f).sum()) for f in np.unique(table.families)},
-        "rungs": table.rungs, "lambdas": list(ev.LAMBDAS), "policies": rows,
+        "rungs": table.rungs, "lambdas": list(lambdas), "policies": rows,
         "invariant_violations": ev.invariants(results),
         "curves": ev.curve_metrics(results, table.rungs),
         "predictors": predictor_quality(evaluation.predicted, table),
@@ -71,8 +71,9 @@ def summarise(table: Table, *, seed: int = 0) -> dict:
     }
 
 
-def write_report(table: Table, out_dir: Path, *, seed: int = 0, provenance: dict | None = None) -> Path:
-    summary = summarise(table, seed=seed)
+def write_report(table: Table, out_dir: Path, *, seed: int = 0, provenance: dict | None = None,
+                 lambdas=ev.LAMBDAS) -> Path:
+    summary = summarise(table, seed=seed, lambdas=lambdas)
     evaluation = summary.pop("_evaluation")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps({**summary, "provenance": provenance}, indent=1) + "\n")
