@@ -33,3 +33,21 @@ def test_cascade(cascade_case, policy):
     gates = cascade_case.cascade_gates(metrics)
     cascade_case.finish("cascade", {"policy": policy.name, "lam": policy.lam, "queries": table.size}, metrics,
                         gates, lossless=False)
+
+
+@pytest.mark.gpu
+def test_gpu_cascade_profile_collects_and_replays(tmp_path):
+    """gpu-cascade-qwen3 (Qwen3-0.6B/1.7B/4B/8B on GSM8K, bf16) through the same collect -> replay path; one
+    line of skip reason where CUDA, the weights or GSM8K are missing. Not gated: no GPU baseline exists yet."""
+    from dflash.cascade import evaluate as ev
+    from dflash.cascade.collect import collect, read_table
+    from dflash.cascade.profiles import get_profile
+    from dflash.cascade.replay import build_table
+    profile = get_profile("gpu-cascade-qwen3")
+    reason = profile.unavailable()
+    if reason:
+        pytest.skip(reason)
+    path = collect(profile.queries(40), tmp_path / "table.jsonl", profile, progress=False)
+    table = build_table(read_table(path)[1], list(profile.rung_names)).token_normalised()
+    results = ev.evaluate_policies(table, lambdas=ABLATION_LAMBDAS).results
+    assert ev.invariants(results) == []
