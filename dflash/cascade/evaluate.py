@@ -9,7 +9,7 @@ lam (the price of one second, in accuracy).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,22 +23,10 @@ FOLDS = 5
 
 
 @dataclass
-class PolicyResult:
-    """Per-query outcomes of one policy at one lam, pooled over the test folds (query order of the table)."""
-    policy: str
-    lam: float | None
-    correct: np.ndarray
-    cost: np.ndarray
-    stop: np.ndarray
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def accuracy(self) -> float:
-        return float(self.correct.mean())
-
-    @property
-    def mean_cost(self) -> float:
-        return float(self.cost.mean())
+class PolicyResult(Outcome):
+    """One policy's outcome at one lam, pooled over the test folds (query order of the table)."""
+    policy: str = ""
+    lam: float | None = None
 
 
 def folds(n: int, seed: int, count: int = FOLDS) -> list[np.ndarray]:
@@ -191,7 +179,8 @@ def evaluate_policies(table: Table, *, lambdas=LAMBDAS, seed: int = 0) -> Evalua
             for name, outcome in policy_outcomes(train, tune, test, lam, seed + index, q_tune, q_test, v_tune,
                                                  v_test).items():
                 put(name, lam, test_index, outcome)
-    return Evaluation([PolicyResult(name, lam, v["correct"].astype(bool), v["cost"], v["stop"])
+    return Evaluation([PolicyResult(stop=v["stop"], correct=v["correct"].astype(bool), cost=v["cost"], policy=name,
+                                    lam=lam)
                        for (name, lam), v in pooled.items()], predicted)
 
 
