@@ -40,9 +40,7 @@ def run_live(queries: list[Query], predictors: StagePredictors, thresholds, prof
             tokens += row.new_tokens
             last = k == len(profile.rungs) - 1
             if not last:
-                features = np.array([reply_features(row, previous)])[:, predictors.columns]
-                model_k = predictors.models[k]
-                quality = model_k if isinstance(model_k, float) else float(model_k.predict_proba(features)[0, 1])
+                quality = float(predictors.predict_stage(k, np.array([reply_features(row, previous)]))[0])
                 if quality >= thresholds[k]:
                     last = True
             if last:

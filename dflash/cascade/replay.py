@@ -140,13 +140,16 @@ class StagePredictors:
             self.models.append(CalibratedClassifierCV(base, method=self.calibration, cv=folds).fit(x, y))
         return self
 
+    def predict_stage(self, k: int, features: np.ndarray) -> np.ndarray:
+        """[n] predicted probability that stage k's answer is correct, from its [n, F] rows of FEATURES."""
+        model = self.models[k]
+        if isinstance(model, float):
+            return np.full(features.shape[0], model)
+        return model.predict_proba(features[:, self.columns])[:, 1]
+
     def predict(self, table: Table) -> np.ndarray:
         """[n, K] predicted probability that each stage's answer is correct."""
-        out = np.empty((table.size, table.stages))
-        for k, model in enumerate(self.models):
-            out[:, k] = model if isinstance(model, float) else model.predict_proba(
-                table.features[:, k, self.columns])[:, 1]
-        return out
+        return np.column_stack([self.predict_stage(k, table.features[:, k]) for k in range(table.stages)])
 
 
 def expected_calibration_error(probabilities: np.ndarray, outcomes: np.ndarray, bins: int = 10) -> float:
