@@ -37,7 +37,7 @@ def test_accuracy_gate_is_quiet_on_the_same_outcomes_and_detects_a_real_drop():
 
 
 def cascade_entry(**over):
-    entry = {"id": "cascade/test_cascade[tiny-router-lam0.1]", "kind": "cascade",
+    entry = {"id": "cascade/test_cascade[tiny-router-lam0.1]", "kind": "outcomes",
              "per_query": {"qids": ["a", "b", "c"], "correct": [1, 0, 1], "cost": [0.5, 1.2, 0.7]},
              "fingerprint": FINGERPRINT, "provenance": {"command": "test"}}
     entry.update(over)
@@ -55,7 +55,7 @@ def write(tmp_path, cases):
 def test_cascade_baseline_entries_are_validated_and_round_trip(tmp_path):
     path = write(tmp_path, [cascade_entry()])
     case = baselines.load_baselines(path).get("cascade/test_cascade[tiny-router-lam0.1]")
-    assert case.kind == "cascade" and case.per_query["correct"] == [1, 0, 1]
+    assert case.kind == "outcomes" and case.per_query["correct"] == [1, 0, 1]
     assert case.headline == ("accuracy", pytest.approx(2 / 3), 3)
     assert case.to_json() == cascade_entry()
     for bad, words in [({"per_query": {"qids": ["a", "a"], "correct": [1, 0], "cost": [1, 1]}}, "distinct"),
@@ -74,7 +74,7 @@ def test_a_cascade_record_becomes_a_cascade_baseline_and_its_gates_reach_holm(tm
               "metrics": {"per_query": cascade_entry()["per_query"], "stage_usage": [0, 0, 0.5, 0.5]}}
     assert record_problem(record) is None
     payload = baseline_payload(record)
-    assert payload["kind"] == "cascade" and payload["per_query"] == cascade_entry()["per_query"]
+    assert payload["kind"] == "outcomes" and payload["per_query"] == cascade_entry()["per_query"]
     diff = baselines.write_baseline_payloads(tmp_path, [payload])
     assert "accuracy 0.667, n=3" in diff
     adjusted = holm_over([record], family=4)

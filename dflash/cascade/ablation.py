@@ -60,8 +60,9 @@ def evaluation(profile_name: str, directory: Path, report: bool = False):
 class CascadeCase(Case):
     """One policy (at one lam) of a cascade profile: replayed outcomes, gates against the baseline, the record."""
 
-    def __init__(self, request, state, profile):
+    def __init__(self, request, state, profile, cascade_profile):
         super().__init__(request, state, profile, dataset=None)
+        self.cascade_profile = cascade_profile
 
     def _dataset(self, profile, dataset):
         return DatasetSpec("ladder", "cascade", chat=False)
@@ -86,7 +87,7 @@ class CascadeCase(Case):
         baseline = self.baseline()
         if baseline is None:
             return []
-        if baseline.kind != "cascade" or baseline.per_query["qids"] != metrics["per_query"]["qids"]:
+        if baseline.kind != "outcomes" or baseline.per_query["qids"] != metrics["per_query"]["qids"]:
             pytest.fail(f"{self.experiment_id}: the baseline holds other queries than this run (the query set "
                         "changed?); re-record with --update-baselines", pytrace=False)
         accuracy = accuracy_gate(baseline.per_query["correct"], metrics["per_query"]["correct"],

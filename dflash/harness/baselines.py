@@ -34,8 +34,9 @@ from .fileio import atomic_write_text
 SCHEMA_VERSION = 1
 FINGERPRINT_KEYS = ("hardware", "torch", "transformers", "python", "git_sha", "profile", "seeds")
 CASE_KEYS = ("id", "per_prompt_tau", "counters", "speedup_samples", "fingerprint", "provenance")
-# A non-lossless method's case (kind "cascade") keeps per-query outcomes instead: {"qids", "correct", "cost"}.
-CASCADE_KEYS = ("id", "kind", "per_query", "fingerprint", "provenance")
+# A case of a method that is not lossless (kind "outcomes": cascades, Fast-dLLM v2) keeps per-query outcomes
+# instead: {"qids", "correct", "cost"} (cost: the query's price relative to the family's reference).
+OUTCOME_KEYS = ("id", "kind", "per_query", "fingerprint", "provenance")
 PER_QUERY_KEYS = ("qids", "correct", "cost")
 
 
@@ -45,7 +46,7 @@ class BaselineError(DFlashError):
 
 @dataclass(frozen=True)
 class BaselineCase:
-    """A decode case (kind "decode": per-prompt taus and speedups) or a cascade case (kind "cascade":
+    """A decode case (kind "decode": per-prompt taus and speedups) or a non-lossless method's case (kind "outcomes":
     per-query correctness and cost, `per_query`)."""
     id: str
     fingerprint: dict
@@ -63,14 +64,14 @@ class BaselineCase:
 
     @property
     def headline(self) -> tuple[str, float, int]:
-        """(measure, mean, n) a diff line shows: tau for a decode case, accuracy for a cascade case."""
-        if self.kind == "cascade":
+        """(measure, mean, n) a diff line shows: tau for a decode case, accuracy for an outcomes case."""
+        if self.kind == "outcomes":
             correct = self.per_query["correct"]
             return "accuracy", sum(correct) / len(correct), len(correct)
         return "tau", self.tau_mean, len(self.per_prompt_tau)
 
     def to_json(self) -> dict:
-        data = {key: getattr(self, key) for key in (CASCADE_KEYS if self.kind == "cascade" else CASE_KEYS)}
+        data = {key: getattr(self, key) for key in (OUTCOME_KEYS if self.kind == "outcomes" else CASE_KEYS)}
         if self.reference is not None:
             data["reference"] = self.reference
         return data
@@ -122,11 +123,11 @@ def _check_case(raw, where: str, problems: list[str], profile: str) -> None:
     if not isinstance(raw, dict):
         problems.append(f"{where} is not an object")
         return
-    if raw.get("kind", "decode") not in ("decode", "cascade"):
-        problems.append(f"{where}: kind must be 'decode' or 'cascade', got {raw.get('kind')!r}")
+    if raw.get("kind", "decode") not in ("decode", "outcomes"):
+        problems.append(f"{where}: kind must be 'decode' or 'outcomes', got {raw.get('kind')!r}")
         return
-    if raw.get("kind") == "cascade":
-        missing = [key for key in CASCADE_KEYS if key not in raw]
+    if raw.get("kind") == "outcomes":
+        missing = [key for key in OUTCOME_KEYS if key not in raw]
         if missing:
             problems.append(f"{where} is missing field(s) {', '.join(missing)}")
         if "per_query" in raw:
@@ -223,13 +224,13 @@ def _raise(path: Path, problems: list[str]) -> None:
 def _from_json(data: dict) -> BaselineFile:
     cases = {}
     for raw in data["cases"]:
-        if raw.get("kind") == "cascade":
+        if raw.get("kind") == "outcomes":
             per_query = {"qids": list(raw["per_query"]["qids"]),
                          "correct": [int(c) for c in raw["per_query"]["correct"]],
                          "cost": [float(c) for c in raw["per_query"]["cost"]]}
             cases[raw["id"]] = BaselineCase(id=raw["id"], fingerprint=raw["fingerprint"],
                                             provenance=raw["provenance"], reference=raw.get("reference"),
-                                            kind="cascade", per_query=per_query)
+                                            kind="outcomes", per_query=per_query)
             continue
         cases[raw["id"]] = BaselineCase(
             id=raw["id"], per_prompt_tau=[float(t) for t in raw["per_prompt_tau"]], counters=raw["counters"],

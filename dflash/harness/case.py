@@ -269,7 +269,7 @@ class Case:
                   "profile": self.profile.name, "dataset": self.spec.name, "params": params,
                   "metrics": metrics, "status": "done", "gates": [g.to_dict() for g in gates],
                   "outcome": "failed" if failures else "passed", "failures": failures,
-                  "recording": self.update, "identity": identity_digest(self.state.identities[self.profile.name]),
+                  "recording": self.update and gated, "identity": identity_digest(self.state.identities[self.profile.name]),
                   "fingerprint": self.fingerprint, "references": [asdict(r) for r in references]}
         if gated and not gates and not self.update:
             record["verdict"] = NO_BASELINE

@@ -186,6 +186,8 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("case", params, indirect=True)
 
 
+# Fixtures of ablation families whose cases run on profiles of their own (ablations/conftest.py)
+FAMILY_FIXTURES = ("cascade_case", "fastdllm_case")
 ABLATION_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # it names a file: baselines/<profile>/<name>.json
 
 
@@ -193,14 +195,15 @@ def ablation_case(item) -> dict | None:
     """{"id", "profile", "ablation", "gated"} of a collected ablation case; None for any other test."""
     marker = item.get_closest_marker("ablation")
     callspec = getattr(item, "callspec", None)
-    if marker is None or callspec is None or not {"case", "cascade_case"} & set(callspec.params):
+    if marker is None or callspec is None or not {"case", *FAMILY_FIXTURES} & set(callspec.params):
         return None
     name = marker.args[0] if marker.args else ""
     if "case" in callspec.params:
         profile, dataset = callspec.params["case"]
-    else:  # a cascade case (dflash.cascade.ablation): the profile's ladder, no decode dataset
-        profile, dataset = callspec.params["cascade_case"], None
-        if not isinstance(profile, str):  # no cascade profile in this run: pytest's empty-parameter skip
+    else:  # a family with profiles of its own (cascade, Fast-dLLM v2): the profile's models, no decode dataset
+        profile = next(callspec.params[f] for f in FAMILY_FIXTURES if f in callspec.params)
+        dataset = None
+        if not isinstance(profile, str):  # no such profile in this run: pytest's empty-parameter skip
             return None
     return {"id": f"{name}/{item.name}", "profile": profile, "dataset": dataset, "ablation": name,
             "gated": marker.kwargs.get("gated", True)}
@@ -345,7 +348,7 @@ def case(request):
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem):
     """--resume: a recorded case is not measured again; its recorded verdict is re-applied."""
-    made = pyfuncitem.funcargs.get("case") or pyfuncitem.funcargs.get("cascade_case")
+    made = next((pyfuncitem.funcargs[f] for f in ("case", *FAMILY_FIXTURES) if f in pyfuncitem.funcargs), None)
     if isinstance(made, Case) and made.recorded is not None:
         made.replay()
         return True

@@ -17,7 +17,7 @@ def baseline_payload(record: dict) -> dict:
     case, its per-query outcomes."""
     metrics, references = record["metrics"], record.get("references") or []
     if "per_query" in metrics:
-        return {"profile": record["profile"], "ablation": record["ablation"], "id": record["id"], "kind": "cascade",
+        return {"profile": record["profile"], "ablation": record["ablation"], "id": record["id"], "kind": "outcomes",
                 "per_query": metrics["per_query"], "fingerprint": record["fingerprint"],
                 "provenance": {"command": "pytest ablations --update-baselines", "recorded": time.strftime("%F %T"),
                                "queries": len(metrics["per_query"]["qids"]),
