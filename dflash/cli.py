@@ -59,6 +59,9 @@ def cmd_models(args) -> None:
             print(f"{row['name']:10s} target={row['target']}  draft={row['draft']}\n{'':10s} {row['description']}")
 
 
+DRAFT_DEFAULTS = dict(block_size=16, steps=1000, batch_size=4, lr=1e-3)
+
+
 def cmd_train(args) -> None:
     if args.what == "tiny":
         from .tinyworld.build import build_tiny_world
@@ -68,6 +71,18 @@ def cmd_train(args) -> None:
         from .cascade.ladder import build_ladder
         build_ladder(args.out, quick=args.quick)
         return
+    if args.what == "block-diffusion":
+        from .blockdiffusion.convert import Recipe, convert
+        chosen = dict(block_size=args.block_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      seed=args.seed)
+        convert(args.base, args.out, data=args.data, mask_token=args.mask_token, resume=args.resume,
+                recipe=Recipe(**{k: v for k, v in chosen.items() if v is not None}),
+                checkpoint_every=args.checkpoint_every, threads=args.threads,
+                command="dflash " + " ".join(args.argv))
+        return
+    for name, value in DRAFT_DEFAULTS.items():  # block-diffusion has its own defaults (its Recipe)
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if not args.target or not args.prompts or not args.out:
         raise DFlashError("dflash train needs --target, --prompts and --out (or `dflash train tiny`).")
     from pathlib import Path
@@ -277,12 +292,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     t = sub.add_parser("train", help="train a DFlash draft for any HF target (or `train tiny`: the embedded pair; "
-                                     "`train ladder`: the cascade world's four graded models)")
-    t.add_argument("what", nargs="?", choices=["tiny", "ladder"],
+                                     "`train ladder`: the cascade world's four graded models; `train "
+                                     "block-diffusion`: a causal LM converted into a block-diffusion LM)")
+    t.add_argument("what", nargs="?", choices=["tiny", "ladder", "block-diffusion"],
                    help="tiny: rebuild the embedded tiny target + draft; ladder: train (or keep, when their "
-                        "manifests match the recipe) the cascade ladder's rungs")
-    t.add_argument("--out", default=None, help="output directory (default: the package's models/tiny or "
-                                               "models/ladder)")
+                        "manifests match the recipe) the cascade ladder's rungs; block-diffusion: Fast-dLLM v2 "
+                        "conversion of --base (or keep OUT when its manifest matches the recipe)")
+    t.add_argument("--out", default=None, help="output directory (default: the package's models/tiny, "
+                                               "models/ladder or models/block-diffusion)")
+    t.add_argument("--base", default="ladder-l4", help="block-diffusion: the causal LM to convert (qwen2, qwen3 or "
+                   "llama): ladder-l4 (default; trained on the graded tasks), a known name or a local directory")
+    t.add_argument("--data", default=None, help="block-diffusion: training samples, a .jsonl file of "
+                   '{"prompt": ..., "response": ...} rows (default for ladder-l4: the graded tasks)')
     t.add_argument("--quick", action="store_true", help="tiny / ladder: a few steps only, to check the pipeline")
     t.add_argument("--target", help="target: known name (e.g. smol), local directory or cached hub id")
     t.add_argument("--prompts", help="training prompts: smol-train, or a .txt/.json/.jsonl file")
@@ -291,14 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wrap prompts in the target's chat template (default: on for --target smol)")
     t.add_argument("--prompts-per-category", type=bounded_int(1), default=180, help="size of a generated prompt set")
     t.add_argument("--heldout-per-category", type=bounded_int(1), default=6)
-    t.add_argument("--mask-token", default=None, help="token used as the draft's mask (default: tokenizer's)")
-    t.add_argument("--block-size", type=bounded_int(2, 1024), default=16)
+    t.add_argument("--mask-token", default=None, help="token used as the draft's (or block-diffusion model's) mask "
+                   "(default: tokenizer's)")
+    t.add_argument("--block-size", type=bounded_int(2, 1024), default=None, help="default 16 (block-diffusion: 32)")
     t.add_argument("--draft-layers", type=bounded_int(1, 64), default=1)
     t.add_argument("--target-layer-ids", type=int_list(0), default=None, help="comma-separated target layers to tap")
-    t.add_argument("--steps", type=bounded_int(1), default=1000)
-    t.add_argument("--batch-size", type=bounded_int(1), default=4, help="sequences per step")
+    t.add_argument("--steps", type=bounded_int(1), default=None, help="default 1000 (block-diffusion: 1300)")
+    t.add_argument("--batch-size", type=bounded_int(1), default=None, help="sequences per step (default 4; "
+                   "block-diffusion: 8 samples, each twice)")
     t.add_argument("--anchors", type=bounded_int(1), default=8, help="anchors (blocks) per sequence per step")
-    t.add_argument("--lr", type=finite_float(0.0, low_open=True), default=1e-3)
+    t.add_argument("--lr", type=finite_float(0.0, low_open=True), default=None, help="default 1e-3 (block-diffusion: "
+                   "1e-4)")
     t.add_argument("--gamma", type=finite_float(0.0, low_open=True), default=None, help="loss decay (default: 7 for B=16, 4 for B=8)")
     t.add_argument("--seed", type=bounded_int(0, SEED_MAX), default=0)
     t.add_argument("--bf16-autocast", action="store_true", help="draft training under bf16 autocast")

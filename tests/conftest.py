@@ -13,3 +13,11 @@ def pair():
     often not, so acceptance varies. Module-scoped: a module may change the models without reaching another."""
     target = random_target(1, vocab_size=5)
     return target, random_draft(target, 2)
+
+
+@pytest.fixture(scope="module")
+def bd():
+    """The shipped tiny block-diffusion model with its ids (dflash.blockdiffusion.profiles.Loaded), one thread."""
+    from dflash.blockdiffusion.profiles import get_profile
+    torch.set_num_threads(1)
+    return get_profile("tiny").load()
