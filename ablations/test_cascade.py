@@ -30,7 +30,7 @@ CASES = ([Policy(f"fixed-{r.name}", f"fixed-{r.name}") for r in RUNGS]
 def test_cascade(cascade_case, policy):
     table, result = cascade_case.outcome(policy.name, policy.lam)
     metrics = cascade_case.metrics(table, result)
-    gates = cascade_case.cascade_gates(metrics)
+    gates = cascade_case.outcome_gates(metrics)
     cascade_case.finish("cascade", {"policy": policy.name, "lam": policy.lam, "queries": table.size}, metrics,
                         gates, lossless=False)
 

@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ..harness.case import Case
+from ..harness.case import OutcomesCase
 from ..harness.profiles import DatasetSpec
-from ..harness.stats import accuracy_gate
 from . import evaluate as ev
 from .collect import collect, read_table
 from .profiles import PROFILES, get_profile
@@ -57,15 +56,10 @@ def evaluation(profile_name: str, directory: Path, report: bool = False):
     return _EVALUATIONS[key]
 
 
-class CascadeCase(Case):
-    """One policy (at one lam) of a cascade profile: replayed outcomes, gates against the baseline, the record."""
-
-    def __init__(self, request, state, profile, cascade_profile):
-        super().__init__(request, state, profile, dataset=None)
-        self.cascade_profile = cascade_profile
-
-    def _dataset(self, profile, dataset):
-        return DatasetSpec("ladder", "cascade", chat=False)
+class CascadeCase(OutcomesCase):
+    """One policy (at one lam) of a cascade profile: replayed outcomes, gates against the baseline (accuracy,
+    and cost as per-query speedup over the largest model), the record."""
+    family_dataset = DatasetSpec("ladder", "cascade", chat=False)
 
     def outcome(self, policy: str, lam: float | None):
         directory = Path(self.state.results(self.profile.name).path).parent
@@ -82,21 +76,6 @@ class CascadeCase(Case):
                 "stage_usage": [float((result.stop == k).mean()) for k in range(table.stages)],
                 "per_query": {"qids": list(table.qids), "correct": result.correct.astype(int).tolist(),
                               "cost": [float(c) for c in result.cost]}}
-
-    def cascade_gates(self, metrics: dict) -> list:
-        baseline = self.baseline()
-        if baseline is None:
-            return []
-        if baseline.kind != "outcomes" or baseline.per_query["qids"] != metrics["per_query"]["qids"]:
-            pytest.fail(f"{self.experiment_id}: the baseline holds other queries than this run (the query set "
-                        "changed?); re-record with --update-baselines", pytrace=False)
-        accuracy = accuracy_gate(baseline.per_query["correct"], metrics["per_query"]["correct"],
-                                 alpha=self._option("gate_alpha"), case_id=self.experiment_id)
-        speedups = [1.0 / c for c in metrics["per_query"]["cost"]]
-        base_speedups = [1.0 / c for c in baseline.per_query["cost"]]
-        cost = self.gate_throughput(type(baseline)(baseline.id, baseline.fingerprint, baseline.provenance,
-                                                   speedup_samples=base_speedups), speedups)
-        return [accuracy, cost]
 
 
 def cascade_profiles(names) -> list[str]:

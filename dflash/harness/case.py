@@ -12,9 +12,9 @@ from ..errors import DFlashError
 from . import baselines as baseline_store
 from .measure import (TARGET_ONLY, Variant, compare, comparison_metrics, extend, per_prompt_tau, speedup_samples,
                       warm_up)
-from .profiles import load_prompts
+from .profiles import DatasetSpec, load_prompts
 from .runs import RunState, identity_digest
-from .stats import REGRESSION, confirm, sequential_tau_gate, tau_gate, throughput_gate
+from .stats import REGRESSION, accuracy_gate, confirm, sequential_tau_gate, tau_gate, throughput_gate
 
 RECORD_KEY = "dflash_record"
 
@@ -297,6 +297,40 @@ class Case:
                         "verdicts):\n" + "\n".join(record.get("failures") or ["(no message recorded)"]),
                         pytrace=False)
         pytest.skip(f"{self.experiment_id} already recorded in {path} (--resume)")
+
+
+class OutcomesCase(Case):
+    """A case of a method that is not lossless and runs on a profile of its own family (cascades, Fast-dLLM v2):
+    per-query outcomes (`metrics["per_query"]`: qids, correct, cost) gated against a baseline of kind
+    "outcomes", paired over the same queries."""
+    family_dataset = DatasetSpec("outcomes", "outcomes", chat=False)
+
+    def __init__(self, request, state, profile, family_profile):
+        super().__init__(request, state, profile, dataset=None)
+        self.family_profile = family_profile
+
+    def _dataset(self, profile, dataset):
+        return self.family_dataset
+
+    def outcome_gates(self, metrics: dict, *, speedups: list[float] | None = None, stride: int = 1,
+                      remeasure=None, speed: bool = True) -> list:
+        """Accuracy by the exact McNemar gate (`stats.accuracy_gate`), and, with `speed`, the paired throughput
+        gate on speedups: `speedups` (default 1 / each query's cost) against 1 / the baseline's cost of every
+        `stride`-th query (queries timed together share one cost, so they give one sample)."""
+        baseline = self.baseline()
+        if baseline is None:
+            return []
+        if baseline.kind != "outcomes" or baseline.per_query["qids"] != metrics["per_query"]["qids"]:
+            pytest.fail(f"{self.experiment_id}: the baseline holds other queries than this run (the query set "
+                        "changed?); re-record with --update-baselines", pytrace=False)
+        gates = [accuracy_gate(baseline.per_query["correct"], metrics["per_query"]["correct"],
+                               alpha=self._option("gate_alpha"), case_id=self.experiment_id)]
+        if speed:
+            new = speedups if speedups is not None else [1.0 / c for c in metrics["per_query"]["cost"]]
+            base = [1.0 / c for c in baseline.per_query["cost"][::stride]]
+            gates.append(self.gate_throughput(type(baseline)(baseline.id, baseline.fingerprint, baseline.provenance,
+                                                             speedup_samples=base), new, remeasure))
+        return gates
 
 
 NO_BASELINE = "no baseline"

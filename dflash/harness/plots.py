@@ -90,6 +90,25 @@ def plot_by_block_size(records: list[dict], path: Path, title: str = "") -> Path
     return path
 
 
+def plot_accuracy_vs_speed(records: list[dict], path: Path, title: str = "") -> Path:
+    """Accuracy (mean, 95% CI bars) against tokens/s, one labelled point per generative case (Fast-dLLM v2)."""
+    figure, (axis,) = _figure(1)
+    figure.set_size_inches(8, 5)
+    for record in records:
+        metrics = record.get("metrics") or {}
+        correct = (metrics.get("per_query") or {}).get("correct")
+        if not correct or metrics.get("tokens_per_s") is None:
+            continue
+        means, (below, above) = _means_with_errors([correct])
+        mean = means[0]
+        axis.errorbar([metrics["tokens_per_s"]], [mean], yerr=[below, above], marker="o", capsize=3)
+        axis.annotate(record["id"].split("[")[-1].rstrip("]").split("-", 1)[-1], (metrics["tokens_per_s"], mean),
+                      fontsize=6, xytext=(3, 3), textcoords="offset points")
+    axis.set(xlabel="tokens/s (wall)", ylabel="accuracy", title=title or "accuracy vs tokens/s")
+    figure.savefig(path, dpi=120)
+    return path
+
+
 def write_plots(records: Sequence[dict], directory: str | Path) -> list[Path]:
     """Every plot the records support, as PNG files in `directory`; [] when matplotlib is missing."""
     if not plots_available():
@@ -113,4 +132,9 @@ def write_plots(records: Sequence[dict], directory: str | Path) -> list[Path]:
     for group, rows in sorted(sweeps.items()):
         name = "tau_speedup_by_block_size" + (f"_{_safe_name(group)}" if group else "")
         written.append(plot_by_block_size(rows, directory / f"{name}.png", group))
+    decoding = [r for r in records if r.get("experiment") == "fastdllm"
+                and (r.get("params") or {}).get("task") == "generative"]
+    if decoding:
+        written.append(plot_accuracy_vs_speed(decoding, directory / "fastdllm_accuracy_vs_tokens_per_s.png",
+                                              "Fast-dLLM v2: accuracy vs tokens/s"))
     return written

@@ -401,8 +401,128 @@ def cascade_table(records: list[dict]) -> str:
                                  "Verdict"], rows, numeric=[False, True, True, True, True, False, False]))
 
 
+def _mcnemar_cell(control: list[int], new: list[int]) -> str:
+    """Accuracy change against a control on the same queries: difference, lost/gained and the exact two-sided
+    McNemar p (binomial on the discordant queries)."""
+    from scipy.stats import binomtest
+    lost = sum(c and not n for c, n in zip(control, new))
+    gained = sum(n and not c for c, n in zip(control, new))
+    p = binomtest(lost, lost + gained, 0.5).pvalue if lost + gained else 1.0
+    return f"{(gained - lost) / len(new):+.3f} (-{lost}/+{gained}, p {p:.2g})"
+
+
+def _geomean_ci_cell(samples: Sequence[float] | None) -> str:
+    """Geometric mean with the 95% t interval of the log samples ("1.52x [1.40, 1.65]")."""
+    if not samples:
+        return DASH
+    centre, low, high = (math.exp(v) for v in mean_ci([math.log(x) for x in samples]))
+    interval = "n/a" if math.isnan(low) else f"{low:.2f}, {high:.2f}"
+    return f"{centre:.2f}x [{interval}]"
+
+
+def fastdllm_table(records: list[dict]) -> str:
+    """Fast-dLLM v2 (dflash.blockdiffusion): threshold x cache, sub-block, batch; the layer-reuse table of the
+    research notes (config, k, subset, accuracy, tokens/s, total time) with the trade-off against the k = 1
+    control; log-likelihood scoring, where layer reuse is not applicable."""
+    decoding = [r for r in records if _params(r).get("task") == "generative" and "per_query" in _metrics(r)]
+    key = lambda p: (p.get("threshold"), p.get("sub_block_size"), p.get("batch"))  # noqa: E731
+    exact = {key(_params(r)): r for r in decoding
+             if _params(r).get("cache") == "prefix" and _params(r).get("reuse_k") is None}
+    rows = []
+    for r in decoding:
+        p, m = _params(r), _metrics(r)
+        if p.get("reuse_k") is not None:
+            continue
+        outputs = m.get("outputs") or {}
+        reference = exact.get(key(p))
+        same = DASH
+        if p.get("cache") == "dual" and reference is not None:
+            theirs = (_metrics(reference).get("outputs") or {}).get("output_digest") or []
+            mine = outputs.get("output_digest") or []
+            same = _ratio(sum(a == b for a, b in zip(mine, theirs)), len(mine))
+        rows.append([r["id"].split("[")[-1].rstrip("]"), fmt(p.get("threshold")), str(p.get("cache")),
+                     str(p.get("sub_block_size")), str(p.get("batch")), str(len(m["per_query"]["qids"])),
+                     mean_ci_cell(m["per_query"]["correct"]), fmt(m.get("tokens_per_s")),
+                     fmt(m.get("ar_tokens_per_s")), _geomean_ci_cell(m.get("speed_ratio_samples")),
+                     mean_ci_cell(outputs.get("forwards_per_token")), mean_ci_cell(outputs.get("tokens")),
+                     _ratio(sum(outputs.get("agrees_with_ar") or []), len(outputs.get("agrees_with_ar") or [])),
+                     same, verdict_cell(r)])
+    text = ("Speed ratio: block-diffusion tokens/s over the AR base's (transformers greedy at the same batch "
+            "size), measured interleaved on the same queries, one ratio per batch group, geometric mean "
+            "[95% CI]; tokens/s columns are wall-clock. 'Same as exact': outputs identical to the prefix-cache "
+            "(exact) decoder's with the same threshold, sub-block and batch (the dual cache is approximate).\n\n"
+            + table(["Case", "threshold", "cache", "sub-block", "batch", "queries", "accuracy [95% CI]",
+                     "tokens/s", "AR tokens/s", "speed ratio to AR", "forwards/token", "output tokens",
+                     "same as AR", "same as exact", "Verdict"], rows,
+                    [False, True, False, True, True, True, True, True, True, True, True, True, True, True, False]))
+    reuse = [r for r in decoding if _params(r).get("reuse_k") is not None]
+    control = next((r for r in reuse if _params(r)["reuse_k"] == 1), None)
+    if reuse:
+        rows = []
+        base = _metrics(control) if control else {}
+        for r in sorted(reuse, key=lambda r: (_params(r)["reuse_k"], _params(r)["subset"], _params(r)["mode"])):
+            p, m = _params(r), _metrics(r)
+            outputs = m.get("outputs") or {}
+            staleness = ((m.get("reuse") or {}).get("staleness") or {})
+            versus = DASH if r is control or not base else _mcnemar_cell(base["per_query"]["correct"],
+                                                                          m["per_query"]["correct"])
+            speed = DASH if r is control or not base else fmt(
+                math.exp(statistics.mean(map(math.log, m["speed_ratio_samples"]))
+                         - statistics.mean(map(math.log, base["speed_ratio_samples"]))), 2) + "x"
+            longer = DASH if r is control or not base else f"{statistics.mean(outputs['tokens']) / statistics.mean((base.get('outputs') or {})['tokens']) - 1:+.0%}"
+            config = "k1 (control)" if r is control else f"k{p['reuse_k']}_{p['subset']}_{p['mode']}"
+            rows.append([config, str(p["reuse_k"]), DASH if r is control else p["subset"],
+                         DASH if r is control else p["mode"], mean_ci_cell(m["per_query"]["correct"]),
+                         fmt(m.get("tokens_per_s")), fmt(m.get("total_seconds")), versus, speed, longer,
+                         mean_ci_cell(outputs.get("repetition")),
+                         ", ".join(f"L{layer} {value:.3g}" for layer, value in staleness.items()) or DASH,
+                         verdict_cell(r)])
+        by_config = {(_params(r)["reuse_k"], _params(r)["subset"], _params(r)["mode"]): r for r in reuse}
+        pairs = [[f"k{k}_{subset}", _mcnemar_cell(_metrics(r)["per_query"]["correct"],
+                                                  _metrics(by_config[k, subset, "residual"])["per_query"]["correct"])]
+                 for (k, subset, mode), r in sorted(by_config.items())
+                 if mode == "output" and k > 1 and (k, subset, "residual") in by_config]
+        text += ("\n\nLayer reuse (dual cache, threshold and sub-block as the control): the research notes' "
+                 "table with the trade-off against the k = 1 control on the same queries (accuracy change with "
+                 "the exact McNemar p; speed: ratio of the two cases' speed ratios to AR; output length change). "
+                 "Staleness: relative L2 of a reused output against fresh computation, per span layer (output "
+                 "mode) or for the span (residual mode, at its first layer), on a few queries.\n\n"
+                 + table(["Config", "k", "subset", "mode", "accuracy [95% CI]", "tokens/s", "total time (s)",
+                          "accuracy vs k=1", "speed vs k=1", "output length vs k=1", "repetition (3-gram)",
+                          "staleness", "Verdict"], rows,
+                         [False, True, False, False, True, True, True, True, True, True, True, False, False]))
+        if pairs:
+            text += ("\n\nResidual (DeepCache-style) against output reuse (the fork's) at the same k and subset, "
+                     "paired over queries: accuracy change of residual, lost/gained, exact McNemar p.\n\n"
+                     + table(["k, subset", "residual - output"], pairs, [False, True]))
+        timings = [(_params(r)["reuse_k"], _params(r)["subset"], _params(r)["mode"], (_metrics(r).get("reuse") or {}))
+                   for r in reuse if (_metrics(r).get("reuse") or {}).get("seconds_per_computed_layer_call")]
+        if timings:
+            text += ("\n\nLayer call times on sub-block steps (staleness run): "
+                     + "; ".join(f"k{k}_{subset}_{mode}: computed {1e6 * t['seconds_per_computed_layer_call']:.0f} us,"
+                                 f" reused {1e6 * t['seconds_per_reused_layer_call']:.0f} us, "
+                                 f"{t['layer_calls_skipped']} calls skipped"
+                                 for k, subset, mode, t in timings if t.get("seconds_per_reused_layer_call")) + ".")
+    scoring = [r for r in records if _params(r).get("task") == "loglik"]
+    if scoring:
+        rows, reasons = [], set()
+        for r in scoring:
+            m = _metrics(r)
+            if "not_applicable" in m:
+                reasons.add(m["not_applicable"])
+                rows.append([r["id"].split("[")[-1].rstrip("]"), "not applicable", "not applicable"])
+            else:
+                rows.append([r["id"].split("[")[-1].rstrip("]"), mean_ci_cell(m["per_query"]["correct"]),
+                             verdict_cell(r)])
+        text += ("\n\nLog-likelihood scoring (multiple choice, one forward per choice):\n\n"
+                 + table(["Case", "accuracy [95% CI]", "Verdict"], rows, [False, False, False])
+                 + "".join(f"\n\nNot applicable: {reason}." for reason in sorted(reasons)))
+    return text
+
+
 RENDERERS = {"block_size": block_size_table, "full_length": full_length_table, "dynamic": dynamic_table,
              "profiling": profiling_tables, "batched": batched_table, "peers": peers_table, "cascade": cascade_table,
+             "fastdllm": fastdllm_table,
              **dict.fromkeys(("multiround", "suffix_recycling", "refinement", "candidate_diversity",
                               "tree_variants"), protocol_variant_table)}
 
