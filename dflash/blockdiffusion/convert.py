@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -38,8 +37,9 @@ from ..cascade.ladder import LADDER_DIR, Budget
 from ..cascade.tasks import Query, build_task_set
 from ..engine.verifiers import additive_mask
 from ..errors import DFlashError
+from ..harness.stats import mcnemar_exact
 from ..loading import PACKAGE_MODELS, chat_prompt_ids, load_target, load_tokenizer, quiet, resolve
-from ..tinyworld.target import bf16_autocast_ok, greedy_continuations
+from ..tinyworld.target import bf16_autocast_ok, greedy_continuations, warmup_cosine_lr
 from ..training.train import load_state_file, save_state_file, unusable_file
 from .masks import training_mask
 from .reference import reference_decode
@@ -215,14 +215,6 @@ def train_step(model, optimizer, noisy, masked, clean, block_size: int, bf16: bo
     return loss.item()
 
 
-def lr_at(step: int, recipe: Recipe) -> float:
-    """Linear warmup, then cosine to 10% of the peak (as the tiny world's targets train)."""
-    if step < recipe.warmup:
-        return recipe.lr * (step + 1) / recipe.warmup
-    progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
-    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 # --- 5. checkpoints: parameters, AdamW moments and the noise generator, in one safetensors file ----------------------
 def save_checkpoint(path: Path, model, optimizer, generator, document: dict) -> None:
     # named_parameters lists tied weights once (safetensors refuses tensors that share memory)
@@ -284,7 +276,7 @@ def train_model(model, tokens, response, mask_id: int, recipe: Recipe, key: dict
         noisy, masked, clean = complementary_noise(tokens[batch], response[batch], mask_id, generator,
                                                    recipe.min_mask_ratio)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, recipe)
+            group["lr"] = warmup_cosine_lr(step, recipe.lr, recipe.warmup, recipe.steps)
         losses.append(train_step(model, optimizer, noisy, masked, clean, recipe.block_size, bf16))
         train_seconds += time.perf_counter() - step_begin
         if (step + 1) % checkpoint_every == 0 and step + 1 < recipe.steps:
@@ -303,8 +295,7 @@ def paired_comparison(base_ok: list[bool], converted_ok: list[bool]) -> dict:
     """Accuracies with Wilson 95% intervals, the discordant pairs, McNemar's exact p (a binomial test on the
     discordant pairs) and a paired bootstrap 95% interval of the difference (converted - base)."""
     n, base, converted = len(base_ok), np.array(base_ok, float), np.array(converted_ok, float)
-    base_only, converted_only = int(((base == 1) & (converted == 0)).sum()), int(((base == 0) & (converted == 1)).sum())
-    discordant = base_only + converted_only
+    base_only, converted_only, mcnemar_p = mcnemar_exact(base_ok, converted_ok)
     resample = np.random.default_rng(0).integers(0, n, (4000, n))
     difference = converted[resample].mean(1) - base[resample].mean(1)
 
@@ -316,7 +307,7 @@ def paired_comparison(base_ok: list[bool], converted_ok: list[bool]) -> dict:
             "difference": converted.mean() - base.mean(),
             "difference_bootstrap95": [round(float(np.percentile(difference, q)), 4) for q in (2.5, 97.5)],
             "discordant": {"base_only": base_only, "converted_only": converted_only},
-            "mcnemar_exact_p": binomtest(base_only, discordant, 0.5).pvalue if discordant else 1.0}
+            "mcnemar_exact_p": mcnemar_p}
 
 
 def measure_quality(converted, base, tokenizer, queries: dict[str, list[Query]], recipe: Recipe, mask_id: int,

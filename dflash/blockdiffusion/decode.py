@@ -174,25 +174,19 @@ def generate(model, prompt_ids, *, block_size: int = 32, sub_block_size: int = 8
                     if not masked.any():
                         break
                     if kv is None:  # recompute everything: positions 0..s+D-1
-                        block_logits = forward("block", 0, s + D, runner)[:, s:]
+                        logits, first = forward("block", 0, s + D, runner), 0
                     elif cache == "prefix" or kv.get_seq_length() == s or masked[:, 0].any():
                         kv.truncate(s)
-                        block_logits = forward("block", s, s + D, runner)
+                        logits, first = forward("block", s, s + D, runner), s
                         if cache == "prefix":
                             kv.truncate(s)
                     else:  # dual cache, sub-block step: overwrite the sub-block's slots of the block cache
                         kv.replace_at = lo
                         try:
-                            sub_logits = forward("sub_block", lo, hi, runner, keys_end=s + D, offset=lo - s)
+                            logits, first = forward("sub_block", lo, hi, runner, keys_end=s + D, offset=lo - s), lo
                         finally:
                             kv.replace_at = None
-                        block_logits = torch.cat([sub_logits.new_zeros(len(rows), lo - s, sub_logits.shape[-1]),
-                                                  sub_logits], 1)
-                    # token shift: slot i reads the logits at i-1 (slot lo is masked only after a whole-block pass)
-                    shifted = block_logits[:, lo - s - 1:hi - s - 1] if lo > s else torch.cat(
-                        [block_logits.new_zeros(len(rows), 1, block_logits.shape[-1]),
-                         block_logits[:, :S - 1]], 1)
-                    probs = shifted.softmax(-1)
+                    probs = shifted(logits, first, lo, hi).softmax(-1)
                     confidence, predicted = probs.max(-1)
                     confidence = confidence.masked_fill(~masked, -1.0)
                     unmask = masked & (confidence > threshold)
@@ -231,6 +225,16 @@ def generate(model, prompt_ids, *, block_size: int = 32, sub_block_size: int = 8
     out.wall_s = clock(device) - begin
     out.cpu_s = time.process_time() - begin_cpu
     return out
+
+
+def shifted(logits: torch.Tensor, first: int, lo: int, hi: int) -> torch.Tensor:
+    """Token shift: the logits that predict slots lo..hi-1, i.e. those of positions lo-1..hi-2, from logits of
+    positions first, first+1, ... Position lo-1 lies outside them only when slot lo cannot be masked (a block's
+    first slot, or a sub-block step, which runs only while the sub-block's first slot is filled): zeros stand
+    there."""
+    if lo - 1 >= first:
+        return logits[:, lo - 1 - first:hi - 1 - first]
+    return torch.cat([logits.new_zeros(len(logits), 1, logits.shape[-1]), logits[:, :hi - 1 - first]], 1)
 
 
 def stop_found(tokens, lengths, s: int, hi: int, mask_id: int, stops: set[int]) -> torch.Tensor:

@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Sequence
 
 from ..errors import DFlashError
 from .fileio import atomic_write_text
-from .stats import mean_ci, worst_verdict
+from .stats import mcnemar_exact, mean_ci, worst_verdict
 
 TITLES = {"block_size": "Block-size sweep", "full_length": "Full-length runs",
           "peers": "Peer benchmark (transformers greedy / prompt lookup / target-only / DFlash)",
@@ -404,10 +404,7 @@ def cascade_table(records: list[dict]) -> str:
 def _mcnemar_cell(control: list[int], new: list[int]) -> str:
     """Accuracy change against a control on the same queries: difference, lost/gained and the exact two-sided
     McNemar p (binomial on the discordant queries)."""
-    from scipy.stats import binomtest
-    lost = sum(c and not n for c, n in zip(control, new))
-    gained = sum(n and not c for c, n in zip(control, new))
-    p = binomtest(lost, lost + gained, 0.5).pvalue if lost + gained else 1.0
+    lost, gained, p = mcnemar_exact(control, new)
     return f"{(gained - lost) / len(new):+.3f} (-{lost}/+{gained}, p {p:.2g})"
 
 

@@ -212,6 +212,15 @@ class AccuracyGateResult(GateResult):
         return self.new - self.baseline > self.margin
 
 
+def mcnemar_exact(baseline_correct: Sequence[bool], new_correct: Sequence[bool]) -> tuple[int, int, float]:
+    """(lost, gained, two-sided exact McNemar p) of two correctness lists paired by position: the binomial test
+    on the discordant pairs (p = 1 without any)."""
+    base = _as_1d(baseline_correct, "baseline_correct").astype(bool)
+    new = _as_1d(new_correct, "new_correct").astype(bool)
+    lost, gained = int((base & ~new).sum()), int((~base & new).sum())
+    return lost, gained, float(sps.binomtest(lost, lost + gained, 0.5).pvalue) if lost + gained else 1.0
+
+
 def accuracy_gate(baseline_correct: Sequence[bool], new_correct: Sequence[bool], *, margin: float = 0.01,
                   alpha: float = 0.05, case_id: str = "") -> AccuracyGateResult:
     """Exact McNemar test on queries paired by position: under "no change" a discordant query is as likely lost
@@ -222,7 +231,7 @@ def accuracy_gate(baseline_correct: Sequence[bool], new_correct: Sequence[bool],
     if base.size != new.size:
         raise DFlashError(f"accuracy_gate{f' ({case_id})' if case_id else ''} pairs queries: the baseline has "
                           f"{base.size}, the run {new.size}. Re-record the baseline with --update-baselines.")
-    lost, gained = int((base & ~new).sum()), int((~base & new).sum())
+    lost, gained, _ = mcnemar_exact(base, new)
     discordant = lost + gained
     p_worse = float(sps.binomtest(lost, discordant, 0.5, alternative="greater").pvalue) if discordant else 1.0
     p_better = float(sps.binomtest(gained, discordant, 0.5, alternative="greater").pvalue) if discordant else 1.0

@@ -66,6 +66,14 @@ def bf16_autocast_ok() -> bool:
     return bool(check and check())
 
 
+def warmup_cosine_lr(step: int, peak: float, warmup: int, steps: int) -> float:
+    """Linear warmup to `peak`, then cosine down to 10% of it at `steps`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
 def train_target(corpus: Corpus, tokenizer, *, seed: int = 0, steps: int = 700, batch_size: int = 8,
                  seq_len: int = 256, lr: float = 3e-3, warmup: int = 50, weight_decay: float = 0.1,
                  out_dir: str | None = None, progress: bool = True, config_overrides: dict | None = None,
@@ -101,12 +109,6 @@ def train_target(corpus: Corpus, tokenizer, *, seed: int = 0, steps: int = 700, 
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
-    def lr_at(step):
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-
     gen = torch.Generator().manual_seed(seed)
     order, pos = torch.randperm(len(data), generator=gen), 0
     losses, window, best, thread_fallback_step = [], [], float("inf"), None
@@ -121,7 +123,7 @@ def train_target(corpus: Corpus, tokenizer, *, seed: int = 0, steps: int = 700, 
         x = data[order[pos : pos + batch_size]]
         pos += batch_size
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = warmup_cosine_lr(step, lr, warmup, steps)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=x, labels=x).loss
         loss.backward()
