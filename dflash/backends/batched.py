@@ -32,6 +32,7 @@ import torch
 from ..engine import (CycleRecord, GenerationResult, GreedyAcceptor, Proposal, check_block_size, check_pair,
                       check_prompt, commit_tokens, cpu_seconds, left_pad)
 from ..engine.cache import new_cache, with_cache
+from ..engine.drafter import draft_head
 from ..engine.loop import clock, generated_length
 from ..engine.verifiers import additive_mask
 from ..errors import DFlashError
@@ -221,7 +222,8 @@ class _Rows:
         features, context_valid, context_positions = self.pending
         block = torch.full(positions.shape, int(draft.mask_token_id), dtype=torch.long, device=positions.device)
         block[:, 0] = anchors
-        hidden = draft(embed(block), features.to(embed.weight.dtype), context_positions, positions,
+        dtype = next(draft.parameters()).dtype
+        hidden = draft(embed(block).to(dtype), features.to(dtype), context_positions, positions,
                        past_key_values=self.draft_cache,
                        attention_mask=draft_mask(self.draft_valid, context_valid, width))
         drop_last_slots(self.draft_cache, width)  # keep context K/V only; the block is re-drafted next cycle
@@ -259,7 +261,8 @@ def decode_batch(target, draft, prompts, *, max_new_tokens: int, block_size: int
     stop_ids = set(int(t) for t in (stop_token_ids or []))
     use_draft = draft is not None and block_size > 1
     layers = list(draft.target_layer_ids) if use_draft else None
-    embed, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
+    embed = target.get_input_embeddings()
+    lm_head = draft_head(target, next(draft.parameters()).dtype) if use_draft else None
     acceptor = GreedyAcceptor()  # the engine's greedy acceptance, applied to each row's own chain
     stats = BatchStats()
     n = len(prompts)

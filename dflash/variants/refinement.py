@@ -46,7 +46,7 @@ class RefinementDrafter(DFlashDrafter):
         # research: no draft cache; the context is only the features handed over this cycle, at start-c..start-1
         c = context_features.shape[1]
         device = block.device
-        hidden = self.draft(self.embed(block[None]), context_features.to(self.embed.weight.dtype),
+        hidden = self.draft(self.embed(block[None]), context_features.to(self.dtype),
                             torch.arange(start - c, start, device=device)[None],
                             torch.arange(start, start + block.numel(), device=device)[None])
         return self.lm_head(hidden[0, 1:])
