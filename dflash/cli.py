@@ -122,7 +122,8 @@ def cmd_train(args) -> None:
     config = DraftTrainingConfig(num_layers=args.draft_layers, block_size=args.block_size,
                                  target_layer_ids=layer_ids, gamma=args.gamma, steps=args.steps,
                                  batch_size=args.batch_size, anchors_per_sequence=args.anchors,
-                                 learning_rate=args.lr, seed=args.seed, bf16_autocast=args.bf16_autocast)
+                                 learning_rate=args.lr, seed=args.seed, bf16_autocast=args.bf16_autocast,
+                                 loss_vocab=args.loss_vocab)
     options = RecipeOptions(distill_max_new_tokens=args.distill_max_new_tokens,
                             distill_batch_size=args.distill_batch_size, resume=args.resume,
                             distill_bf16_autocast=args.distill_bf16_autocast,
@@ -326,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gamma", type=finite_float(0.0, low_open=True), default=None, help="loss decay (default: 7 for B=16, 4 for B=8)")
     t.add_argument("--seed", type=bounded_int(0, SEED_MAX), default=0)
     t.add_argument("--bf16-autocast", action="store_true", help="draft training under bf16 autocast")
+    t.add_argument("--loss-vocab", default="full", choices=["full", "observed"],
+                   help="cross-entropy over the whole vocabulary, or over the tokens of the training data (faster)")
     t.add_argument("--distill-bf16-autocast", action="store_true",
                    help="self-distillation generates under bf16 autocast (faster on AVX512-BF16 CPUs)")
     t.add_argument("--distill-max-new-tokens", type=bounded_int(1), default=128)
