@@ -141,29 +141,33 @@ def cmd_bench(args) -> None:
     from .harness.profiles import get_profile, load_prompts, unavailable_reason
     from .harness.render import peers_table
     from .loading import enforce_offline, load_draft, load_target, load_tokenizer
-    from .harness.peers import peer_metrics, peer_modes, run_peers
+    from .harness.peers import in_dtype, peer_metrics, peer_modes, run_peers
     enforce_offline()
     profile = get_profile(args.profile)
     if not (args.target and args.draft) and (reason := unavailable_reason(profile, datasets=args.dataset)):
         raise DFlashError(reason)
     target_name, draft_name = args.target or profile.target, args.draft or profile.draft
-    target = load_target(target_name, device=profile.device, dtype=profile.dtype)
-    draft = load_draft(draft_name, device=profile.device, dtype=profile.dtype)
+    loaded_target = load_target(target_name, device=profile.device, dtype=profile.dtype)
+    loaded_draft = load_draft(draft_name, device=profile.device, dtype=profile.draft_dtype or profile.dtype)
     tokenizer = load_tokenizer(target_name)
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     count = args.prompts or profile.prompts
+    args.dtype = args.dtype or ["float32", "bfloat16"]
     max_new = args.max_new_tokens or profile.max_new_tokens
     candidates = tuple(sorted({2, *profile.scheduler_candidates}))
     records = []
-    for name in args.dataset or [d.name for d in profile.datasets]:
-        prompts = load_prompts(profile, profile.dataset(name), tokenizer, count)
-        modes = peer_modes(target, draft, block_sizes=(4, 8, 16), scheduler_candidates=candidates)
-        runs = run_peers(modes, prompts, max_new_tokens=max_new, stop_ids=stop)
-        metrics = peer_metrics(runs, prompts, target)
-        records.append({"id": f"peers/{profile.name}-{name}", "experiment": "peers", "dataset": name,
-                        "params": {"prompts": len(prompts), "max_new_tokens": max_new}, "metrics": metrics})
-        print(f"\n{name} (n={len(prompts)}, max_new_tokens={max_new}, threads={args.threads})")
-        print(peers_table(records[-1:]), flush=True)
+    for dtype in args.dtype:
+        target, draft = in_dtype(loaded_target, loaded_draft, dtype)
+        for name in args.dataset or [d.name for d in profile.datasets]:
+            prompts = load_prompts(profile, profile.dataset(name), tokenizer, count)
+            modes = peer_modes(target, draft, block_sizes=(4, 8, 16), scheduler_candidates=candidates)
+            runs = run_peers(modes, prompts, max_new_tokens=max_new, stop_ids=stop)
+            metrics = peer_metrics(runs, prompts, target)
+            records.append({"id": f"peers/{profile.name}-{name}-{dtype}", "experiment": "peers", "dataset": name,
+                            "params": {"prompts": len(prompts), "max_new_tokens": max_new, "target_dtype": dtype},
+                            "metrics": metrics})
+            print(f"\n{name} {dtype} (n={len(prompts)}, max_new_tokens={max_new}, threads={args.threads})")
+            print(peers_table(records[-1:]), flush=True)
     if args.json:
         from pathlib import Path
         Path(args.json).write_text(json.dumps({"target": target_name, "draft": draft_name, "profile": profile.name,
@@ -351,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--target", default=None, help="override the profile's target")
     b.add_argument("--draft", default=None, help="override the profile's draft")
     b.add_argument("--threads", type=bounded_int(1, 1024), default=1)
+    b.add_argument("--dtype", action="append", choices=["float32", "bfloat16"], default=None,
+                   help="the target's dtype for every mode of a row (repeatable; default: float32 and bfloat16)")
     b.add_argument("--json", default=None, help="also write the records to this JSON file")
     b.set_defaults(func=cmd_bench)
 

@@ -156,6 +156,20 @@ def test_smol_prompt_sets_disjoint():
     for category in ("math", "chat", "code"):
         assert heldout[category] and not set(heldout[category]) & set(train[category])
     assert heldout_prompts(5)["math"] == heldout["math"][:5]  # the draft's table uses a prefix of the profile's
+    wide = heldout_prompts(20)
+    assert all(len(set(prompts)) == 20 for prompts in wide.values())  # n = 20 distinct prompts per category
+
+
+def test_smol_heldout_is_the_benchmark_prompts_and_disjoint_from_training():
+    from dflash.harness.profiles import get_profile, prompt_turns
+    from dflash.training.prompt_sets import training_prompts
+    heldout = load_prompt_texts("smol-heldout", per_category=20)
+    profile = get_profile("smol")
+    assert list(heldout) == [spec.name for spec in profile.datasets] == ["math", "chat", "humaneval"]
+    for spec in profile.datasets:
+        assert heldout[spec.name] == [turns[-1] for turns in prompt_turns(profile, spec, 20)]
+    trained = {p for prompts in training_prompts(1000).values() for p in prompts}
+    assert not trained & {p for prompts in heldout.values() for p in prompts}
 
 
 def test_peer_benchmark_on_tiny(tiny):

@@ -43,7 +43,7 @@ def cached_models(state: RunState, profile) -> Models:
         tokenizer = load_tokenizer(target)
         state.models[profile.name] = Models(
             load_target(target, device=profile.device, dtype=profile.dtype),
-            load_draft(draft, device=profile.device, dtype=profile.dtype), tokenizer,
+            load_draft(draft, device=profile.device, dtype=profile.draft_dtype or profile.dtype), tokenizer,
             [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
     return state.models[profile.name]
 

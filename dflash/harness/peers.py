@@ -71,6 +71,19 @@ def run_project(target, draft, prompt: list[int], max_new_tokens: int, stop_ids,
                    sum(r.verify_s for r in result.trace), usage)
 
 
+def in_dtype(target, draft, dtype: str):
+    """The pair a peer row runs: the target in `dtype` (a converted copy when it is in another), and the draft in
+    its own dtype unless that is wider than `dtype` (a bf16 row drafts in bf16 too). Every mode of a row shares
+    the target, so transformers greedy and DFlash verify with the same weights."""
+    import copy
+    wanted = getattr(torch, dtype)
+    if target.dtype != wanted:
+        target = copy.deepcopy(target).to(wanted)
+    if draft is not None and next(draft.parameters()).dtype.itemsize > wanted.itemsize:
+        draft = copy.deepcopy(draft).to(wanted)
+    return target, draft
+
+
 def peer_modes(target, draft, block_sizes=(4, 8, 16), scheduler_candidates=(2, 4, 8, 16)) -> dict:
     """name -> run(prompt, max_new_tokens, stop_ids); block sizes above the draft's are left out."""
     sizes = [b for b in block_sizes if b <= draft.block_size]

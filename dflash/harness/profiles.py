@@ -81,6 +81,7 @@ class Profile:
     clock: str = "cpu"  # clock of the gated speedups (measure.seconds): process CPU time on CPU, wall on CUDA
     references: tuple[Reference, ...] = ()  # published figures, each for the cases it describes
     ci_cases: str | None = None  # regex of the case ids in the CI tier (None: the ablation markers decide)
+    draft_dtype: str | None = None  # the draft's dtype when it differs from the target's (dflash.engine.draft_head)
 
     def references_for(self, dataset: str, block_size, max_new_tokens, temperature=0.0) -> list[Reference]:
         return [r for r in self.references if r.matches(dataset, block_size, max_new_tokens, temperature)]
@@ -159,8 +160,11 @@ GPU_CI_CASES = r"^block_size/test_block_size\[[^\]]*-(gsm8k|humaneval)-bs(8|16)\
 PROFILES = {p.name: p for p in [
     Profile("tiny", "tiny", "tiny", "cpu", "float32", TINY_DATASETS, prompts=12, prompts_cap=48,
             max_new_tokens=64, full_length_max_new_tokens=160, scheduler_candidates=(2, 4, 8, 16)),
-    Profile("smol", "smol", "smol", "cpu", "float32", SMOL_DATASETS, prompts=5, prompts_cap=12,
-            max_new_tokens=128, full_length_max_new_tokens=256, scheduler_candidates=(4, 8, 16)),
+    # smol: a bf16 draft beside the fp32 target (a CPU's small-row fp32 GEMMs made the fp32 draft step 1/4 of a
+    # cycle); 20 prompts per dataset, 64 new tokens: the peer benchmark's 7 modes x 2 dtypes fit in an hour.
+    Profile("smol", "smol", "smol", "cpu", "float32", SMOL_DATASETS, prompts=20, prompts_cap=20,
+            max_new_tokens=64, full_length_max_new_tokens=256, scheduler_candidates=(4, 8, 16),
+            draft_dtype="bfloat16"),
     Profile("gpu-qwen3-4b", "Qwen/Qwen3-4B", "z-lab/Qwen3-4B-DFlash-b16", "cuda", "bfloat16", GPU_DATASETS,
             prompts=30, prompts_cap=60, max_new_tokens=512, full_length_max_new_tokens=2048, needs_cuda=True,
             clock="wall", references=QWEN3_4B_REFERENCES, ci_cases=GPU_CI_CASES),

@@ -340,14 +340,15 @@ def peers_table(records: list[dict]) -> str:
         for mode in sorted(modes, key=mode_order):
             m = modes[mode]
             ties = len(m.get("float_ties") or {})
+            milliseconds = [fmt(1e3 * m[k]) if k in m else DASH for k in ("t1_s", "t_verify_s", "t_draft_s")]
             rows.append([r["id"], mode, fmt(m.get("tokens_per_s")), fmt(m.get("ratio_to_hf_greedy")),
                          fmt(m.get("tau")), _ratio(m.get("identical_to_hf_greedy", 0), m.get("n", 0)) +
-                         (f" ({ties} float ties)" if ties else ""), fmt(m.get("ceiling")), fmt(m.get("efficiency")),
-                         fmt(m.get("efficiency_vs_target_only")), verdict_cell(r)])
-    headers = ["Case", "Mode", "Tokens/s", "Ratio to HF greedy", "Tau", "Identical to HF greedy",
-               "Ceiling tau*T(1)/(T(verify)+T(draft))", "Efficiency (ratio / ceiling)",
+                         (f" ({ties} float ties)" if ties else ""), *milliseconds, fmt(m.get("ceiling")),
+                         fmt(m.get("efficiency")), fmt(m.get("efficiency_vs_target_only")), verdict_cell(r)])
+    headers = ["Case", "Mode", "Tokens/s", "Ratio to HF greedy", "Tau", "Identical to HF greedy", "T(1) ms",
+               "T(verify) ms", "T(draft) ms", "Ceiling tau*T(1)/(T(verify)+T(draft))", "Efficiency (ratio / ceiling)",
                "Efficiency vs own target-only", "Verdict"]
-    return table(headers, rows, [False, False] + [True] * 7 + [False])
+    return table(headers, rows, [False, False] + [True] * 10 + [False])
 
 
 def protocol_variant_table(records: list[dict], full_ids: bool = False) -> str:

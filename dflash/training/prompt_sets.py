@@ -54,6 +54,14 @@ CHAT_TEMPLATES = (
     "Why is {topic} important?",
     "How do I get better at {activity}?",
     "Summarize what you know about {topic} in two sentences.",
+    "What are some common mistakes people make when {activity}?",
+    "Can you compare {pair} in a short table?",
+    "Describe {topic} to a ten-year-old.",
+    "What is a good first step for {activity}?",
+    "List five words that come to mind when you think of {topic}.",
+    "How would you explain the difference between {pair} to a friend?",
+    "Write a short story that involves {topic}.",
+    "What questions should I ask myself before {activity}?",
 )
 # (function name, arguments, docstring, example call, example result)
 CODE_TASKS = (
@@ -174,11 +182,30 @@ def training_prompts(per_category: int, seed: int = 0) -> dict[str, list[str]]:
     return prompts
 
 
+def _distinct(make, count: int) -> list[str]:
+    """The first `count` distinct prompts of a seeded generator `make(n)` (fewer if it has no more)."""
+    for n in (count, 4 * count, 16 * count):
+        prompts = list(dict.fromkeys(make(n)))
+        if len(prompts) >= count:
+            break
+    return prompts[:count]
+
+
 def heldout_prompts(per_category: int = 12, seed: int = 1000) -> dict[str, list[str]]:
-    """The held-out math/chat prompts of the smol profile (its code data is HumanEval) and code tasks."""
-    return {"math": math_prompts(per_category, seed, held_out=True),
-            "chat": chat_prompts(per_category, seed + 1, held_out=True),
-            "code": code_prompts(per_category, seed + 2, held_out=True)}
+    """The held-out math/chat prompts of the smol profile (its code data is HumanEval) and code tasks; distinct
+    within each category."""
+    return {"math": _distinct(lambda n: math_prompts(n, seed, held_out=True), per_category),
+            "chat": _distinct(lambda n: chat_prompts(n, seed + 1, held_out=True), per_category),
+            "code": _distinct(lambda n: code_prompts(n, seed + 2, held_out=True), per_category)}
+
+
+def smol_heldout(per_category: int) -> dict[str, list[str]]:
+    """`smol-heldout`: the smol profile's benchmark prompts, as `dflash bench --profile smol` sees them: held-out
+    math and chat, and the first HumanEval problems (the research's prompt template); never used for training."""
+    from ..harness.profiles import get_profile, prompt_turns
+    profile = get_profile("smol")
+    return {spec.name: [turns[-1] for turns in prompt_turns(profile, spec, per_category)]
+            for spec in profile.datasets}
 
 
 NAMED_PROMPT_SETS = ("smol-train", "smol-heldout", "tiny-train", "tiny-heldout")
@@ -190,7 +217,7 @@ def load_prompt_texts(spec: str, *, per_category: int) -> dict[str, list[str]]:
     if spec == "smol-train":
         return training_prompts(per_category)
     if spec == "smol-heldout":
-        return heldout_prompts(per_category)
+        return smol_heldout(per_category)
     if spec == "tiny-train":  # the tiny build's distillation prompts (corpus windows + fresh code headers)
         from ..loading import load_tokenizer
         from ..tinyworld.build import tiny_distillation_prompts
