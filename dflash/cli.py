@@ -63,6 +63,9 @@ DRAFT_DEFAULTS = dict(block_size=16, steps=1000, batch_size=4, lr=1e-3)
 
 
 def cmd_train(args) -> None:
+    if args.what in ("tiny", "ladder", "block-diffusion") and args.device is not None:
+        raise DFlashError(f"--device applies to the draft recipe (dflash train --target ...); dflash train "
+                          f"{args.what} runs on the CPU. Drop --device.")
     if args.what == "tiny":
         from .tinyworld.build import build_tiny_world
         build_tiny_world(args.out, quick=args.quick)
@@ -106,7 +109,8 @@ def cmd_train(args) -> None:
         raise DFlashError(f"No mask token: the tokenizer has none and --mask-token {mask_token!r} is not in its "
                           "vocabulary. Pass --mask-token with an existing, otherwise unused token.")
     chat = args.chat if args.chat is not None else args.target == "smol"
-    target = load_target(args.target)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    target = load_target(args.target, device=device, dtype="float32")
     layers = target.config.get_text_config().num_hidden_layers
     if args.target_layer_ids and max(args.target_layer_ids) >= layers:
         raise DFlashError(f"--target-layer-ids {args.target_layer_ids} include layers outside the target's {layers} "
@@ -345,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=bounded_int(1), default=50)
     t.add_argument("--threads", type=bounded_int(1, 1024), default=1, help="torch threads (default 1: shared machines)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/.work (finished stages, checkpoint)")
+    t.add_argument("--device", default=None, help="draft recipe: where the target and the draft run, cpu, cuda "
+                   "or cuda:N (default: cuda when available, else cpu)")
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="peer benchmark: transformers greedy / prompt lookup / target-only / DFlash")

@@ -40,13 +40,15 @@ def test_self_distill_equals_unbatched_greedy(tiny):
         assert sequence.token_ids[len(prompt):].tolist() == reference.output_ids
 
 
-def test_resumed_training_equals_uninterrupted(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("loss_vocab", ["full", "observed"])
+def test_resumed_training_equals_uninterrupted(tiny, tmp_path, monkeypatch, loss_vocab):
     import dflash.training.train as train_module
     target, tok = tiny
     sequences = self_distill(target, _ids(tok, PROMPTS), max_new_tokens=16, stop_token_ids=[],
                              pad_token_id=tok.pad_token_id, progress=False)
     mask = tok.convert_tokens_to_ids("<|MASK|>")
-    config = DraftTrainingConfig(num_layers=1, block_size=4, steps=6, batch_size=2, anchors_per_sequence=2)
+    config = DraftTrainingConfig(num_layers=1, block_size=4, steps=6, batch_size=2, anchors_per_sequence=2,
+                                 loss_vocab=loss_vocab)
     full, full_stats = train_draft(target, sequences, mask_token_id=mask, config=config, progress=False)
 
     class Crash(Exception):

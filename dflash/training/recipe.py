@@ -155,6 +155,14 @@ def _target_signature(target) -> dict:
             "num_hidden_layers": text.num_hidden_layers, "vocab_size": target.get_input_embeddings().num_embeddings}
 
 
+def _device_name(target) -> str:
+    """Where the recipe ran: `cpu (N threads)`, or the CUDA device's name."""
+    device = target.get_input_embeddings().weight.device
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 def run_recipe(target, data: RecipeData, out_dir: str | Path, *, config: DraftTrainingConfig,
                options: RecipeOptions, command: str, extra_manifest: dict | None = None,
                log=print) -> dict:
@@ -232,7 +240,7 @@ def run_recipe(target, data: RecipeData, out_dir: str | Path, *, config: DraftTr
         "threads": torch.get_num_threads(),
         "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
                         "transformers": transformers.__version__, "machine": platform.machine(),
-                        "processor": platform.processor()},
+                        "processor": platform.processor(), "device": _device_name(target)},
         "data": {**data.description,
                  "prompts_per_category": {c: len(p) for c, p in data.train_prompts.items()},
                  "response_tokens_per_category": response_tokens,

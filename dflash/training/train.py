@@ -138,10 +138,11 @@ class RestrictedHead(torch.nn.Module):
 
     def __init__(self, head: torch.nn.Module, token_ids: torch.Tensor):
         super().__init__()
+        token_ids = token_ids.to(head.weight.device)
         self.weight = head.weight[token_ids].detach()
         self.bias = head.bias[token_ids].detach() if getattr(head, "bias", None) is not None else None
-        self.rows = torch.full((head.weight.shape[0],), -100, dtype=torch.long)
-        self.rows[token_ids] = torch.arange(token_ids.numel())
+        self.rows = torch.full((head.weight.shape[0],), -100, dtype=torch.long, device=head.weight.device)
+        self.rows[token_ids] = torch.arange(token_ids.numel(), device=head.weight.device)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.weight, self.bias)
@@ -191,6 +192,7 @@ def train_draft(target, sequences: list[TrainingSequence], *, mask_token_id: int
     draft = DFlashDraftModel(make_draft_config(target.config, num_layers=config.num_layers, block_size=block,
                                                mask_token_id=mask_token_id,
                                                target_layer_ids=config.target_layer_ids)).float().train()
+    draft.to(target.get_input_embeddings().weight.device)  # the target's device: a GPU trains in minutes
     if features is None:  # one sequence per forward: no padding, the tiny build's original numerics
         features = context_features(target, sequences, draft.target_layer_ids, batch_size=1)
     usable = [i for i, s in enumerate(sequences) if s.token_ids.numel() - 2 >= max(1, s.response_start - 1)]
@@ -200,7 +202,7 @@ def train_draft(target, sequences: list[TrainingSequence], *, mask_token_id: int
     for parameter in target.parameters():
         parameter.requires_grad_(False)
     lm_head = loss_head(target.get_output_embeddings(), sequences, config.loss_vocab)
-    position_weights = torch.exp(-torch.arange(block - 1, dtype=torch.float32) / gamma)  # k = 1..B-1
+    position_weights = torch.exp(-torch.arange(block - 1, dtype=torch.float32) / gamma).to(embed.weight.device)
 
     optimizer = torch.optim.AdamW(draft.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     warmup = max(1, int(config.warmup_fraction * config.steps))
@@ -442,14 +444,15 @@ def _batch_loss(draft, embed, lm_head, sequences, features, anchors_per_sequence
                                   torch.full_like(targets, -100)))
         masks.append(block_attention_mask(anchor, context_length, block))
         context[row, : feature.shape[0]] = feature.float()  # features may be cached in a narrower dtype
-    block_ids = torch.stack(block_ids)
+    device = embed.weight.device
+    block_ids = torch.stack(block_ids).to(device)
     with torch.no_grad():
         noise = embed(block_ids)
-    hidden = draft(noise, context, torch.arange(context_length)[None].expand(len(sequences), -1),
-                   torch.stack(block_positions), attention_mask=torch.stack(masks)[:, None])
+    hidden = draft(noise, context.to(device), torch.arange(context_length, device=device)[None].expand(len(sequences), -1),
+                   torch.stack(block_positions).to(device), attention_mask=torch.stack(masks)[:, None].to(device))
     hidden = hidden.view(len(sequences), num_blocks, block, -1)[:, :, 1:]  # drop the anchor's output
     logits = lm_head(hidden).float()
-    labels = torch.stack(labels).flatten()
+    labels = torch.stack(labels).flatten().to(device)
     if isinstance(lm_head, RestrictedHead):
         labels = lm_head.labels(labels)
     token_loss = F.cross_entropy(logits.flatten(0, 2), labels, reduction="none", ignore_index=-100)
