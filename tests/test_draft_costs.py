@@ -86,6 +86,9 @@ def test_the_loss_vocabulary_knob_is_live_and_checked(tiny):
                                      loss_vocab=vocab)
         _, stats = train_draft(target, sequences, mask_token_id=0, config=config, progress=False)
         runs[vocab] = stats.losses
+        expected = (target.get_output_embeddings().weight.shape[0] if vocab == "full"
+                    else torch.unique(torch.cat(ids)).numel())
+        assert stats.loss_vocab_size == expected
     assert runs["full"][0] > runs["observed"][0]  # a smaller normaliser: a smaller loss from the same start
     with pytest.raises(DFlashError, match="loss_vocab"):
         train_draft(target, sequences, mask_token_id=0, progress=False,

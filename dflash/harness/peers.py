@@ -17,6 +17,7 @@ greedy (the headline ratio); efficiency over the project's own target-only loop 
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -75,7 +76,6 @@ def in_dtype(target, draft, dtype: str):
     """The pair a peer row runs: the target in `dtype` (a converted copy when it is in another), and the draft in
     its own dtype unless that is wider than `dtype` (a bf16 row drafts in bf16 too). Every mode of a row shares
     the target, so transformers greedy and DFlash verify with the same weights."""
-    import copy
     wanted = getattr(torch, dtype)
     if target.dtype != wanted:
         target = copy.deepcopy(target).to(wanted)

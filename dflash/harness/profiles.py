@@ -161,7 +161,7 @@ PROFILES = {p.name: p for p in [
     Profile("tiny", "tiny", "tiny", "cpu", "float32", TINY_DATASETS, prompts=12, prompts_cap=48,
             max_new_tokens=64, full_length_max_new_tokens=160, scheduler_candidates=(2, 4, 8, 16)),
     # smol: a bf16 draft beside the fp32 target (a CPU's small-row fp32 GEMMs made the fp32 draft step 1/4 of a
-    # cycle); 20 prompts per dataset, 64 new tokens: the peer benchmark's 7 modes x 2 dtypes fit in an hour.
+    # cycle); 20 prompts per dataset, 64 new tokens: the peer benchmark's 7 modes took 38 min per dtype.
     Profile("smol", "smol", "smol", "cpu", "float32", SMOL_DATASETS, prompts=20, prompts_cap=20,
             max_new_tokens=64, full_length_max_new_tokens=256, scheduler_candidates=(4, 8, 16),
             draft_dtype="bfloat16"),

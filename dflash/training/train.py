@@ -51,7 +51,7 @@ class DraftTrainingConfig:
     bf16_autocast: bool = False  # draft forward/backward under CPU/CUDA bf16 autocast (weights stay fp32)
     # "full": cross-entropy over the target's whole vocabulary. "observed": over the tokens that occur in the
     # training sequences only (every label is one), a sampled-softmax approximation that skips the head rows no
-    # label can need: SmolLM2's 49k-row head is 2/3 of a CPU training step, and ~1/4 of its rows occur.
+    # label can need: SmolLM2's 49k-row head and loss were 2/3 of a CPU training step.
     loss_vocab: str = "full"
 
 
@@ -69,6 +69,7 @@ class DraftTrainingStats:
     wall_s: float
     loss_first: float
     loss_last: float  # mean over the last 10% of steps
+    loss_vocab_size: int = 0  # rows of the head the loss normalises over
     losses: list[float] = field(default_factory=list, repr=False)
 
 
@@ -242,6 +243,7 @@ def train_draft(target, sequences: list[TrainingSequence], *, mask_token_id: int
     tail = losses[-max(1, len(losses) // 10):]
     stats = DraftTrainingStats(config={**asdict(config), "gamma": gamma, "target_layer_ids": draft.target_layer_ids},
                                num_sequences=len(sequences), num_parameters=sum(p.numel() for p in draft.parameters()),
+                               loss_vocab_size=int(lm_head.weight.shape[0]),
                                wall_s=wall_before + time.perf_counter() - begin, loss_first=losses[0],
                                loss_last=sum(tail) / len(tail), losses=losses)
     return draft.eval(), stats
