@@ -100,8 +100,12 @@ def cmd_train(args) -> None:
     tokenizer = load_tokenizer(args.target)
     train_texts = check_prompt_texts(load_prompt_texts(args.prompts, per_category=args.prompts_per_category),
                                      args.prompts)
-    heldout_texts = check_prompt_texts(load_prompt_texts(args.heldout, per_category=args.heldout_per_category),
-                                       args.heldout)
+    if args.heldout == "smol-heldout":
+        from .harness.profiles import benchmark_prompt_texts, get_profile
+        heldout = benchmark_prompt_texts(get_profile("smol"), args.heldout_per_category)
+    else:
+        heldout = load_prompt_texts(args.heldout, per_category=args.heldout_per_category)
+    heldout_texts = check_prompt_texts(heldout, args.heldout)
     mask_token = args.mask_token or tokenizer.mask_token or (
         __import__("dflash.smol", fromlist=["MASK_TOKEN"]).MASK_TOKEN if args.target == "smol" else None)
     mask_id = tokenizer.convert_tokens_to_ids(mask_token) if mask_token else None

@@ -75,7 +75,7 @@ class TwoChainDrafter(DFlashDrafter):
     def propose(self, anchor, start, length, context_features, temperature, generator):
         tokens = self.draft_logits(self.masked_block(anchor, length), start, context_features).argmax(-1)
         other = tokens.clone()
-        other[0] = (other[0] + 1) % self.embed.weight.shape[0]
+        other[0] = (other[0] + 1) % self.token_embedding.weight.shape[0]
         return Proposal.from_chains([tokens, other], draft_passes=1)
 
 

@@ -163,10 +163,10 @@ def test_smol_prompt_sets_disjoint():
 
 
 def test_smol_heldout_is_the_benchmark_prompts_and_disjoint_from_training():
-    from dflash.harness.profiles import get_profile, prompt_turns
+    from dflash.harness.profiles import benchmark_prompt_texts, get_profile, prompt_turns
     from dflash.training.prompt_sets import training_prompts
-    heldout = load_prompt_texts("smol-heldout", per_category=20)
     profile = get_profile("smol")
+    heldout = benchmark_prompt_texts(profile, 20)
     assert list(heldout) == [spec.name for spec in profile.datasets] == ["math", "chat", "humaneval"]
     for spec in profile.datasets:
         assert heldout[spec.name] == [turns[-1] for turns in prompt_turns(profile, spec, 20)]

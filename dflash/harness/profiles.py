@@ -432,6 +432,12 @@ def prompt_turns(profile: Profile, spec: DatasetSpec, count: int) -> list[list[s
     return conversations
 
 
+def benchmark_prompt_texts(profile: Profile, per_category: int) -> dict[str, list[str]]:
+    """The last user turn of each of a profile's first `per_category` prompts per dataset (`dflash train
+    --heldout smol-heldout`: held-out math and chat, the first HumanEval problems; never used for training)."""
+    return {spec.name: [turns[-1] for turns in prompt_turns(profile, spec, per_category)] for spec in profile.datasets}
+
+
 def encode_turns(spec: DatasetSpec, tokenizer, turns: list[str], answers=()) -> list[int]:
     """Token ids of a prompt: the user turns with the assistant's answers between them (len(answers) ==
     len(turns) - 1), through the target's chat template with thinking disabled (spec 4.3); without chat, the

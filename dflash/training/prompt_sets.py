@@ -199,15 +199,6 @@ def heldout_prompts(per_category: int = 12, seed: int = 1000) -> dict[str, list[
             "code": _distinct(lambda n: code_prompts(n, seed + 2, held_out=True), per_category)}
 
 
-def smol_heldout(per_category: int) -> dict[str, list[str]]:
-    """`smol-heldout`: the smol profile's benchmark prompts, as `dflash bench --profile smol` sees them: held-out
-    math and chat, and the first HumanEval problems (the research's prompt template); never used for training."""
-    from ..harness.profiles import get_profile, prompt_turns
-    profile = get_profile("smol")
-    return {spec.name: [turns[-1] for turns in prompt_turns(profile, spec, per_category)]
-            for spec in profile.datasets}
-
-
 NAMED_PROMPT_SETS = ("smol-train", "smol-heldout", "tiny-train", "tiny-heldout")
 
 
@@ -217,7 +208,8 @@ def load_prompt_texts(spec: str, *, per_category: int) -> dict[str, list[str]]:
     if spec == "smol-train":
         return training_prompts(per_category)
     if spec == "smol-heldout":
-        return smol_heldout(per_category)
+        raise DFlashError("smol-heldout is the smol profile's benchmark prompts: read them with "
+                          "dflash.harness.profiles.benchmark_prompt_texts.")
     if spec == "tiny-train":  # the tiny build's distillation prompts (corpus windows + fresh code headers)
         from ..loading import load_tokenizer
         from ..tinyworld.build import tiny_distillation_prompts

@@ -288,7 +288,8 @@ def load_state_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch
             head = handle.read(16)
     except OSError as error:
         raise unusable_file(path, f"cannot be read ({error.strerror or error})") from None
-    if head.startswith(_PICKLE_MAGIC):
+    # a safetensors file opens with its header length (8 bytes, little endian: the first may be 0x80) and "{"
+    if head.startswith(_PICKLE_MAGIC) and head[8:9] != b"{":
         raise unusable_file(path, "is in the old, unsafe format (a pickle / torch.save file, which can run arbitrary "
                                   "code when loaded); it will not be unpickled")
     try:
