@@ -243,7 +243,8 @@ def cmd_gate_quality(args) -> None:
         args.family = collected_family(["-m", "not slow"])
         print(f"gate family of make test's ablations: {args.family} gates", file=sys.stderr)
     gate_quality(repeats=args.repeats, tau_trials=args.tau_trials, slow_repeats=args.slow_repeats,
-                 family=args.family, hogs=args.hogs, block_sizes=tuple(args.block_sizes), out=args.out)
+                 family=args.family, hogs=args.hogs, block_sizes=tuple(args.block_sizes), out=args.out,
+                 ab_ref=args.ab_ref)
 
 
 def cmd_cascade(args) -> int:
@@ -381,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--hogs", type=bounded_int(0, 64), default=2, help="busy processes during the loaded false-alarm runs")
     q.add_argument("--block-sizes", type=int_list(1), default=[4, 8, 16], help="block sizes of the gated cases (comma-separated)")
     q.add_argument("--out", default=None, help="also write the JSON result to this file")
+    q.add_argument("--ab-ref", default=None, metavar="REF", help="measure the A/B path instead: each case gated "
+                   "against commit REF (HEAD: unchanged code against itself) run by the reference worker on this "
+                   "machine, --repeats times, and --slow-repeats times with the planted slowdown")
     q.set_defaults(func=cmd_gate_quality)
 
     b = sub.add_parser("baselines", help="check baseline coverage, or recover baselines from a killed "

@@ -91,10 +91,11 @@ def testbed_key(fingerprint: dict) -> str:
 
 
 def collect_fingerprint(profile: str, seeds, *, git_sha: str | None = None, device: str = "cpu",
-                        dtype: str | None = None) -> dict:
-    """The testbed and software fingerprint of a run on `device` (imports torch/transformers lazily: they are
-    slow). A CPU run on a machine with a GPU is fingerprinted as the CPU it ran on; `threads` is the torch
-    intra-op thread count at the time of the call (the ablations run one per process)."""
+                        dtype: str | None = None, repo: Path = PROJECT_ROOT) -> dict:
+    """The testbed and software fingerprint of a run on `device` of the code in `repo` (imports
+    torch/transformers lazily: they are slow). A CPU run on a machine with a GPU is fingerprinted as the CPU it
+    ran on; `threads` is the torch intra-op thread count at the time of the call (the ablations run one per
+    process)."""
     import torch
     import transformers
 
@@ -102,7 +103,7 @@ def collect_fingerprint(profile: str, seeds, *, git_sha: str | None = None, devi
     gpu = gpu_facts(device) if str(device).startswith("cuda") and torch.cuda.is_available() else None
     fingerprint = {"cpu": cpu, "gpu": gpu, "torch": str(torch.__version__),
                    "transformers": str(transformers.__version__), "python": platform.python_version(),
-                   "dtype": dtype, "git_sha": git_sha or _git_sha(), "code": code_identity(), "profile": profile,
+                   "dtype": dtype, "git_sha": git_sha or _git_sha(repo), "code": code_identity(repo), "profile": profile,
                    "seeds": seeds}
     fingerprint["hardware"] = describe_hardware(fingerprint)
     fingerprint["testbed"] = testbed_key(fingerprint)
@@ -122,22 +123,23 @@ def describe_hardware(fingerprint: dict) -> str:
             f"thread(s), {cpu.get('memory_gib')} GiB")
 
 
-def code_identity() -> str:
-    """The code a run measured: the git commit plus a digest of uncommitted changes to tracked files
-    ("<sha>" or "<sha>+<digest>"); "unknown" outside a git checkout."""
-    sha = _git_sha()
+def code_identity(repo: Path = PROJECT_ROOT) -> str:
+    """The code a run measured: the commit of the checkout at `repo` plus a digest of uncommitted changes to its
+    tracked files other than baselines and prose ("<sha>" or "<sha>+<digest>"); "unknown" outside a git
+    checkout."""
+    sha = _git_sha(repo, full=True)
     try:
-        diff = subprocess.run(["git", "-C", str(PROJECT_ROOT), "diff", "HEAD", "--", "dflash", "ablations"],
-                              capture_output=True, timeout=30).stdout
+        diff = subprocess.run(["git", "-C", str(repo), "diff", "HEAD", "--", ".", ":(exclude)baselines",
+                               ":(exclude)*.md"], capture_output=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return sha
     return f"{sha}+{hashlib.sha256(diff).hexdigest()[:12]}" if diff else sha
 
 
-def _git_sha() -> str:
+def _git_sha(repo: Path = PROJECT_ROOT, full: bool = False) -> str:
     try:
-        result = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10)
+        result = subprocess.run(["git", "-C", str(repo), "rev-parse", *([] if full else ["--short"]), "HEAD"],
+                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return result.stdout.strip() or "unknown"

@@ -348,13 +348,17 @@ def test_an_unwritable_github_step_summary_says_so_without_losing_the_summary(pr
 BAD_BASELINES = [
     pytest.param(b"{not json", r"invalid JSON at line 1, column 2", id="invalid-json"),
     pytest.param(b"\xff\xfe\x00garbage", r"not UTF-8 text", id="binary"),
-    pytest.param(json.dumps({"schema_version": 1, "profile": "tiny", "ablation": "wire",
-                             "cases": [{"id": CASE_ID, "per_prompt_tau": "many", "speedup_samples": [True],
+    pytest.param(json.dumps({"schema_version": 2, "profile": "tiny", "ablation": "wire",
+                             "cases": [{"id": CASE_ID, "per_prompt_tau": "many", "code": "",
+                                        "throughput": {"cpu-a": {"speedup_samples": [True], "fingerprint": {},
+                                                                 "code": "a", "recorded": "x"}},
                                         "counters": [], "fingerprint": 7, "provenance": {}}]}).encode(),
-                 r"case '\S+': per_prompt_tau must be a non-empty list of finite numbers; .*speedup_samples must be "
-                 r"a list of finite numbers; .*counters must be an object; .*fingerprint must be an object",
-                 id="wrong-types"),
-    pytest.param(json.dumps({"schema_version": 1, "profile": "tiny", "ablation": "wire", "cases": "none"}).encode(),
+                 r"case '\S+': per_prompt_tau must be a non-empty list of finite numbers; .*code must name the commit"
+                 r".*speedup_samples must be a list of positive numbers; .*counters must be an object; "
+                 r".*fingerprint must be an object", id="wrong-types"),
+    pytest.param(json.dumps({"schema_version": 1, "profile": "tiny", "ablation": "wire", "cases": []}).encode(),
+                 r"schema_version is 1, this code reads version 2", id="old-schema"),
+    pytest.param(json.dumps({"schema_version": 2, "profile": "tiny", "ablation": "wire", "cases": "none"}).encode(),
                  r"cases must be a list", id="cases-not-a-list"),
     pytest.param(None, r"cannot be read \(Is a directory\)", id="a-directory"),
 ]
@@ -430,7 +434,7 @@ def _recording(tmp_path, case_id: str) -> Path:
     from dflash.harness.runs import identity_digest
     record = {"id": "block_size/ok", "ablation": "block_size", "profile": "tiny", "dataset": "math",
               "metrics": {"per_prompt_tau": [2.0], "speedup_samples": [1.0]}, "outcome": "passed", "recording": True,
-              "identity": identity_digest(identity), "fingerprint": {}}
+              "identity": identity_digest(identity), "fingerprint": {"testbed": "cpu-a", "code": "abc"}}
     run_dir = tmp_path / "reports" / "tiny-1"
     run_dir.mkdir(parents=True)
     (run_dir / RUN_FILE).write_text(json.dumps(identity))

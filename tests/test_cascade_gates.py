@@ -13,7 +13,8 @@ from dflash.harness.runs import holm_over, record_problem
 from dflash.harness.stats import IMPROVEMENT, PASS, REGRESSION, accuracy_gate
 
 FINGERPRINT = {"hardware": "cpu", "torch": "2", "transformers": "5", "python": "3.11", "git_sha": "abc",
-               "profile": "tiny", "seeds": None}
+               "profile": "tiny", "seeds": None, "testbed": "cpu-a", "code": "abc"}
+COST = [0.5, 1.2, 0.7]
 
 
 def test_accuracy_gate_is_quiet_on_the_same_outcomes_and_detects_a_real_drop():
@@ -38,7 +39,8 @@ def test_accuracy_gate_is_quiet_on_the_same_outcomes_and_detects_a_real_drop():
 
 def cascade_entry(**over):
     entry = {"id": "cascade/test_cascade[tiny-router-lam0.1]", "kind": "outcomes",
-             "per_query": {"qids": ["a", "b", "c"], "correct": [1, 0, 1], "cost": [0.5, 1.2, 0.7]},
+             "per_query": {"qids": ["a", "b", "c"], "correct": [1, 0, 1]}, "code": "abc",
+             "throughput": {"cpu-a": {"cost": COST, "fingerprint": FINGERPRINT, "code": "abc", "recorded": "now"}},
              "fingerprint": FINGERPRINT, "provenance": {"command": "test"}}
     entry.update(over)
     return entry
@@ -58,9 +60,10 @@ def test_cascade_baseline_entries_are_validated_and_round_trip(tmp_path):
     assert case.kind == "outcomes" and case.per_query["correct"] == [1, 0, 1]
     assert case.headline == ("accuracy", pytest.approx(2 / 3), 3)
     assert case.to_json() == cascade_entry()
-    for bad, words in [({"per_query": {"qids": ["a", "a"], "correct": [1, 0], "cost": [1, 1]}}, "distinct"),
-                       ({"per_query": {"qids": ["a"], "correct": [2], "cost": [1.0]}}, "one 0 or 1"),
-                       ({"per_query": {"qids": ["a"], "correct": [1], "cost": [0.0]}}, "positive number"),
+    for bad, words in [({"per_query": {"qids": ["a", "a"], "correct": [1, 0]}}, "distinct"),
+                       ({"per_query": {"qids": ["a"], "correct": [2]}}, "one 0 or 1"),
+                       ({"throughput": {"cpu-a": {"cost": [0.0], "fingerprint": {}, "code": "a", "recorded": "x"}}},
+                        "positive number"),
                        ({"kind": "other"}, "kind must be")]:
         with pytest.raises(baselines.BaselineError, match=words):
             baselines.load_baselines(write(tmp_path, [cascade_entry(**bad)]))
@@ -71,10 +74,11 @@ def test_a_cascade_record_becomes_a_cascade_baseline_and_its_gates_reach_holm(tm
     record = {"id": "cascade/test_cascade[tiny-router-lam0.1]", "profile": "tiny", "ablation": "cascade",
               "dataset": "ladder", "recording": True, "fingerprint": FINGERPRINT, "identity": "i", "gates": [gate],
               "params": {"policy": "router", "lam": 0.1}, "outcome": "passed", "failures": [],
-              "metrics": {"per_query": cascade_entry()["per_query"], "stage_usage": [0, 0, 0.5, 0.5]}}
+              "metrics": {"per_query": {**cascade_entry()["per_query"], "cost": COST}, "stage_usage": [0, 0, 0.5, 0.5]}}
     assert record_problem(record) is None
     payload = baseline_payload(record)
     assert payload["kind"] == "outcomes" and payload["per_query"] == cascade_entry()["per_query"]
+    assert payload["throughput"]["cpu-a"]["cost"] == COST
     diff = baselines.write_baseline_payloads(tmp_path, [payload])
     assert "accuracy 0.667, n=3" in diff
     adjusted = holm_over([record], family=4)

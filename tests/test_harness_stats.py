@@ -9,9 +9,10 @@ from hypothesis import strategies as st
 from scipy import stats as sps
 
 from dflash.errors import DFlashError
-from dflash.harness.stats import (IMPROVEMENT, INCONCLUSIVE, NOT_GATED_HARDWARE, PASS, REGRESSION, alpha_shares,
-                                  apply_holm, confirm, hardware_matches, holm, look_schedule, mean_ci, sequential_tau_gate,
-                                  tau_gate, tau_needs_more_prompts, throughput_gate, worst_verdict)
+from dflash.harness.stats import (IMPROVEMENT, INCONCLUSIVE, NOT_GATED, PASS, REGRESSION, alpha_shares,
+                                  apply_holm, confirm, holm, look_schedule, mean_ci, sequential_tau_gate,
+                                  not_gated_throughput, tau_gate, tau_needs_more_prompts, throughput_gate,
+                                  worst_verdict)
 
 
 @pytest.fixture(scope="module")
@@ -176,32 +177,22 @@ def test_throughput_improvement_not_failed():
     assert result.verdict == IMPROVEMENT and not result.failed
 
 
-def test_throughput_not_gated_when_hardware_differs():
-    a100 = {"hardware": "NVIDIA A100 80GB PCIe", "torch": "2.9"}
-    h100 = {"hardware": "NVIDIA H100 80GB HBM3", "torch": "2.9"}
-    result = throughput_gate(BASE_SPEEDUP, [1.0] * 6, baseline_fingerprint=a100, current_fingerprint=h100)
-    assert result.hardware_differs and result.verdict == NOT_GATED_HARDWARE and not result.failed
-    assert result.p_value < 0.05  # statistics are still computed for the report
+def test_throughput_not_gated_says_why_and_takes_no_alpha():
+    result = not_gated_throughput([1.0, 1.2, 0.9], "no stored throughput for testbed cpu-x", case_id="c")
+    assert result.verdict == NOT_GATED and not result.failed and not result.gated
+    assert result.to_dict()["not_gated"] == "no stored throughput for testbed cpu-x"
+    assert result.n_new == 3 and result.new == pytest.approx((1.0 * 1.2 * 0.9) ** (1 / 3))
     assert apply_holm([result])[0].p_adjusted is None  # not part of the Holm family
 
 
-def test_hardware_matches():
-    assert hardware_matches({"hardware": "NVIDIA  A100"}, {"hardware": "nvidia a100"})
-    assert not hardware_matches({"hardware": "A100"}, {"hardware": "H100"})
-    assert not hardware_matches({"hardware": ""}, {"hardware": ""})  # unknown never matches
-    assert not hardware_matches(None, {"hardware": "A100"})
-    assert not hardware_matches({"hardware": "A100", "torch": "2.8"}, {"hardware": "A100", "torch": "2.9"},
-                                keys=("hardware", "torch"))
-
-
-def test_throughput_needs_both_fingerprints_or_none():
-    with pytest.raises(DFlashError, match="both fingerprints"):
-        throughput_gate([1.0], [1.0], baseline_fingerprint={"hardware": "x"})
+def test_throughput_gate_says_what_it_compared_with():
+    result = throughput_gate(BASE_SPEEDUP, [1.0] * 6, source="A/B reference abc measured here")
+    assert result.gated and result.verdict == REGRESSION and result.to_dict()["source"].startswith("A/B")
 
 
 def test_worst_verdict():
     assert worst_verdict([PASS, IMPROVEMENT, INCONCLUSIVE]) == INCONCLUSIVE
-    assert worst_verdict([PASS, REGRESSION, NOT_GATED_HARDWARE]) == REGRESSION
+    assert worst_verdict([PASS, REGRESSION, NOT_GATED]) == REGRESSION
     assert worst_verdict([]) == PASS
 
 

@@ -15,9 +15,14 @@ FINGERPRINT = {"hardware": "cpu x86_64, 2 cores", "torch": "2.13.0", "transforme
                "python": "3.11.9", "git_sha": "abc1234", "profile": "cpu-tiny", "seeds": [0, 1, 2]}
 
 
+TESTBED = "cpu-genuineintel-6.207.2.f94a4a-avx512-2c-1t"
+
+
 def case(case_id, taus, **extra):
-    return {"id": case_id, "per_prompt_tau": taus, "counters": {"drafts": 10, "accepted": 32},
-            "speedup_samples": [1.5, 1.6], "fingerprint": dict(FINGERPRINT),
+    return {"id": case_id, "per_prompt_tau": taus, "counters": {"drafts": 10, "accepted": 32}, "code": "abc1234",
+            "throughput": {TESTBED: {"speedup_samples": [1.5, 1.6], "fingerprint": dict(FINGERPRINT),
+                                     "code": "abc1234", "recorded": "2026-02-18"}},
+            "fingerprint": dict(FINGERPRINT),
             "provenance": {"command": "pytest --update-baselines", "date": "2026-02-18"}, **extra}
 
 
@@ -103,9 +108,14 @@ def test_invalid_data_is_never_written(path):
 
 @pytest.mark.parametrize("content, message", [
     ("{not json", r"invalid JSON at line 1"),
-    (document(case("bs=8", [5.0]), version=99), r"schema_version is 99, this code reads version 1"),
+    (document(case("bs=8", [5.0]), version=99), r"schema_version is 99, this code reads version 2"),
     (document({"id": "bs=8", "per_prompt_tau": [5.0]}),
-     r"case 'bs=8' is missing field\(s\) counters, speedup_samples, fingerprint, provenance"),
+     r"case 'bs=8' is missing field\(s\) counters, code, throughput, fingerprint, provenance"),
+    (document(case("bs=8", [5.0], throughput={TESTBED: {"speedup_samples": [1.0, -2.0], "fingerprint": {},
+                                                        "code": "a", "recorded": "x"}})),
+     r"throughput\['cpu-genuineintel\S+'\]\.speedup_samples must be a list of positive numbers"),
+    (document(case("bs=8", [5.0], throughput={TESTBED: {"speedup_samples": [1.0]}})),
+     r"throughput\['cpu-genuineintel\S+'\] must be an object with speedup_samples, fingerprint, code, recorded"),
     (document(case("bs=8", [5.0]), profile="a100-qwen3-8b"), r"profile is 'a100-qwen3-8b' but the file lies at"),
     (document(case("bs=8", [5.0]), ablation="temperature"), r"ablation is 'temperature' but the file lies at"),
     (document(case("bs=8", []), case("bs=8", [1.0])), r"per_prompt_tau must be a non-empty.*duplicate case id"),
@@ -218,7 +228,7 @@ def test_baselines_recovered_from_a_killed_recording_run(tmp_path):
                 "metrics": {"per_prompt_tau": taus, "speedup_samples": [1.5] * len(taus), "cycles": 9},
                 "outcome": outcome, "recording": of["options"]["update_baselines"], "identity": identity_digest(of),
                 "fingerprint": {"hardware": "cpu", "torch": "2", "transformers": "5", "python": "3", "git_sha": "0",
-                                "profile": "tiny", "seeds": {}}}
+                                "profile": "tiny", "seeds": {}, "testbed": "cpu-a", "code": "0" * 40}}
     run = tmp_path / "reports" / "tiny-1"
     run.mkdir(parents=True)
     (run / RUN_FILE).write_text(json_.dumps(identity))
@@ -249,3 +259,39 @@ def test_baselines_recovered_from_a_killed_recording_run(tmp_path):
         baselines_from_run(run, tmp_path / "baselines")
     with pytest.raises(DFlashError, match="does not exist"):
         baselines_from_run(tmp_path / "nowhere", tmp_path / "baselines")
+
+
+def test_recording_on_another_testbed_keeps_every_testbeds_throughput(tmp_path):
+    """--update-baselines replaces the case's tau part and only the recording testbed's throughput: a second
+    machine's recording adds its own samples beside the first machine's, and re-recording one testbed leaves the
+    other as it was. The tau part gates on every testbed."""
+    from dflash.harness.baselines import write_baseline_payloads
+
+    def payload(testbed, samples, taus):
+        entry = {"speedup_samples": samples, "fingerprint": dict(FINGERPRINT), "code": "abc1234", "recorded": "now"}
+        return {**case("bs=8", taus, throughput={testbed: entry}), "profile": "cpu-tiny", "ablation": "block_size"}
+    write_baseline_payloads(tmp_path, [payload("cpu-a", [1.5, 1.6], [5.0, 6.0])])
+    write_baseline_payloads(tmp_path, [payload("cpu-b", [1.1, 1.2], [5.0, 6.0])])
+    stored = load_baselines(baseline_path(tmp_path, "cpu-tiny", "block_size")).get("bs=8")
+    assert stored.samples_on("cpu-a") == [1.5, 1.6] and stored.samples_on("cpu-b") == [1.1, 1.2]
+    assert stored.samples_on("cpu-c") is None
+    diff = write_baseline_payloads(tmp_path, [payload("cpu-b", [1.3, 1.4], [5.0, 7.0])])
+    assert "changed: throughput on cpu-b" in diff and "cpu-a" not in diff
+    stored = load_baselines(baseline_path(tmp_path, "cpu-tiny", "block_size")).get("bs=8")
+    assert stored.samples_on("cpu-a") == [1.5, 1.6] and stored.samples_on("cpu-b") == [1.3, 1.4]
+    assert stored.per_prompt_tau == [5.0, 7.0]
+
+
+def test_an_entry_recorded_from_uncommitted_changes_is_not_reproducible(path):
+    write_baselines(path, document(case("clean", [1.0]), case("dirty", [1.0], code="abc1234+0123456789ab")))
+    loaded = load_baselines(path)
+    assert loaded.get("clean").reproducible and not loaded.get("dirty").reproducible
+
+
+def test_committed_baselines_keep_their_testbed_independent_part_once():
+    """Every committed entry: taus (or per-query correctness) once, throughput per testbed, a code ref."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "baselines"
+    for file in sorted(root.glob("*/*.json")):
+        for entry in load_baselines(file).cases.values():
+            assert entry.throughput and entry.code, (file, entry.id)

@@ -580,8 +580,9 @@ def _write_many(directory: str, writer: int, barrier) -> None:
     barrier.wait()
     for i in range(WRITES_PER_PROCESS):
         payload = {"profile": "tiny", "ablation": "wire", "id": f"wire/w{writer}-{i:02d}", "per_prompt_tau": [2.0],
-                   "speedup_samples": [1.0], "counters": {}, "fingerprint": FINGERPRINT,
-                   "provenance": {"command": "test"}}
+                   "code": "abc", "throughput": {f"cpu-{writer}": {"speedup_samples": [1.0], "fingerprint": FINGERPRINT,
+                                                                   "code": "abc", "recorded": "now"}},
+                   "counters": {}, "fingerprint": FINGERPRINT, "provenance": {"command": "test"}}
         write_baseline_payloads(Path(directory), [payload])
 
 
@@ -597,3 +598,102 @@ def test_concurrent_baseline_writers_lose_no_case(tmp_path):
     written = load_baselines(tmp_path / "tiny" / "wire.json")
     assert sorted(written.cases) == sorted(f"wire/w{w}-{i:02d}" for w in range(2) for i in range(WRITES_PER_PROCESS))
     assert [p.name for p in (tmp_path / "tiny").iterdir()] == ["wire.json"]  # no temp file left behind
+
+
+# --- 13. where a throughput gate's reference comes from: stored for this testbed, A/B, or not gated ---------------
+
+AB_CASE = """
+SLOWDOWN = {slowdown}
+
+
+@dataclasses.dataclass(frozen=True)
+class Timed(Variant):
+    \"\"\"A real decode whose measured CPU and wall time are multiplied by SLOWDOWN (a planted code change).\"\"\"
+    def run(self, models, prompt, max_new_tokens, stop_ids, seed):
+        result = super().run(models, prompt, max_new_tokens, stop_ids, seed)
+        return dataclasses.replace(result, cpu_s=SLOWDOWN * result.cpu_s, wall_s=SLOWDOWN * result.wall_s)
+
+
+@pytest.mark.ablation("wire", prompts_cap=12)
+def test_ab(case):
+    _, metrics, gates = case.measure(Timed("bs=8", block_size=8))
+    case.finish("wire", {{"block_size": 8}}, metrics, gates)
+"""
+
+
+def _git(path: Path, *args: str) -> str:
+    import subprocess
+    return subprocess.run(["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", *args], cwd=path,
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _move_throughput_to(pytester, testbed: str, code: str | None = None) -> str:
+    """The recorded throughput as if another machine had recorded it (and, with `code`, from other code):
+    this machine becomes a foreign testbed. Returns the testbed key this machine has."""
+    path = baseline_file(pytester)
+    data = json.loads(path.read_text())
+    (entry,) = data["cases"]
+    (own,) = entry["throughput"]
+    entry["throughput"] = {testbed: entry["throughput"][own]}
+    if code is not None:
+        entry["code"] = code
+    path.write_text(json.dumps(data))
+    return own
+
+
+def _summary(pytester) -> str:
+    return (run_dirs(pytester)[-1] / "summary.md").read_text()
+
+
+def test_throughput_gated_against_this_testbeds_stored_baseline(wire):
+    ablation_file(wire, AB_CASE.format(slowdown=1.0))
+    assert run(wire, "--update-baselines", k="test_ab and math").ret == 0
+    gated = run(wire, "--report", k="test_ab and math")
+    assert gated.ret == 0, output(gated)
+    gate = gate_of(latest_records(wire)[case_id("test_ab")], "throughput")
+    testbed = load_baselines(baseline_file(wire)).get(case_id("test_ab")).throughput
+    assert gate["source"] == f"stored baseline, testbed {next(iter(testbed))}" and gate["not_gated"] is None
+    assert f"1 case(s) gated against stored baseline, testbed {next(iter(testbed))}" in gated.stdout.str()
+    assert f"| throughput gated against | 1 stored baseline, testbed {next(iter(testbed))} |" in _summary(wire)
+
+
+def test_a_foreign_testbed_without_a_reference_it_can_check_out_is_not_gated_loudly(wire):
+    ablation_file(wire, AB_CASE.format(slowdown=1.0))
+    assert run(wire, "--update-baselines", k="test_ab and math").ret == 0
+    own = _move_throughput_to(wire, "cpu-another-machine", code="0123abc+feedfacecafe")
+    gated = run(wire, "--report", k="test_ab and math")
+    assert gated.ret == 0, output(gated)  # tau still gated and passing; throughput reported, not failed
+    gate = gate_of(latest_records(wire)[case_id("test_ab")], "throughput")
+    assert gate["verdict"] == "not gated" and f"no stored throughput for testbed {own}" in gate["not_gated"]
+    assert "uncommitted changes" in gate["not_gated"]
+    assert f"NOT GATED  {case_id('test_ab')}: no stored throughput for testbed {own}" in gated.stdout.str()
+    summary = _summary(wire)
+    assert "**THROUGHPUT NOT GATED: 1 case(s)**" in summary and "| throughput gated against | 1 not gated |" in summary
+    excluded = run(wire, "--ab-cases", "nothing-matches-this", k="test_ab and math")
+    assert "--ab-cases 'nothing-matches-this' leaves this case out of the A/B" in excluded.stdout.str()
+
+
+def test_a_foreign_testbed_is_gated_by_an_ab_against_the_baselines_commit(wire):
+    """The baseline's commit is checked out and runs the same case in a reference process on this machine;
+    unchanged code passes against it, a planted 4x slowdown (uncommitted, in the current code only) fails as a
+    throughput regression confirmed by a re-measurement of both sides."""
+    ablation_file(wire, AB_CASE.format(slowdown=1.0))
+    _git(wire.path, "init", "-q")
+    _git(wire.path, "add", "conftest.py", "pytest.ini", "test_wire.py")
+    _git(wire.path, "commit", "-q", "-m", "the reference")
+    sha = _git(wire.path, "rev-parse", "HEAD")
+    assert run(wire, "--update-baselines", k="test_ab and math").ret == 0
+    assert load_baselines(baseline_file(wire)).get(case_id("test_ab")).code == sha  # a clean tree: reproducible
+    _move_throughput_to(wire, "cpu-another-machine")
+    same = run(wire, "--report", k="test_ab and math")
+    assert same.ret == 0, output(same)
+    source = f"A/B reference {sha[:12]} (the baseline's code), measured here"
+    assert gate_of(latest_records(wire)[case_id("test_ab")], "throughput")["source"] == source
+    assert f"1 case(s) gated against {source}" in same.stdout.str()
+    assert f"| throughput gated against | 1 {source} |" in _summary(wire)
+
+    ablation_file(wire, AB_CASE.format(slowdown=4.0))
+    slow = run(wire, k="test_ab and math")
+    assert slow.ret == 1, output(slow)
+    assert re.search(re.escape(case_id("test_ab")) + r": throughput regression: baseline \d+\.\d+ -> new \d+\.\d+ "
+                     r"\(-7\d\.\d%\).*confirmed by a re-measurement", slow.stdout.str()), output(slow)

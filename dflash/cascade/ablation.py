@@ -71,6 +71,11 @@ class CascadeCase(OutcomesCase):
                         f"{sorted({p for p, _ in results})})", pytrace=False)
         return table, results[(policy, lam)]
 
+    def reference_batch(self) -> list[str]:
+        """Every cascade case of this profile: they replay one table, which the A/B reference collects once."""
+        return [nodeid for nodeid, info in self.state.collected.items()
+                if info["ablation"] == self.ablation and info["profile"] == self.profile.name]
+
     def metrics(self, table, result) -> dict:
         return {"accuracy": result.accuracy, "mean_cost": result.mean_cost,
                 "stage_usage": [float((result.stop == k).mean()) for k in range(table.stages)],

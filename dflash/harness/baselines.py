@@ -1,21 +1,30 @@
 """Baseline files: `baselines/<profile>/<ablation>.json`, one per ablation and hardware/model profile.
 
-Layout (schema_version 1), keys sorted and indented so that git diffs stay readable:
+Layout (schema_version 2), keys sorted and indented so that git diffs stay readable. What does not depend on the
+machine (per-prompt tau, per-query correctness) is kept once; throughput is kept per testbed (asv's per-machine
+results), because a speedup ratio is a property of the machine that measured it:
 
-    {"schema_version": 1, "profile": "cpu-tiny", "ablation": "block_size",
-     "cases": [{"id": "bs=8",
+    {"schema_version": 2, "profile": "tiny", "ablation": "block_size",
+     "cases": [{"id": "block_size/test_block_size[tiny-math-bs8]",
                 "per_prompt_tau": [...],          # one per prompt, prompt order of the case (paired gate)
-                "counters": {...},                # raw counters (drafts, accepted, histogram, ...) so other
-                                                  # tau definitions can be derived later
-                "speedup_samples": [...],         # in-run variant/target-only ratios (may be empty)
-                "fingerprint": {"hardware", "torch", "transformers", "python", "git_sha", "profile", "seeds"},
+                "counters": {...},                # raw counters (drafts, accepted, ...) for other tau definitions
+                "code": "<git sha>",              # the code it was recorded with ("<sha>+<digest>": uncommitted
+                                                  # changes on top, which no A/B can check out again)
+                "throughput": {"<testbed key>": {"speedup_samples": [...], "fingerprint": {...},
+                                                 "code": "<sha>", "recorded": "2026-12-07 12:00:00"}, ...},
+                "fingerprint": {...},             # software and testbed of the tau recording
                 "provenance": {...},              # how it was produced: date, command, note
                 "reference": {"tau": 6.5, "source": "DFlash paper, Table 1"}   # optional
                }, ...]}
 
+A case of a method that is not lossless (kind "outcomes": cascades, Fast-dLLM v2) keeps `per_query` {"qids",
+"correct"} instead of taus, and its per-testbed throughput as "cost" (each query's price relative to the family's
+reference, measured on that testbed) instead of "speedup_samples".
+
 `load_baselines` validates everything and raises `BaselineError` naming the file and every problem.
 `write_baselines` is the only writer: it validates, writes atomically and returns a readable diff. The
-caller decides when to call it (only on an explicit --update-baselines style flag).
+caller decides when to call it (only on an explicit --update-baselines style flag); `write_baseline_payloads`
+replaces a case's testbed-independent part and only the recording testbed's throughput, never another's.
 """
 from __future__ import annotations
 
@@ -24,6 +33,7 @@ import fcntl
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -31,13 +41,14 @@ from typing import Mapping
 from ..errors import DFlashError
 from .fileio import atomic_write_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FINGERPRINT_KEYS = ("hardware", "torch", "transformers", "python", "git_sha", "profile", "seeds")
-CASE_KEYS = ("id", "per_prompt_tau", "counters", "speedup_samples", "fingerprint", "provenance")
-# A case of a method that is not lossless (kind "outcomes": cascades, Fast-dLLM v2) keeps per-query outcomes
-# instead: {"qids", "correct", "cost"} (cost: the query's price relative to the family's reference).
-OUTCOME_KEYS = ("id", "kind", "per_query", "fingerprint", "provenance")
-PER_QUERY_KEYS = ("qids", "correct", "cost")
+CASE_KEYS = ("id", "per_prompt_tau", "counters", "code", "throughput", "fingerprint", "provenance")
+OUTCOME_KEYS = ("id", "kind", "per_query", "code", "throughput", "fingerprint", "provenance")
+PER_QUERY_KEYS = ("qids", "correct")
+# The throughput samples of a testbed, by kind: per-prompt speedup ratios, or per-query cost
+THROUGHPUT_SAMPLES = {"decode": "speedup_samples", "outcomes": "cost"}
+TESTBED_KEYS = ("fingerprint", "code", "recorded")
 
 
 class BaselineError(DFlashError):
@@ -46,17 +57,28 @@ class BaselineError(DFlashError):
 
 @dataclass(frozen=True)
 class BaselineCase:
-    """A decode case (kind "decode": per-prompt taus and speedups) or a non-lossless method's case (kind "outcomes":
-    per-query correctness and cost, `per_query`)."""
+    """A decode case (kind "decode": per-prompt taus) or a non-lossless method's case (kind "outcomes": per-query
+    correctness, `per_query`), with throughput per testbed (`throughput[key][THROUGHPUT_SAMPLES[kind]]`)."""
     id: str
     fingerprint: dict
     provenance: dict
+    code: str = "unknown"
     per_prompt_tau: list[float] = field(default_factory=list)
     counters: dict = field(default_factory=dict)
-    speedup_samples: list[float] = field(default_factory=list)
+    throughput: dict = field(default_factory=dict)
     reference: dict | None = None
     kind: str = "decode"
     per_query: dict | None = None
+
+    def samples_on(self, testbed: str) -> list[float] | None:
+        """The throughput samples recorded on `testbed`; None when this testbed has none."""
+        entry = self.throughput.get(testbed)
+        return None if entry is None else entry[THROUGHPUT_SAMPLES[self.kind]]
+
+    @property
+    def reproducible(self) -> bool:
+        """Whether the recording's code can be checked out again (a commit, no uncommitted changes on top)."""
+        return bool(re.fullmatch(r"[0-9a-f]{7,40}", self.code))
 
     @property
     def tau_mean(self) -> float:
@@ -109,14 +131,35 @@ def _check_per_query(per_query, where: str, problems: list[str]) -> None:
     if not isinstance(per_query, dict) or any(k not in per_query for k in PER_QUERY_KEYS):
         problems.append(f"{where}: per_query must be an object with {', '.join(PER_QUERY_KEYS)}")
         return
-    qids, correct, cost = (per_query[k] for k in PER_QUERY_KEYS)
+    qids, correct = (per_query[k] for k in PER_QUERY_KEYS)
     if not (isinstance(qids, list) and qids and all(isinstance(q, str) for q in qids) and len(set(qids)) == len(qids)):
         problems.append(f"{where}: per_query.qids must be a non-empty list of distinct strings")
         return
     if not (isinstance(correct, list) and len(correct) == len(qids) and all(c in (0, 1) for c in correct)):
         problems.append(f"{where}: per_query.correct must hold one 0 or 1 per query")
-    if not (isinstance(cost, list) and len(cost) == len(qids) and all(_is_number(c) and c > 0 for c in cost)):
-        problems.append(f"{where}: per_query.cost must hold one positive number per query")
+
+
+def _check_throughput(raw: dict, where: str, problems: list[str]) -> None:
+    """`throughput`: testbed key -> {samples, fingerprint, code, recorded}; samples positive and finite."""
+    throughput, samples_key = raw.get("throughput"), THROUGHPUT_SAMPLES[raw.get("kind", "decode")]
+    if throughput is None:
+        return  # reported as a missing field already
+    if not isinstance(throughput, dict):
+        problems.append(f"{where}: throughput must be an object of testbed key -> measurements")
+        return
+    for testbed, entry in throughput.items():
+        if not (isinstance(testbed, str) and testbed.strip() and testbed.isprintable()):
+            problems.append(f"{where}: throughput testbed keys must be printable, non-empty strings, got {testbed!r}")
+            continue
+        if not isinstance(entry, dict) or any(k not in entry for k in (samples_key, *TESTBED_KEYS)):
+            problems.append(f"{where}: throughput[{testbed!r}] must be an object with {samples_key}, "
+                            f"{', '.join(TESTBED_KEYS)}")
+            continue
+        samples = entry[samples_key]
+        if not (isinstance(samples, list) and all(_is_number(v) and v > 0 for v in samples)):
+            problems.append(f"{where}: throughput[{testbed!r}].{samples_key} must be a list of positive numbers")
+        if not isinstance(entry["fingerprint"], dict):
+            problems.append(f"{where}: throughput[{testbed!r}].fingerprint must be an object")
 
 
 def _check_case(raw, where: str, problems: list[str], profile: str) -> None:
@@ -134,6 +177,8 @@ def _check_case(raw, where: str, problems: list[str], profile: str) -> None:
             _check_per_query(raw["per_query"], where, problems)
         if "provenance" in raw and not isinstance(raw["provenance"], dict):
             problems.append(f"{where}: provenance must be an object")
+        _check_code(raw, where, problems)
+        _check_throughput(raw, where, problems)
         _check_fingerprint(raw.get("fingerprint"), where, problems, profile)
         return
     missing = [key for key in CASE_KEYS if key not in raw]
@@ -147,9 +192,8 @@ def _check_case(raw, where: str, problems: list[str], profile: str) -> None:
     tau = raw.get("per_prompt_tau")
     if tau is not None and not (isinstance(tau, list) and tau and all(_is_number(t) for t in tau)):
         problems.append(f"{where}: per_prompt_tau must be a non-empty list of finite numbers")
-    samples = raw.get("speedup_samples")
-    if samples is not None and not (isinstance(samples, list) and all(_is_number(s) for s in samples)):
-        problems.append(f"{where}: speedup_samples must be a list of finite numbers")
+    _check_code(raw, where, problems)
+    _check_throughput(raw, where, problems)
     for key in ("counters", "provenance"):
         if key in raw and not isinstance(raw[key], dict):
             problems.append(f"{where}: {key} must be an object")
@@ -159,6 +203,12 @@ def _check_case(raw, where: str, problems: list[str], profile: str) -> None:
                                       and reference["source"].strip()):
         problems.append(f"{where}: reference must be an object with a non-empty 'source' string "
                         "saying where the numbers come from")
+
+
+def _check_code(raw: dict, where: str, problems: list[str]) -> None:
+    if "code" in raw and not (isinstance(raw["code"], str) and raw["code"].strip()):
+        problems.append(f"{where}: code must name the commit it was recorded with (a git sha, '+<digest>' for "
+                        "uncommitted changes)")
 
 
 def _check_fingerprint(fingerprint, where: str, problems: list[str], profile: str) -> None:
@@ -224,18 +274,19 @@ def _raise(path: Path, problems: list[str]) -> None:
 def _from_json(data: dict) -> BaselineFile:
     cases = {}
     for raw in data["cases"]:
-        if raw.get("kind") == "outcomes":
+        kind = raw.get("kind", "decode")
+        samples_key = THROUGHPUT_SAMPLES[kind]
+        throughput = {testbed: {**entry, samples_key: [float(v) for v in entry[samples_key]]}
+                      for testbed, entry in raw["throughput"].items()}
+        common = dict(id=raw["id"], fingerprint=raw["fingerprint"], provenance=raw["provenance"], code=raw["code"],
+                      throughput=throughput, reference=raw.get("reference"))
+        if kind == "outcomes":
             per_query = {"qids": list(raw["per_query"]["qids"]),
-                         "correct": [int(c) for c in raw["per_query"]["correct"]],
-                         "cost": [float(c) for c in raw["per_query"]["cost"]]}
-            cases[raw["id"]] = BaselineCase(id=raw["id"], fingerprint=raw["fingerprint"],
-                                            provenance=raw["provenance"], reference=raw.get("reference"),
-                                            kind="outcomes", per_query=per_query)
+                         "correct": [int(c) for c in raw["per_query"]["correct"]]}
+            cases[raw["id"]] = BaselineCase(**common, kind="outcomes", per_query=per_query)
             continue
-        cases[raw["id"]] = BaselineCase(
-            id=raw["id"], per_prompt_tau=[float(t) for t in raw["per_prompt_tau"]], counters=raw["counters"],
-            speedup_samples=[float(s) for s in raw["speedup_samples"]], fingerprint=raw["fingerprint"],
-            provenance=raw["provenance"], reference=raw.get("reference"))
+        cases[raw["id"]] = BaselineCase(**common, per_prompt_tau=[float(t) for t in raw["per_prompt_tau"]],
+                                        counters=raw["counters"])
     return BaselineFile(profile=data["profile"], ablation=data["ablation"], cases=cases,
                         schema_version=data["schema_version"])
 
@@ -344,8 +395,10 @@ def _case_change(before: BaselineCase, after: BaselineCase) -> str:
     parts = [f"{measure} mean {old_mean:.3f} -> {new_mean:.3f}{rel}"]
     if old_n != new_n:
         parts.append(f"n {old_n} -> {new_n}")
-    changed = [k for k in ("speedup_samples", "counters", "per_query", "fingerprint", "provenance", "reference")
+    changed = [k for k in ("counters", "per_query", "code", "fingerprint", "provenance", "reference")
                if getattr(before, k) != getattr(after, k)]
+    changed += [f"throughput on {t}" for t in sorted(set(before.throughput) | set(after.throughput))
+                if before.throughput.get(t) != after.throughput.get(t)]
     if changed:
         parts.append("changed: " + ", ".join(changed))
     return "; ".join(parts)
@@ -354,18 +407,26 @@ def _case_change(before: BaselineCase, after: BaselineCase) -> str:
 def coverage(baselines_dir: str | os.PathLike, profile: str, expected: Mapping[str, set[str]]) -> dict:
     """Which gated cases lack a baseline entry and which entries no case produces. `expected`: ablation name ->
     case ids the collected tests produce on `profile`. Returns {"missing": [...], "orphaned": [...]} (sorted
-    case ids; an unreadable file is reported under "unreadable")."""
+    case ids; an unreadable file is reported under "unreadable"), and "testbeds": ablation -> {testbed key:
+    entries with throughput recorded there}."""
     root = Path(baselines_dir) / profile
     stored: dict[str, set[str]] = {}
+    testbeds: dict[str, dict[str, int]] = {}
     unreadable = []
     for path in sorted(root.glob("*.json")) if root.is_dir() else []:
         try:
-            stored[path.stem] = set(load_baselines(path, profile=profile, ablation=path.stem).cases)
+            cases = load_baselines(path, profile=profile, ablation=path.stem).cases
         except BaselineError as error:
             unreadable.append(str(error))
+            continue
+        stored[path.stem] = set(cases)
+        for case in cases.values():
+            for testbed in case.throughput:
+                counts = testbeds.setdefault(path.stem, {})
+                counts[testbed] = counts.get(testbed, 0) + 1
     missing = sorted(i for ablation, ids in expected.items() for i in ids - stored.get(ablation, set()))
     orphaned = sorted(i for ablation, ids in stored.items() for i in ids - expected.get(ablation, set()))
-    return {"missing": missing, "orphaned": orphaned, "unreadable": unreadable}
+    return {"missing": missing, "orphaned": orphaned, "unreadable": unreadable, "testbeds": testbeds}
 
 
 def write_baseline_payloads(baselines_dir: Path, payloads: list[dict], *, dry_run: bool = False,
@@ -391,6 +452,8 @@ def write_baseline_payloads(baselines_dir: Path, payloads: list[dict], *, dry_ru
                 case = {k: v for k, v in payload.items() if k not in ("profile", "ablation")}
                 if case.get("reference") is None:
                     case.pop("reference", None)
+                kept = cases.get(payload["id"], {}).get("throughput", {})  # other testbeds' throughput stays
+                case["throughput"] = {**kept, **case["throughput"]}
                 cases[payload["id"]] = case
             data = {"schema_version": SCHEMA_VERSION, "profile": profile, "ablation": ablation,
                     "cases": [cases[k] for k in sorted(cases)]}

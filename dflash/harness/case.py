@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import pytest
 
@@ -13,12 +15,21 @@ from . import baselines as baseline_store
 from .measure import (TARGET_ONLY, Variant, compare, comparison_metrics, extend, per_prompt_tau, speedup_samples,
                       warm_up)
 from .profiles import DatasetSpec, load_prompts
+from .reference import ReferenceUnavailable
 from .runs import RunState, identity_digest
-from .stats import REGRESSION, accuracy_gate, confirm, sequential_tau_gate, tau_gate, throughput_gate
+from .stats import (REGRESSION, accuracy_gate, confirm, not_gated_throughput, sequential_tau_gate, tau_gate,
+                    throughput_gate)
 
 RECORD_KEY = "dflash_record"
 
 
+@dataclass(frozen=True)
+class ThroughputReference:
+    """The samples a throughput gate compares with (`samples`: the baseline kind's raw throughput samples) and
+    where they come from (`source`); `ab`: measured in this run by the reference code, so it can be re-measured."""
+    samples: list
+    source: str
+    ab: bool = False
 
 
 def in_ci() -> bool:
@@ -182,18 +193,79 @@ class Case:
                        alpha=self._option("gate_alpha"), case_id=self.experiment_id)
         return [tau, self.gate_throughput(baseline, metrics["speedup_samples"], remeasure)]
 
-    def gate_throughput(self, baseline, samples: list[float], remeasure=None):
-        """Paired speedup gate; a first reading of "regression" (before the run's multiplicity correction, so
-        that every gate the session-end Holm could flag has been confirmed) is re-measured once on the same
-        prompts, and the gate fails only when the re-measurement is a regression too (`stats.confirm`)."""
-        def gate(values):
-            return throughput_gate(baseline.speedup_samples, values, factor=self._option("throughput_factor"),
-                                   alpha=self._option("gate_alpha"), baseline_fingerprint=baseline.fingerprint,
-                                   current_fingerprint=self.fingerprint, case_id=self.experiment_id)
-        first = gate(samples)
+    def gate_throughput(self, baseline, samples: list[float], remeasure=None, *,
+                        as_speedups: Callable[[list[float]], list[float]] = list):
+        """Paired speedup gate against this testbed's reference (`throughput_reference`: the stored baseline of
+        this testbed, or the baseline's code measured here by A/B); `as_speedups` turns the reference's samples
+        into the speedups `samples` are compared with. A first reading of "regression" (before the run's
+        multiplicity correction, so that every gate the session-end Holm could flag has been confirmed) is
+        re-measured once on the same prompts, the A/B reference too, and the gate fails only when the
+        re-measurement is a regression as well (`stats.confirm`). No reference: "not gated", with the reason."""
+        options = dict(factor=self._option("throughput_factor"), alpha=self._option("gate_alpha"),
+                       case_id=self.experiment_id)
+        reference = self.throughput_reference(baseline)
+        if isinstance(reference, str):
+            return not_gated_throughput(samples, reference, **options)
+
+        def gate(reference: ThroughputReference, values: list[float]):
+            base = as_speedups(reference.samples)
+            return throughput_gate(base, values[:len(base)], source=reference.source, **options)
+        first = gate(reference, samples)
         if first.verdict != REGRESSION or remeasure is None:
             return first
-        return confirm(first, gate(remeasure()))
+        if reference.ab:
+            again = self.throughput_reference(baseline, again=True)
+            if isinstance(again, str):
+                return first
+            reference = again
+        return confirm(first, gate(reference, remeasure()))
+
+    def throughput_reference(self, baseline, again: bool = False) -> "ThroughputReference | str":
+        """What this case's throughput is compared with on this testbed: with `--ab-ref REF`, REF measured here;
+        else the baseline's samples stored for this testbed; else, for the cases `--ab-cases` selects, the code
+        the baseline was recorded with, measured here (A/B). A string says why there is nothing to compare with
+        (and how to gate the case). `again`: the A/B reference measured anew (the confirmation step)."""
+        testbed = self.fingerprint["testbed"]
+        explicit = self._option("ab_ref")
+        if not explicit:
+            stored = baseline.samples_on(testbed)
+            if stored is not None:
+                return ThroughputReference(stored, f"stored baseline, testbed {testbed}")
+            pattern = self._option("ab_cases")
+            if not re.search(pattern, self.experiment_id):
+                return (f"no stored throughput for testbed {testbed}, and --ab-cases {pattern!r} leaves this case "
+                        "out of the A/B against the baseline's code (run without that option to A/B it, or record "
+                        "this testbed with --update-baselines)")
+        ref = explicit or baseline.code
+        try:
+            record, sha = self.state.reference_record(ref, self, again=again)
+        except ReferenceUnavailable as error:
+            return f"no stored throughput for testbed {testbed}, and no A/B reference: {error}"
+        metrics = record.get("metrics") or {}
+        raw = (metrics.get("per_query") or {}).get("cost") if baseline.kind == "outcomes" \
+            else metrics.get("speedup_samples")
+        if not raw:
+            return (f"no stored throughput for testbed {testbed}, and the A/B reference {sha[:12]} recorded no "
+                    f"throughput samples for this case")
+        origin = f"--ab-ref {explicit}" if explicit else "the baseline's code"
+        return ThroughputReference(raw, f"A/B reference {sha[:12]} ({origin}), measured here", ab=True)
+
+    def reference_batch(self) -> list[str]:
+        """The node ids the A/B reference runs in one session when this case first asks for it: the case
+        itself (a family whose cases share one measured table runs them together)."""
+        return [self.request.node.nodeid]
+
+    def reference_options(self) -> list[str]:
+        """The options of this run that change what a case measures, for the reference's session."""
+        options = ["--profile", self.profile.name]
+        for name, flag in (("dflash_device", "--device"), ("dflash_dtype", "--dtype"), ("dflash_prompts", "--prompts"),
+                           ("dflash_max_new_tokens", "--max-new-tokens"), ("dflash_target", "--target"),
+                           ("dflash_draft", "--draft")):
+            if self._option(name) is not None:
+                options += [flag, str(self._option(name))]
+        if self._option("tau_accounting") != "engine":
+            options += ["--tau-accounting", self._option("tau_accounting")]
+        return options
 
     def _option(self, name: str):
         return self.request.config.getoption(name)
@@ -316,7 +388,7 @@ class OutcomesCase(Case):
                       remeasure=None, speed: bool = True) -> list:
         """Accuracy by the exact McNemar gate (`stats.accuracy_gate`), and, with `speed`, the paired throughput
         gate on speedups: `speedups` (default 1 / each query's cost) against 1 / the baseline's cost of every
-        `stride`-th query (queries timed together share one cost, so they give one sample)."""
+        `stride`-th query (queries timed together share one cost, so they give one sample), on this testbed."""
         baseline = self.baseline()
         if baseline is None:
             return []
@@ -327,9 +399,8 @@ class OutcomesCase(Case):
                                alpha=self._option("gate_alpha"), case_id=self.experiment_id)]
         if speed:
             new = speedups if speedups is not None else [1.0 / c for c in metrics["per_query"]["cost"]]
-            base = [1.0 / c for c in baseline.per_query["cost"][::stride]]
-            gates.append(self.gate_throughput(type(baseline)(baseline.id, baseline.fingerprint, baseline.provenance,
-                                                             speedup_samples=base), new, remeasure))
+            gates.append(self.gate_throughput(baseline, new, remeasure,
+                                              as_speedups=lambda cost: [1.0 / c for c in cost[::stride]]))
         return gates
 
 

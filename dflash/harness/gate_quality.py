@@ -28,9 +28,13 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import torch
 
 from ..engine import DFlashDrafter, generate
+from ..errors import DFlashError
+from ..provenance import PROJECT_ROOT, collect_fingerprint
 from ..loading import load_draft, load_target, load_tokenizer
 from .baselines import baseline_path, load_baselines
 from .measure import per_prompt_tau, speedup_samples
@@ -121,7 +125,7 @@ class Bench:
 
 
 def gated_case(bench: Bench, draft, case, baseline, *, start: int, family: int, alpha: float, margin: float,
-               factor: float, spin_s: float = 0.0, tau_only: bool = False, tau_of=None) -> dict:
+               factor: float, spin_s: float = 0.0, tau_only: bool = False, tau_of=None, testbed: str = "") -> dict:
     """One case through the run's flow; returns its gates (dicts) and whether each failed after the family
     correction ("failed") and at alpha uncorrected ("failed_at_alpha")."""
     taus, ratios = ([], []) if tau_only else bench.timed(draft, case, range(start), spin_s)
@@ -139,8 +143,9 @@ def gated_case(bench: Bench, draft, case, baseline, *, start: int, family: int, 
     if tau_only:
         return out
     out["tau_vector_changed"] = taus[:tau.n_new] != baseline.per_prompt_tau[:tau.n_new]
-    first = throughput_gate(baseline.speedup_samples, ratios[:start], factor=factor, alpha=alpha)
-    gate = confirm(first, throughput_gate(baseline.speedup_samples, bench.timed(draft, case, range(start), spin_s)[1],
+    stored = baseline.samples_on(testbed)
+    first = throughput_gate(stored, ratios[:start], factor=factor, alpha=alpha)
+    gate = confirm(first, throughput_gate(stored, bench.timed(draft, case, range(start), spin_s)[1],
                                           factor=factor, alpha=alpha)) if first.verdict == REGRESSION else first
     out["throughput"] = _decided(gate, family)
     return out
@@ -161,10 +166,13 @@ def measure(*, family: int, repeats: int = 25, tau_trials: int = 15, slow_repeat
     stored = load_baselines(baseline_path("baselines", "tiny", "block_size"), profile="tiny", ablation="block_size")
     cases = [(d, b) for d in bench.prompts for b in block_sizes]
     baselines = {c: stored.get(f"block_size/test_block_size[tiny-{c[0]}-bs{c[1]}]") for c in cases}
-    missing = [c for c, b in baselines.items() if b is None]
+    testbed = collect_fingerprint("tiny", None)["testbed"]
+    missing = [c for c, b in baselines.items() if b is None or b.samples_on(testbed) is None]
     if missing:
-        raise RuntimeError(f"no committed baseline for {missing}: record them with pytest ablations --update-baselines")
-    start, kw = profile.prompts, {"family": family, "alpha": alpha, "margin": margin, "factor": factor}
+        raise DFlashError(f"no committed baseline with throughput for testbed {testbed} for {missing}: record them "
+                          "with pytest ablations --update-baselines, or measure the A/B path with --ab")
+    start, kw = profile.prompts, {"family": family, "alpha": alpha, "margin": margin, "factor": factor,
+                                  "testbed": testbed}
     for case in cases:  # warm-up
         bench.run(bench.draft, case, 0)
         bench.run(None, case, 0)
@@ -238,7 +246,8 @@ def measure(*, family: int, repeats: int = 25, tau_trials: int = 15, slow_repeat
     return {
         "command": f"dflash gate-quality --repeats {repeats} --tau-trials {tau_trials} --slow-repeats {slow_repeats} "
                    f"--family {family} --hogs {hogs} --block-sizes {','.join(map(str, block_sizes))}",
-        "profile": "tiny", "baselines": "baselines/tiny/block_size.json", "cases": [f"{d}/bs={b}" for d, b in cases],
+        "profile": "tiny", "baselines": "baselines/tiny/block_size.json", "testbed": testbed,
+        "cases": [f"{d}/bs={b}" for d, b in cases],
         "prompts_per_case": {"start": start, "cap": cap}, "max_new_tokens": profile.max_new_tokens,
         "margin": margin, "factor": factor, "alpha": alpha, "family": family, "clock": "cpu",
         "wall_minutes": round((time.time() - began) / 60, 1),
@@ -258,12 +267,89 @@ def measure(*, family: int, repeats: int = 25, tau_trials: int = 15, slow_repeat
     }
 
 
+def measure_ab(*, family: int, ref: str = "HEAD", repeats: int = 4, slow_repeats: int = 4, slowdown: float = 0.20,
+               factor: float = 1.10, alpha: float = 0.05, block_sizes: tuple[int, ...] = BLOCK_SIZES,
+               log=print) -> dict:
+    """The A/B path's quality: every block-size case's throughput gated against commit `ref` (default HEAD:
+    unchanged code against itself) measured by the real reference worker (`reference.ReferenceWorker`, the
+    case run by `ref`'s own pytest in a checkout of it) right after the current code measured it in this
+    process; a regression reading re-measures both sides (`stats.confirm`). Detection: the current side with a
+    drafter that burns `slowdown` more CPU per cycle. Every check is an independent measurement."""
+    from tempfile import mkdtemp
+
+    from .reference import ReferenceWorker, resolve_commit
+    torch.set_num_threads(1)
+    profile = get_profile("tiny")
+    bench = Bench(profile.max_new_tokens)
+    cases = [(d, b) for d in bench.prompts for b in block_sizes]
+    start = profile.prompts
+    sha = resolve_commit(ref, PROJECT_ROOT)
+    worker = ReferenceWorker(sha, PROJECT_ROOT, Path(mkdtemp(prefix="dflash-gate-quality-ab-")))
+
+    def reference_samples(case) -> list[float]:
+        nodeid = f"ablations/test_block_size.py::test_block_size[tiny-{case[0]}-bs{case[1]}]"
+        records, outcome = worker.run_cases([nodeid], ["--profile", "tiny"])
+        (record,) = records.values() if len(records) == 1 else (None,)
+        if record is None:
+            raise DFlashError(f"the reference {sha[:12]} did not record {nodeid} ({outcome})")
+        return record["metrics"]["speedup_samples"][:start]
+
+    def check(case, spin_s: float = 0.0) -> dict:
+        first = throughput_gate(reference_samples(case), bench.timed(bench.draft, case, range(start), spin_s)[1],
+                                factor=factor, alpha=alpha)
+        gate = first if first.verdict != REGRESSION else confirm(first, throughput_gate(
+            reference_samples(case), bench.timed(bench.draft, case, range(start), spin_s)[1], factor=factor,
+            alpha=alpha))
+        return _decided(gate, family)
+
+    for case in cases:  # warm-up
+        bench.run(bench.draft, case, 0)
+        bench.run(None, case, 0)
+    spins = {}
+    for case in cases:
+        runs = [bench.run(bench.draft, case, i) for i in range(start)]
+        spins[case] = slowdown * sum(r.cpu_s for r in runs) / sum(r.num_cycles for r in runs)
+    began = time.time()
+    try:
+        same, slow = [], []
+        for r in range(repeats):
+            same += [check(c) for c in cases]
+            log(f"A/B unchanged: repeat {r + 1}/{repeats}, alarms {sum(g['failed'] for g in same)} of {len(same)}")
+        for r in range(slow_repeats):
+            slow += [check(c, spins[c]) for c in cases]
+            log(f"A/B slowdown: repeat {r + 1}/{slow_repeats}, detected {sum(g['failed'] for g in slow)} of {len(slow)}")
+    finally:
+        worker.close()
+    return {
+        "command": f"dflash gate-quality --ab --ab-ref {ref} --repeats {repeats} --slow-repeats {slow_repeats} "
+                   f"--family {family} --block-sizes {','.join(map(str, block_sizes))}",
+        "reference": sha, "testbed": collect_fingerprint("tiny", None)["testbed"],
+        "cases": [f"{d}/bs={b}" for d, b in cases], "prompts_per_case": start, "factor": factor, "alpha": alpha,
+        "family": family, "clock": "cpu", "wall_minutes": round((time.time() - began) / 60, 1),
+        "false_alarms_unchanged_code": {
+            "after_family_correction": rate_with_ci(sum(g["failed"] for g in same), len(same)),
+            "at_alpha_uncorrected": rate_with_ci(sum(g["failed_at_alpha"] for g in same), len(same)),
+            "worst_change": min(g["rel_change"] for g in same)},
+        "detection_of_slowdown": {
+            "planted": f"{slowdown:.0%} more CPU per cycle, current side only",
+            "mean_measured_change": round(sum(g["rel_change"] for g in slow) / len(slow), 4),
+            "detected": rate_with_ci(sum(g["failed"] for g in slow), len(slow)),
+            "missed": [round(g["rel_change"], 4) for g in slow if not g["failed"]]},
+    }
+
+
 def main(*, family: int, repeats: int = 25, tau_trials: int = 15, slow_repeats: int = 10,
-         hogs: int = 2, block_sizes: tuple[int, ...] = BLOCK_SIZES, out: str | None = None) -> None:
-    result = measure(repeats=repeats, tau_trials=tau_trials, slow_repeats=slow_repeats, family=family, hogs=hogs,
-                     block_sizes=block_sizes, log=lambda line: print(line, file=sys.stderr, flush=True))
+         hogs: int = 2, block_sizes: tuple[int, ...] = BLOCK_SIZES, out: str | None = None,
+         ab_ref: str | None = None) -> None:
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+    if ab_ref:
+        result = measure_ab(family=family, ref=ab_ref, repeats=repeats, slow_repeats=slow_repeats,
+                            block_sizes=block_sizes, log=log)
+    else:
+        result = measure(repeats=repeats, tau_trials=tau_trials, slow_repeats=slow_repeats, family=family, hogs=hogs,
+                         block_sizes=block_sizes, log=log)
     text = json.dumps(result, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
     if out:
-        from pathlib import Path
         Path(out).write_text(text + "\n")
     print(text)

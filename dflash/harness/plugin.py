@@ -61,6 +61,15 @@ def _path_option(option: str):
     return parse
 
 
+def _regex_option(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not accepted: --ab-cases needs a regular expression over "
+                                         f"case ids ({error}), e.g. --ab-cases 'block_size/.*math'") from None
+    return text
+
+
 def _shard_option(text: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
     if not match or not 1 <= int(match[1]) <= int(match[2]):
@@ -111,6 +120,13 @@ def pytest_addoption(parser):
     group.addoption("--allow-downloads", action="store_true", help="let the Hugging Face clients fetch missing "
                     "weights and datasets (default: offline, a missing one skips its cases with the command "
                     "that fetches it)")
+    group.addoption("--ab-ref", default=None, metavar="REF", help="gate every throughput against commit REF "
+                    "measured on this machine in this run (A/B, e.g. --ab-ref origin/main in PR CI) instead of the "
+                    "stored baselines; by default a testbed with no stored throughput is A/B-gated against the code "
+                    "its baseline was recorded with")
+    group.addoption("--ab-cases", type=_regex_option, default="", metavar="REGEX", help="the cases (by case id, "
+                    "re.search) that may take the A/B path when this testbed has no stored throughput; others "
+                    "are reported NOT GATED with the reason (default: every case)")
     group.addoption("--shard", type=_shard_option, default=None, metavar="I/N", help="run the I-th of N "
                     "disjoint shares of the selected cases (a CI matrix: one runner per share); the gate family "
                     "stays that of the whole selection, and `dflash report --merge` joins the shards' runs")
@@ -134,6 +150,13 @@ def pytest_configure(config):
         config.pluginmanager.register(Controller(state), "dflash-controller")
         if config.getoption("report"):
             config.pluginmanager.register(ReportWriter(state), "dflash-report")
+
+
+def pytest_unconfigure(config):
+    """Every process: its A/B reference workers stop with it."""
+    state = config.stash.get(STATE, None)
+    if state is not None:
+        state.close_references()
 
 
 def _check_options(config, state: "RunState") -> None:
@@ -313,6 +336,9 @@ def _check_baselines(session, state: RunState) -> None:
         cases = sum(len(v) for v in expected.values())
         print(f"\nbaselines {state.baselines_dir / profile}: {cases} gated cases, {len(found['missing'])} missing, "
               f"{len(found['orphaned'])} orphaned, {len(found['unreadable'])} unreadable file(s)")
+        print(f"  this machine is testbed {state.fingerprint(profile)['testbed']}")
+        for ablation, counts in sorted(found["testbeds"].items()):
+            print(f"  {ablation}: throughput on " + ", ".join(f"{t} ({n} cases)" for t, n in sorted(counts.items())))
         for key in ("missing", "orphaned", "unreadable"):
             for entry in found[key]:
                 print(f"  {key}: {entry}")
@@ -445,6 +471,11 @@ class Controller:
             if payloads:
                 state.baseline_diff = baseline_store.write_baseline_payloads(state.baselines_dir, payloads,
                                                                              written=written)
+                dirty = sorted({p["code"] for p in payloads if "+" in p["code"]})
+                if dirty:
+                    state.baseline_diff += (f"\nNOTE: recorded from uncommitted changes ({', '.join(dirty)}): no A/B "
+                                            "can check this code out again, so a testbed without stored throughput "
+                                            "will report these cases NOT GATED. Commit first, then record.")
         except Exception as error:  # OSError, BaselineError, ResultsFileError, a malformed record
             reason = f"{error.strerror}: {error.filename}" if isinstance(error, OSError) and error.strerror else error
             commands = "; ".join(f"`dflash baselines --from-run {run_dir} --baselines-dir {state.baselines_dir} "
@@ -461,9 +492,28 @@ class Controller:
         if getattr(state, "holm", None):
             terminalreporter.section(f"dflash gates (Holm over the run's {state.family} gates)")
             for g in sorted(state.holm, key=lambda g: (g["verdict"] != REGRESSION, g["case_id"], g["kind"])):
+                if g.get("not_gated"):
+                    continue  # no p-value to adjust: listed under NOT GATED below
                 terminalreporter.write_line(
                     f"{g['verdict']:>12s}  {g['kind']:10s} {g['case_id']}: baseline {g['baseline']:.3f} -> "
                     f"{g['new']:.3f} ({g['rel_change']:+.1%}), p {g['p_value']:.2e}, Holm {g['p_adjusted']:.2e}")
+        references: dict[str, int] = {}
+        not_gated = []
+        for record in state.records.values():
+            for gate in record.get("gates", []):
+                if gate.get("kind") == "throughput":
+                    if gate.get("not_gated"):
+                        not_gated.append((record["id"], gate["not_gated"]))
+                    else:
+                        references[gate.get("source") or "?"] = references.get(gate.get("source") or "?", 0) + 1
+        if references:
+            terminalreporter.section("dflash throughput references")
+            for source, count in sorted(references.items()):
+                terminalreporter.write_line(f"{count:4d} case(s) gated against {source}")
+        if not_gated:
+            terminalreporter.section(f"dflash: NOT GATED (throughput of {len(not_gated)} case(s))", red=True)
+            for case_id, reason in sorted(not_gated):
+                terminalreporter.write_line(f"NOT GATED  {case_id}: {reason}")
         unbaselined = sorted(r["id"] for r in state.records.values() if r.get("verdict") == NO_BASELINE)
         if unbaselined:
             terminalreporter.section("dflash: NO BASELINE (these cases were not gated)", red=True)
@@ -538,7 +588,10 @@ class ReportWriter:
         for record in records:
             record["gates"] = [holm.get((g["case_id"], g["kind"]), g) for g in record.get("gates", [])]
         announced = sorted({info["id"] for info in collected} - set(skipped))
-        text = render_summary(records, state.fingerprint(profile), announced=announced,
+        # the measuring processes' own fingerprint (its thread count is theirs, not the controller's)
+        fingerprint = next((r["fingerprint"] for r in records if r.get("fingerprint")), None) \
+            or state.fingerprint(profile)
+        text = render_summary(records, fingerprint, announced=announced,
                               skipped=skipped, title=f"dflash ablations: {profile}")
         path = write_summary(run_dir, text)
         self.paths.append(path)

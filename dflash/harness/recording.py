@@ -7,29 +7,34 @@ import time
 from pathlib import Path
 
 from ..errors import DFlashError
-from .baselines import write_baseline_payloads
+from .baselines import PER_QUERY_KEYS, THROUGHPUT_SAMPLES, write_baseline_payloads
 from .results import ResultsFile, latest_by_id
 from .runs import RUN_FILE, identity_digest, record_problem
 
 def baseline_payload(record: dict) -> dict:
-    """A case's baseline entry from its results record: per-prompt taus, speedup samples, raw counters,
-    fingerprint, provenance and the published figures that describe this case (GPU profiles); for a cascade
-    case, its per-query outcomes."""
-    metrics, references = record["metrics"], record.get("references") or []
-    if "per_query" in metrics:
-        return {"profile": record["profile"], "ablation": record["ablation"], "id": record["id"], "kind": "outcomes",
-                "per_query": metrics["per_query"], "fingerprint": record["fingerprint"],
-                "provenance": {"command": "pytest ablations --update-baselines", "recorded": time.strftime("%F %T"),
-                               "queries": len(metrics["per_query"]["qids"]),
-                               "run_identity": record.get("identity")}}
+    """A case's baseline entry from its results record: per-prompt taus (or, for a method that is not lossless,
+    per-query correctness), raw counters, the code it ran, fingerprint, provenance, the published figures that
+    describe this case (GPU profiles), and its throughput samples under the testbed that measured them."""
+    metrics, references, fingerprint = record["metrics"], record.get("references") or [], record["fingerprint"]
+    recorded = time.strftime("%F %T")
+    outcomes = "per_query" in metrics
+    samples = metrics["per_query"]["cost"] if outcomes else metrics["speedup_samples"]
+    common = {"profile": record["profile"], "ablation": record["ablation"], "id": record["id"],
+              "code": fingerprint["code"], "fingerprint": fingerprint,
+              "throughput": {fingerprint["testbed"]: {THROUGHPUT_SAMPLES["outcomes" if outcomes else "decode"]: samples,
+                                                      "fingerprint": fingerprint, "code": fingerprint["code"],
+                                                      "recorded": recorded}}}
+    provenance = {"command": "pytest ablations --update-baselines", "recorded": recorded,
+                  "run_identity": record.get("identity")}
+    if outcomes:
+        return {**common, "kind": "outcomes",
+                "per_query": {k: metrics["per_query"][k] for k in PER_QUERY_KEYS},
+                "provenance": {**provenance, "queries": len(metrics["per_query"]["qids"])}}
     return {
-        "profile": record["profile"], "ablation": record["ablation"], "id": record["id"],
-        "per_prompt_tau": metrics["per_prompt_tau"], "speedup_samples": metrics["speedup_samples"],
+        **common, "per_prompt_tau": metrics["per_prompt_tau"],
         "counters": {k: metrics[k] for k in ("committed_tokens", "cycles", "hit_cap") if k in metrics},
-        "fingerprint": record["fingerprint"],
-        "provenance": {"command": "pytest ablations --update-baselines", "recorded": time.strftime("%F %T"),
-                       "prompts": len(metrics["per_prompt_tau"]), "clock": metrics.get("speedup_clock", "wall"),
-                       "run_identity": record.get("identity")},
+        "provenance": {**provenance, "prompts": len(metrics["per_prompt_tau"]),
+                       "clock": metrics.get("speedup_clock", "wall")},
         "reference": {"figures": references, "source": "; ".join(r["source"] for r in references)}
         if references else None,
     }

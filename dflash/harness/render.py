@@ -40,7 +40,9 @@ from .stats import mcnemar_exact, mean_ci, worst_verdict
 TITLES = {"block_size": "Block-size sweep", "full_length": "Full-length runs",
           "peers": "Peer benchmark (transformers greedy / prompt lookup / target-only / DFlash)",
           "dynamic": "Dynamic block-size scheduling", "profiling": "Per-cycle profiling"}
-FINGERPRINT_ORDER = ("profile", "hardware", "torch", "transformers", "python", "git_sha", "seeds")
+FINGERPRINT_ORDER = ("profile", "testbed", "hardware", "torch", "transformers", "python", "dtype", "git_sha", "code",
+                     "seeds")
+FINGERPRINT_DETAIL = ("cpu", "gpu")  # shown as one line by "hardware"
 DASH = "—"
 
 
@@ -120,9 +122,28 @@ def verdict_cell(record: dict) -> str:
     if verdict in ("skipped", "error"):
         reason = record.get("reason")
         return f"{verdict.upper()}: {reason}" if reason else verdict.upper()
-    details = [f"{g.get('kind', 'gate')} {g.get('rel_change', math.nan):+.1%}{_measurements(g)}, {_p(g)}"
-               for g in record.get("gates") or [] if g.get("verdict") != "pass" or g.get("measurements")]
+    details = [_gate_detail(g) for g in record.get("gates") or []
+               if g.get("verdict") != "pass" or g.get("measurements") or g.get("not_gated")]
     return verdict.upper() + (f" ({'; '.join(details)})" if details else "")
+
+
+def _gate_detail(gate: dict) -> str:
+    kind = gate.get("kind", "gate")
+    if gate.get("not_gated"):
+        return f"{kind} not gated: {gate['not_gated']}"
+    source = f" vs {gate['source']}" if gate.get("source") else ""
+    return f"{kind} {gate.get('rel_change', math.nan):+.1%}{_measurements(gate)}, {_p(gate)}{source}"
+
+
+def throughput_sources(records: Sequence[dict]) -> str:
+    """What the run's throughput gates compared with: "12 stored baseline, testbed K; 3 not gated"."""
+    counts: dict[str, int] = {}
+    for record in records:
+        for gate in record.get("gates") or []:
+            source = "not gated" if gate.get("not_gated") else gate.get("source")
+            if gate.get("kind") == "throughput" and source:
+                counts[source] = counts.get(source, 0) + 1
+    return "; ".join(f"{n} {source}" for source, n in sorted(counts.items()))
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")  # newlines, CR, tabs, other controls, line separators
@@ -561,11 +582,20 @@ def _header(records: list[dict], fingerprint: dict, announced: Sequence[str] | N
         shown = ", ".join(code(m) for m in unbaselined[:10]) + (", ..." if len(unbaselined) > 10 else "")
         lines += [f"> **NO BASELINE: {len(unbaselined)} case(s) were not gated** (record them with "
                   f"--update-baselines): {shown}.", ""]
+    not_gated = {r["id"]: g["not_gated"] for r in records for g in r.get("gates") or []
+                 if g.get("kind") == "throughput" and g.get("not_gated")}
+    if not_gated:
+        reasons = sorted({inline(reason) for reason in not_gated.values()})
+        lines += [f"> **THROUGHPUT NOT GATED: {len(not_gated)} case(s)** ({'; '.join(reasons[:3])}"
+                  f"{'; ...' if len(reasons) > 3 else ''}): "
+                  + ", ".join(code(m) for m in list(not_gated)[:10]) + (", ..." if len(not_gated) > 10 else "") + ".",
+                  ""]
     if skipped:
         reasons = sorted({inline(reason) for reason in skipped.values()})
         lines += [f"Skipped: {len(skipped)} case(s) ({'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''}).",
                   ""]
-    keys = [k for k in FINGERPRINT_ORDER if k in fingerprint] + sorted(set(fingerprint) - set(FINGERPRINT_ORDER))
+    keys = [k for k in FINGERPRINT_ORDER if k in fingerprint] + sorted(set(fingerprint) - set(FINGERPRINT_ORDER)
+                                                                        - set(FINGERPRINT_DETAIL))
     rows = [[k.replace("_", " "), str(fingerprint[k])] for k in keys]
     prompts = sorted({len(_metrics(r).get("per_prompt_tau") or []) for r in records} - {0})
     n = f"{len(records)} cases"
@@ -577,6 +607,8 @@ def _header(records: list[dict], fingerprint: dict, announced: Sequence[str] | N
         verdict = overall_verdict(record)
         counts[verdict] = counts.get(verdict, 0) + 1
     rows.append(["verdicts", ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or DASH])
+    if sources := throughput_sources(records):
+        rows.append(["throughput gated against", sources])
     lines += [table(["Run", ""], rows), "",
               "Mean [95% CI]: Student-t interval over n samples (prompts unless a column says otherwise); "
               "n/a when n = 1. Verdicts: regression fails; inconclusive, improvement and not gated are "

@@ -21,6 +21,7 @@ from ..provenance import code_identity, collect_fingerprint
 from . import baselines as baseline_store
 from .fileio import atomic_write_text
 from .profiles import PROFILES, get_profile, unavailable_reason
+from .reference import ReferenceUnavailable, ReferenceWorker, resolve_commit
 from .results import ResultsFile, ResultsFileError, latest_by_id
 from .stats import GATE_KINDS, apply_holm
 
@@ -74,17 +75,51 @@ class RunState:
         self._recorded: dict[str, dict] = {}
         self._unavailable: dict[tuple[str, str], str | None] = {}
         self._fingerprints: dict[str, dict] = {}
+        self._references: dict[str, ReferenceWorker | ReferenceUnavailable] = {}  # ref -> its worker, or why not
+        self._reference_records: dict[tuple[str, str], dict] = {}  # (sha, case id) -> the reference's record
 
     def profile(self, name: str):
         """The profile as this run uses it (--device / --dtype; the worker's GPU)."""
         return run_profile(self.config, name)
 
     def fingerprint(self, name: str) -> dict:
-        """The machine and software a profile's cases run on in this process (collected once: it runs git)."""
+        """The testbed and software a profile's cases run on in this process (collected once: it runs git)."""
         if name not in self._fingerprints:
-            self._fingerprints[name] = collect_fingerprint(name, SEEDS,
-                                                                          device=self.profile(name).device)
+            profile = self.profile(name)
+            self._fingerprints[name] = collect_fingerprint(name, SEEDS, device=profile.device, dtype=profile.dtype,
+                                                           repo=self.root)
         return self._fingerprints[name]
+
+    def reference_record(self, ref: str, case, again: bool = False) -> tuple[dict, str]:
+        """(the A/B reference's record of `case`, the reference's sha): commit `ref` runs the case's batch
+        (`case.reference_batch()`) in this process's reference worker the first time one of them asks, and the
+        case alone when `again` (a confirming re-measurement). Raises ReferenceUnavailable with the reason; a
+        reference that could not be had is not tried again in this process."""
+        worker = self._references.get(ref)
+        if worker is None:
+            try:
+                sha = resolve_commit(ref, self.root)
+                worker_id = os.environ.get("PYTEST_XDIST_WORKER", "main")
+                worker = ReferenceWorker(sha, self.root, self.run_dirs[case.profile.name] / f"ab-{sha[:12]}-{worker_id}")
+            except ReferenceUnavailable as error:
+                worker = error
+            self._references[ref] = worker
+        if isinstance(worker, ReferenceUnavailable):
+            raise worker
+        key = (worker.sha, case.experiment_id)
+        if again or key not in self._reference_records:
+            records, outcome = worker.run_cases([case.request.node.nodeid] if again else case.reference_batch(),
+                                                case.reference_options())
+            self._reference_records.update({(worker.sha, case_id): r for case_id, r in records.items()})
+            if case.experiment_id not in records:
+                raise ReferenceUnavailable(f"the reference {worker.sha[:12]} did not record this case ({outcome}): "
+                                           "its test or case id differs from this code's, or the case failed to run")
+        return self._reference_records[key], worker.sha
+
+    def close_references(self) -> None:
+        for worker in self._references.values():
+            if isinstance(worker, ReferenceWorker):
+                worker.close()
 
     def unavailable(self, name: str, dataset: str | None) -> str | None:
         """Why a profile's cases on `dataset` cannot run here (CUDA, weights, the dataset; one line, checked
@@ -256,6 +291,9 @@ def record_problem(record: dict) -> str | None:
                 return f"a recording's metrics.{key} must be a list of numbers"
         if not isinstance(record.get("dataset"), str) or not isinstance(record.get("fingerprint"), dict):
             return "a recording needs its dataset (string) and fingerprint (object)"
+        if not all(isinstance(record["fingerprint"].get(k), str) for k in ("testbed", "code")):
+            return ("a recording's fingerprint must name its testbed and code (a results file written before "
+                    "throughput was kept per testbed: re-record with --update-baselines)")
     return None
 
 
@@ -263,7 +301,7 @@ RUN_FILE = "run.json"
 
 
 IDENTITY_OPTIONS = ("tau_margin", "throughput_factor", "gate_alpha", "update_baselines", "dflash_prompts",
-                    "dflash_max_new_tokens", "tau_accounting")
+                    "dflash_max_new_tokens", "tau_accounting", "ab_ref", "ab_cases")
 
 
 def run_profile(config, name: str):
@@ -300,7 +338,7 @@ def run_identity(config, profile_name: str) -> dict:
             "dtype": profile.dtype,
             "target_files": model_digest(target, "target"), "draft_files": model_digest(draft, "draft"),
             "overrides": sorted(k for k in ("target", "draft") if config.getoption(f"dflash_{k}")),
-            "code": code_identity(), "clock": profile.clock,
+            "code": code_identity(Path(config.rootpath)), "clock": profile.clock,
             "options": {k: config.getoption(k) for k in IDENTITY_OPTIONS}}
 
 

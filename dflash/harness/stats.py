@@ -14,11 +14,12 @@ paired: element i of the baseline and of the new vector is the same prompt (or p
   prompt indices as log(new / baseline); one-sided paired t-test on the log ratios (the mean log ratio is the
   log of the geometric-mean slowdown, so the test and the effect size measure the same thing). A regression
   needs p < alpha AND geometric-mean slowdown > factor. `confirm` combines a re-measurement: the gate fails
-  only when both measurements are regressions (intersection-union test, p = max of the two). Not gated when
-  the hardware differs from the baseline's (it is still reported).
+  only when both measurements are regressions (intersection-union test, p = max of the two). The reference
+  samples are the baseline's for this testbed or an A/B reference measured in the same run (`source` says
+  which); without either, the result is "not gated" with the reason (`not_gated`), reported, never silent.
 
 Verdicts: "regression" (the only failing one), "inconclusive" (beyond the threshold but not significant),
-"improvement" (reported, never failed), "pass", and "not gated: hardware differs". Verdicts are computed from
+"improvement" (reported, never failed), "pass", and "not gated". Verdicts are computed from
 the stored numbers, so `apply_holm` only has to fill in the adjusted p-values and every verdict follows.
 The family of a run is fixed before any case runs (`apply_holm(..., family=m)`): per-case Bonferroni and the
 session-end Holm use the same m.
@@ -39,9 +40,9 @@ REGRESSION = "regression"
 INCONCLUSIVE = "inconclusive"
 IMPROVEMENT = "improvement"
 PASS = "pass"
-NOT_GATED_HARDWARE = "not gated: hardware differs"
+NOT_GATED = "not gated"
 # Most severe first; `worst_verdict` uses this order to summarise several gates of one case.
-SEVERITY = (REGRESSION, INCONCLUSIVE, NOT_GATED_HARDWARE, IMPROVEMENT, PASS)
+SEVERITY = (REGRESSION, INCONCLUSIVE, NOT_GATED, IMPROVEMENT, PASS)
 
 
 def _as_1d(values, what: str, *, allow_empty: bool = False) -> np.ndarray:
@@ -142,7 +143,7 @@ class GateResult:
     @property
     def verdict(self) -> str:
         if not self.gated:
-            return NOT_GATED_HARDWARE
+            return NOT_GATED
         p_worse = self.p_value if self.p_adjusted is None else self.p_adjusted
         p_better = self.p_improvement if self.p_improvement_adjusted is None else self.p_improvement_adjusted
         if self._worse_beyond_threshold():
@@ -179,14 +180,15 @@ class TauGateResult(GateResult):
 @dataclass(frozen=True)
 class ThroughputGateResult(GateResult):
     factor: float = 1.10
-    hardware_differs: bool = False
+    source: str = ""  # what the samples were compared with: "stored baseline, testbed K" / "A/B against REF ..."
+    not_gated: str | None = None  # why there was nothing to compare with (the verdict is then "not gated")
     measurements: tuple = ()  # with `confirm`: each measurement's {"new", "rel_change", "p_value", "n"}
 
     kind = "throughput"
 
     @property
     def gated(self) -> bool:
-        return not self.hardware_differs
+        return self.not_gated is None
 
     def _worse_beyond_threshold(self) -> bool:
         return self.new <= 0 or self.baseline / self.new > self.factor
@@ -302,34 +304,21 @@ def tau_gate(baseline_taus: Sequence[float], new_taus: Sequence[float], *, margi
 # throughput gate (paired)
 
 
-def hardware_matches(fp_a: dict | None, fp_b: dict | None, keys: Sequence[str] = ("hardware",)) -> bool:
-    """True when both fingerprints name the same hardware (case- and whitespace-insensitive). A missing or
-    empty entry on either side counts as a mismatch: unknown hardware is no ground for a timing gate."""
-    if not fp_a or not fp_b:
-        return False
-
-    def norm(value) -> str:
-        return " ".join(str(value).split()).lower()
-
-    return all(fp_a.get(k) not in (None, "") and norm(fp_a.get(k)) == norm(fp_b.get(k)) for k in keys)
-
-
 def _geomean(x: np.ndarray) -> float:
     return float(np.exp(np.mean(np.log(x))))
 
 
 def throughput_gate(baseline_ratio_samples: Sequence[float], new_ratio_samples: Sequence[float], *,
-                    factor: float = 1.10, alpha: float = 0.05, baseline_fingerprint: dict | None = None,
-                    current_fingerprint: dict | None = None, case_id: str = "") -> ThroughputGateResult:
+                    factor: float = 1.10, alpha: float = 0.05, case_id: str = "",
+                    source: str = "") -> ThroughputGateResult:
     """Speedup-ratio samples (variant / target-only, both measured in the same run, so machine drift
-    cancels), paired by index: the run's n samples are compared with the baseline's first n. Regression iff
-    the one-sided paired t-test on log(new_i / baseline_i) has p < alpha AND the geometric-mean slowdown
-    geomean(baseline) / geomean(new) > factor; beyond the factor but not significant is "inconclusive".
-    Pass both fingerprints to report-not-gate across different hardware."""
+    cancels), paired by index: the run's n samples are compared with the reference's first n. The reference
+    must come from the same testbed (`source` says which: a stored baseline of this testbed, or an A/B
+    reference measured in this run). Regression iff the one-sided paired t-test on log(new_i / baseline_i) has
+    p < alpha AND the geometric-mean slowdown geomean(baseline) / geomean(new) > factor; beyond the factor but
+    not significant is "inconclusive"."""
     base = _as_1d(baseline_ratio_samples, "baseline_ratio_samples")
     new = _as_1d(new_ratio_samples, "new_ratio_samples")
-    if (baseline_fingerprint is None) != (current_fingerprint is None):
-        raise DFlashError("throughput_gate needs both fingerprints (baseline and current) or neither.")
     if base.size < new.size:
         raise DFlashError(f"throughput_gate{f' ({case_id})' if case_id else ''} pairs samples by prompt: the "
                           f"baseline has {base.size}, the run {new.size}. Re-record the baseline with "
@@ -338,7 +327,6 @@ def throughput_gate(baseline_ratio_samples: Sequence[float], new_ratio_samples: 
     if np.any(base <= 0) or np.any(new <= 0):
         raise DFlashError(f"speedup samples must be positive (a ratio of two rates), got baseline {base.tolist()} "
                           f"and new {new.tolist()}.")
-    differs = baseline_fingerprint is not None and not hardware_matches(baseline_fingerprint, current_fingerprint)
     log_ratio = np.log(new) - np.log(base)
     if new.size < 2 or np.ptp(log_ratio) == 0:
         p_less = p_greater = 1.0  # no spread to estimate: no evidence either way (t would divide by zero)
@@ -351,7 +339,18 @@ def throughput_gate(baseline_ratio_samples: Sequence[float], new_ratio_samples: 
     return ThroughputGateResult(case_id=case_id, baseline=base_centre, new=new_centre,
                                 rel_change=_relative_change(base_centre, new_centre), p_value=p_less,
                                 p_improvement=p_greater, alpha=alpha, n_baseline=base.size, n_new=new.size,
-                                factor=factor, hardware_differs=differs)
+                                factor=factor, source=source)
+
+
+def not_gated_throughput(new_ratio_samples: Sequence[float], reason: str, *, factor: float = 1.10,
+                         alpha: float = 0.05, case_id: str = "") -> ThroughputGateResult:
+    """The throughput result of a case with nothing to compare with on this testbed: the measured centre is
+    reported, the verdict is "not gated" and `reason` says why and how to gate it."""
+    new = _as_1d(new_ratio_samples, "new_ratio_samples")
+    centre = _geomean(new) if np.all(new > 0) else 0.0
+    return ThroughputGateResult(case_id=case_id, baseline=centre, new=centre, rel_change=0.0, p_value=1.0,
+                                p_improvement=1.0, alpha=alpha, n_baseline=0, n_new=new.size, factor=factor,
+                                not_gated=reason)
 
 
 def confirm(first: ThroughputGateResult, second: ThroughputGateResult) -> ThroughputGateResult:
