@@ -52,3 +52,16 @@ def test_a_different_gpu_or_driver_gives_another_key():
     assert len(keys) == 4
     assert provenance.testbed_key(gpu_fingerprint()) == provenance.testbed_key(gpu_fingerprint())
     assert provenance.testbed_key(gpu_fingerprint()) != provenance.testbed_key(cpu_fingerprint())  # a CPU run on a GPU machine
+
+
+def test_an_ab_reference_that_cannot_be_checked_out_says_why_and_how():
+    import pytest
+
+    from dflash.harness.reference import ReferenceUnavailable, resolve_commit
+    from dflash.provenance import PROJECT_ROOT
+    with pytest.raises(ReferenceUnavailable, match="uncommitted changes on top of 0123abc"):
+        resolve_commit("0123abc+feedfacecafe", PROJECT_ROOT)
+    with pytest.raises(ReferenceUnavailable, match=r"not in this clone \(a shallow checkout\?\).*git fetch --unshallow"):
+        resolve_commit("f" * 40, PROJECT_ROOT)
+    head = resolve_commit("HEAD", PROJECT_ROOT)
+    assert len(head) == 40 and resolve_commit(head[:10], PROJECT_ROOT) == head

@@ -215,9 +215,7 @@ class Case:
             return first
         if reference.ab:
             again = self.throughput_reference(baseline, again=True)
-            if isinstance(again, str):
-                return first
-            reference = again
+            reference = reference if isinstance(again, str) else again  # keep the first if it cannot run again
         return confirm(first, gate(reference, remeasure()))
 
     def throughput_reference(self, baseline, again: bool = False) -> "ThroughputReference | str":

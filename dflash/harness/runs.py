@@ -328,14 +328,16 @@ def run_profile(config, name: str):
 
 def run_identity(config, profile_name: str) -> dict:
     """What makes two runs' records comparable: target and draft (their names, whether overridden, a digest of
-    their files), the code (git commit and a digest of uncommitted changes), the clock and the options that
-    change measurement or gating. Stored as run.json in the run directory; every record carries its digest."""
+    their files), the testbed, the code (git commit and a digest of uncommitted changes), the clock and the
+    options that change measurement or gating. Stored as run.json in the run directory; every record carries its digest."""
     from ..loading import model_digest
     profile = run_profile(config, profile_name)
     target = config.getoption("dflash_target") or profile.target
     draft = config.getoption("dflash_draft") or profile.draft
+    testbed = collect_fingerprint(profile_name, SEEDS, device=profile.device, dtype=profile.dtype,
+                                  repo=Path(config.rootpath))["testbed"]
     return {"profile": profile_name, "target": target, "draft": draft, "device": profile.device,
-            "dtype": profile.dtype,
+            "dtype": profile.dtype, "testbed": testbed,
             "target_files": model_digest(target, "target"), "draft_files": model_digest(draft, "draft"),
             "overrides": sorted(k for k in ("target", "draft") if config.getoption(f"dflash_{k}")),
             "code": code_identity(Path(config.rootpath)), "clock": profile.clock,
