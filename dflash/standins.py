@@ -17,8 +17,8 @@ local_files_only=True)` resolves every id the gpu-qwen3-4b profile names:
 * datasets `MathArena/aime_2025` (split train: problem_idx, problem, answer), `openai/gsm8k` (configs main and
   socratic, splits train and test: question, answer) and `HuggingFaceH4/mt_bench_prompts` (split train: prompt
   = 2 turns, prompt_id, category, reference), as parquet files (or JSON Lines: `data_format="jsonl"`) in the
-  layouts of the real repositories, each with a README.md whose YAML `configs:` section names its data files, as on the Hub. Their text has literal
-  braces (LaTeX, code) so a template filled with str.format would break on it.
+  layouts of the real repositories, each with a README.md whose YAML `configs:` section names its data files, as
+  on the Hub. Their text has literal braces (LaTeX, code) so a template filled with str.format would break on it.
 
 The stand-ins let the A100 path (offline resolution, dataset loading, prompt templates, chat template, stop
 ids) be exercised on a CPU before anyone has a GPU; their numbers mean nothing.
