@@ -100,6 +100,7 @@ def environment(out: Path, device: str) -> int:
         facts.update(name=props.name, capability=f"{props.major}.{props.minor}",
                      memory_gib=round(props.total_memory / 2**30, 1), bf16=torch.cuda.is_bf16_supported(),
                      cudnn=torch.backends.cudnn.version(), tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                     fp32_precision=getattr(torch.backends.cuda.matmul, "fp32_precision", None),
                      sdpa={"flash": torch.backends.cuda.flash_sdp_enabled(),
                            "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
                            "math": torch.backends.cuda.math_sdp_enabled()})
@@ -144,11 +145,11 @@ def _measure(target, draft, ids: list[list[int]], tokens: int) -> dict[str, list
     per prompt after one warm-up decode each; no stop tokens, so every decode makes `tokens` tokens."""
     from .engine import generate
     totals = {mode: [0, 0.0, 0, 0] for mode, _ in MODES}
-    for prompt, count in [(ids[0], 8)] + [(prompt, tokens) for prompt in ids]:
+    for prompt, count, counted in [(ids[0], 8, False)] + [(prompt, tokens, True) for prompt in ids]:
         for mode, block_size in MODES:
             result = generate(target, draft if block_size > 1 else None, prompt, max_new_tokens=count,
                               block_size=block_size)
-            if count == tokens:
+            if counted:
                 for i, value in enumerate([len(result.output_ids), result.wall_s, sum(result.acceptance_lengths),
                                            len(result.acceptance_lengths)]):
                     totals[mode][i] += value
@@ -162,7 +163,7 @@ def timing(out: Path, device: str, prompts: int, tokens: int) -> int:
     import torch
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if not device.startswith("cuda"):
-        torch.set_num_threads(1)  # as the CPU profiles run: a second thread on a busy 2-core machine costs 50x
+        torch.set_num_threads(1)  # as the CPU profiles run: threads beyond the free cores slow it many times over
     rows = []
     for pair, (target, draft, ids) in _timing_pairs(device, dtype, prompts):
         totals = _measure(target, draft, ids, tokens)
