@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that lies on the dev/CI machines; override on a GPU runner (TORCH_SPEC="torch").
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test report clean
+.PHONY: install test report clean gpu-smoke gpu-smoke-wheels
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,16 @@ report: install
 	@cat "$$(ls -td reports/tiny-*/ | head -1)summary.md"
 	$(VENV)/bin/dflash cascade collect --profile tiny
 	$(VENV)/bin/dflash cascade report --profile tiny
+
+# The CUDA path in one call on a bare GPU machine (README "GPU smoke run"): no install step, the machine's own torch;
+# OUT=DIR (default reports/gpu-smoke-<time>), DEVICE=cpu rehearses it shrunk. gpu-smoke-wheels (a networked
+# machine, beforehand) fetches the wheels of what the GPU image lacks into .gpu-smoke-wheels/, to carry there.
+SMOKE_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-smoke:
+	PYTHON=$(SMOKE_PY) bash scripts/gpu_smoke.sh
+
+gpu-smoke-wheels:
+	PYTHONPATH=. $(SMOKE_PY) -m dflash.gpu_smoke fetch-wheels .gpu-smoke-wheels
 
 clean:
 	rm -rf $(VENV) reports/*/

@@ -16,9 +16,9 @@ local_files_only=True)` resolves every id the gpu-qwen3-4b profile names:
   dflash_config.target_layer_ids and mask_token_id 151669) for that target;
 * datasets `MathArena/aime_2025` (split train: problem_idx, problem, answer), `openai/gsm8k` (configs main and
   socratic, splits train and test: question, answer) and `HuggingFaceH4/mt_bench_prompts` (split train: prompt
-  = 2 turns, prompt_id, category, reference), as parquet files in the layouts of the real repositories, each
-  with a README.md whose YAML `configs:` section names its data files, as on the Hub. Their text has literal
-  braces (LaTeX, code) so a template filled with str.format would break on it.
+  = 2 turns, prompt_id, category, reference), as parquet files (or JSON Lines: `data_format="jsonl"`) in the
+  layouts of the real repositories, each with a README.md whose YAML `configs:` section names its data files, as
+  on the Hub. Their text has literal braces (LaTeX, code) so a template filled with str.format would break on it.
 
 The stand-ins let the A100 path (offline resolution, dataset loading, prompt templates, chat template, stop
 ids) be exercised on a CPU before anyone has a GPU; their numbers mean nothing.
@@ -221,6 +221,13 @@ def _parquet(rows: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+DATA_WRITERS = {"parquet": _parquet, "jsonl": _jsonl}  # data file suffix -> writer
+
+
 def _readme(configs: list[tuple[str, dict[str, str]]]) -> bytes:
     lines = ["---", "configs:"]
     for name, splits in configs:
@@ -261,18 +268,18 @@ def mt_bench_rows(count: int = 80) -> list[dict]:
     return rows
 
 
-def _dataset_repos(hub_cache: Path) -> dict:
-    repos = {}
+def _dataset_repos(hub_cache: Path, data_format: str = "parquet") -> dict:
+    repos, write = {}, DATA_WRITERS[data_format]
     aime = aime_rows()
     repos[AIME_ID] = write_hub_repo(hub_cache, AIME_ID, {
         "README.md": _readme([("default", {"train": "data/train-*"})]),
-        "data/train-00000-of-00001.parquet": _parquet(aime)}, repo_type="dataset")
+        f"data/train-00000-of-00001.{data_format}": write(aime)}, repo_type="dataset")
     repos[AIME_ID].update(config=None, split="train", rows=aime)
     gsm8k_files = {"README.md": _readme([(c, {"train": f"{c}/train-*", "test": f"{c}/test-*"})
                                          for c in ("main", "socratic")])}
     for config in ("main", "socratic"):
         for split, count in (("train", 12), ("test", 50)):
-            gsm8k_files[f"{config}/{split}-00000-of-00001.parquet"] = _parquet(gsm8k_rows(split, config, count))
+            gsm8k_files[f"{config}/{split}-00000-of-00001.{data_format}"] = write(gsm8k_rows(split, config, count))
     repos[GSM8K_ID] = write_hub_repo(hub_cache, GSM8K_ID, gsm8k_files, repo_type="dataset")
     repos[GSM8K_ID].update(config="main", split="test", rows=gsm8k_rows("test", "main", 50))
     mt = mt_bench_rows()
@@ -280,19 +287,23 @@ def _dataset_repos(hub_cache: Path) -> dict:
                   for i, r in enumerate(mt))  # the repo also keeps the original LMSYS file (field `turns`)
     repos[MT_BENCH_ID] = write_hub_repo(hub_cache, MT_BENCH_ID, {
         "README.md": _readme([("default", {"train": "data/train-*"})]),
-        "data/train-00000-of-00001-7c1b0b9a4ee2fcd1.parquet": _parquet(mt), "raw/question.jsonl": raw.encode()},
+        f"data/train-00000-of-00001-7c1b0b9a4ee2fcd1.{data_format}": write(mt), "raw/question.jsonl": raw.encode()},
         repo_type="dataset")
     repos[MT_BENCH_ID].update(config=None, split="train", rows=mt)
     return repos
 
 
 def build_hub_standins(hf_home: Path, *, vocab_size: int = QWEN3_VOCAB_SIZE, target_id: str = TARGET_ID,
-                       draft_id: str = DRAFT_ID, seed: int = 0) -> dict:
+                       draft_id: str = DRAFT_ID, seed: int = 0, data_format: str = "parquet") -> dict:
     """Fill `hf_home/hub/` with the stand-ins (see the module docstring); returns what was written:
     {"hf_home", "hub_cache", "target": repo, "draft": repo, "datasets": {hub id: repo}}, a repo being a dict
     with id, repo_type, commit, path (the snapshot directory), folder, files, and for datasets config, split
     and rows (the rows of that split, in file order), and for the draft its dflash settings. Pass the ids of
-    another profile (e.g. Qwen/Qwen3-8B, z-lab/Qwen3-8B-DFlash-b16) to stand in for it instead."""
+    another profile (e.g. Qwen/Qwen3-8B, z-lab/Qwen3-8B-DFlash-b16) to stand in for it instead.
+    `data_format` "jsonl" writes the datasets' data files as JSON Lines, the same rows and layout, for a machine
+    without pyarrow (the harness reads JSON with the standard library; scripts/gpu_smoke.sh)."""
+    if data_format not in DATA_WRITERS:
+        raise ValueError(f"data_format must be one of {', '.join(DATA_WRITERS)}, got {data_format!r}")
     if vocab_size <= MASK_TOKEN_ID:
         raise ValueError(f"vocab_size {vocab_size} must exceed the mask id {MASK_TOKEN_ID} (Qwen3's table: 151936)")
     hf_home = Path(hf_home)
@@ -303,7 +314,7 @@ def build_hub_standins(hf_home: Path, *, vocab_size: int = QWEN3_VOCAB_SIZE, tar
     draft = write_hub_repo(hub_cache, draft_id, draft_files)
     draft.update(draft_settings)
     return {"hf_home": hf_home, "hub_cache": hub_cache, "target": write_hub_repo(hub_cache, target_id, target_files),
-            "draft": draft, "datasets": _dataset_repos(hub_cache)}
+            "draft": draft, "datasets": _dataset_repos(hub_cache, data_format)}
 
 
 def hf_env(hf_home: Path, **extra: str) -> dict[str, str]:

@@ -2,15 +2,31 @@
 tests/ on sys.path). Test-only, so the package itself needs neither this module nor hypothesis."""
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 from hypothesis import strategies as st
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from dflash.model import DFlashDraftModel, make_draft_config
 
+# The GPU smoke run (scripts/gpu_smoke.sh) runs some tests on another device, and smaller. DFLASH_TEST_DEVICE
+# (default cpu): where the tests that take DEVICE put their models. DFLASH_TEST_SCALE (default 1): the factor
+# `scaled` applies to those tests' sizes (hypothesis examples, held-out prompts, sampling runs). Unset, every
+# test runs as written.
+DEVICE = os.environ.get("DFLASH_TEST_DEVICE", "cpu")
+SCALE = float(os.environ.get("DFLASH_TEST_SCALE", "1"))
+
+
+def scaled(n: int, minimum: int = 1) -> int:
+    """n times DFLASH_TEST_SCALE, rounded up, at least `minimum` (n itself at scale 1)."""
+    return n if SCALE == 1 else max(minimum, math.ceil(n * SCALE))
+
 
 def random_target(seed: int, *, vocab_size: int = 48, hidden_size: int = 32, num_layers: int = 3,
-                  num_heads: int = 4, num_kv_heads: int = 2, dtype=torch.float64) -> Qwen3ForCausalLM:
+                  num_heads: int = 4, num_kv_heads: int = 2, dtype=torch.float64,
+                  device="cpu") -> Qwen3ForCausalLM:
     """A randomly initialised Qwen3 target. float64 by default so block and one-token forwards agree far below
     any realistic gap between the top two logits (greedy comparisons are then exact, not tie-prone)."""
     torch.manual_seed(seed)
@@ -24,7 +40,7 @@ def random_target(seed: int, *, vocab_size: int = 48, hidden_size: int = 32, num
         for parameter in model.parameters():
             if parameter.dim() == 2:
                 parameter.normal_(0.0, 0.3)
-    return model.to(dtype).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def random_draft(target, seed: int, *, num_layers: int = 1, block_size: int = 16, mask_token_id: int | None = None,
@@ -34,12 +50,12 @@ def random_draft(target, seed: int, *, num_layers: int = 1, block_size: int = 16
     config = make_draft_config(target.config, num_layers=num_layers, block_size=block_size,
                                mask_token_id=vocab - 1 if mask_token_id is None else mask_token_id,
                                target_layer_ids=target_layer_ids)
-    return DFlashDraftModel(config).to(dtype).eval()
+    return DFlashDraftModel(config).to(device=target.device, dtype=dtype).eval()
 
 
 def reference_greedy(target, prompt: list[int], max_new_tokens: int, stop_token_ids=()) -> list[int]:
     """The target's own greedy decoding via transformers `generate` (independent of this project's loop)."""
-    input_ids = torch.tensor([prompt])
+    input_ids = torch.tensor([prompt], device=target.device)
     out = target.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                           max_new_tokens=max_new_tokens, eos_token_id=list(stop_token_ids) or None,
                           pad_token_id=0, min_new_tokens=0)

