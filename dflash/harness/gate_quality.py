@@ -321,7 +321,7 @@ def measure_ab(*, family: int, ref: str = "HEAD", repeats: int = 4, slow_repeats
     finally:
         worker.close()
     return {
-        "command": f"dflash gate-quality --ab --ab-ref {ref} --repeats {repeats} --slow-repeats {slow_repeats} "
+        "command": f"dflash gate-quality --ab-ref {ref} --repeats {repeats} --slow-repeats {slow_repeats} "
                    f"--family {family} --block-sizes {','.join(map(str, block_sizes))}",
         "reference": sha, "testbed": collect_fingerprint("tiny", None)["testbed"],
         "cases": [f"{d}/bs={b}" for d, b in cases], "prompts_per_case": start, "factor": factor, "alpha": alpha,
