@@ -355,7 +355,8 @@ def _perturb(model_dir: Path) -> Path:
 def _identity(draft: str | None) -> dict:
     options = defaultdict(lambda: None, {"dflash_draft": draft, "tau_margin": 0.03, "throughput_factor": 1.10,
                                          "gate_alpha": 0.05, "update_baselines": False})  # other options unset
-    return runs.run_identity(types.SimpleNamespace(getoption=options.__getitem__), "tiny")
+    return runs.run_identity(types.SimpleNamespace(getoption=options.__getitem__,
+                                                   rootpath=Path(__file__).resolve().parents[1]), "tiny")
 
 
 def test_resume_refuses_a_different_draft_or_gate_option(wire, monkeypatch):
