@@ -1,6 +1,6 @@
 """Adaptive cascades over the tiny ladder: every policy (each learned one at three prices of time, lam), replayed
 exactly on a fresh table of 100 held-out queries, cross-fitted, gated against its baseline paired over queries
-(accuracy and cost). Cascades are not lossless: quality is measured, never assumed."""
+(accuracy; cost is reported, see CascadeCase.cost_not_gated). Cascades are not lossless: quality is measured, never assumed."""
 from dataclasses import dataclass
 
 import pytest

@@ -374,6 +374,7 @@ class OutcomesCase(Case):
     per-query outcomes (`metrics["per_query"]`: qids, correct, cost) gated against a baseline of kind
     "outcomes", paired over the same queries."""
     family_dataset = DatasetSpec("outcomes", "outcomes", chat=False)
+    cost_not_gated: str | None = None  # why a family's per-query costs admit no paired test (reported instead)
 
     def __init__(self, request, state, profile, family_profile):
         super().__init__(request, state, profile, dataset=None)
@@ -397,8 +398,12 @@ class OutcomesCase(Case):
                                alpha=self._option("gate_alpha"), case_id=self.experiment_id)]
         if speed:
             new = speedups if speedups is not None else [1.0 / c for c in metrics["per_query"]["cost"]]
-            gates.append(self.gate_throughput(baseline, new, remeasure,
-                                              as_speedups=lambda cost: [1.0 / c for c in cost[::stride]]))
+            if self.cost_not_gated:
+                gates.append(not_gated_throughput(new, self.cost_not_gated, factor=self._option("throughput_factor"),
+                                                  alpha=self._option("gate_alpha"), case_id=self.experiment_id))
+            else:
+                gates.append(self.gate_throughput(baseline, new, remeasure,
+                                                  as_speedups=lambda cost: [1.0 / c for c in cost[::stride]]))
         return gates
 
 
