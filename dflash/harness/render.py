@@ -654,6 +654,17 @@ def render_summary(records: Sequence[dict], fingerprint: dict, *, announced: Seq
     return "\n".join(lines).rstrip() + "\n"
 
 
+def plots_section(files: Sequence[str], notes: Sequence[str] = ()) -> str:
+    """The run's pictures (PNG files next to summary.md, as images) and one line per plot left out, saying why;
+    "" when there is neither."""
+    if not files and not notes:
+        return ""
+    lines = ["## Plots", ""] + [f"![{inline(Path(name).stem)}]({inline(Path(name).name)})" for name in files]
+    if notes:
+        lines += ([""] if files else []) + ["Left out:", ""] + [f"- {inline(note)}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
 def write_summary(directory: str | os.PathLike, text: str, name: str = "summary.md") -> Path:
     """Atomically write the summary to directory/name (a reader never sees a half-written file)."""
     return atomic_write_text(Path(directory) / name, text)
