@@ -136,6 +136,14 @@ def test_a_bad_metric_shows_as_invalid_instead_of_losing_the_summary():
     assert row in render_summary([record], FINGERPRINT)
 
 
+def test_a_family_display_name_titles_its_section():
+    record = {"id": "fastdllm/test_fastdllm_loglik[tiny-loglik]", "experiment": "fastdllm", "group": "graded",
+              "title": "Fast-dLLM v2", "params": {"task": "loglik"},
+              "metrics": {"per_query": {"qids": ["q0", "q1"], "correct": [1, 0], "cost": [1.0, 1.0]}}}
+    text = render_summary([record], FINGERPRINT)
+    assert "## Fast-dLLM v2: graded" in text and "Fastdllm" not in text
+
+
 def test_the_plots_section_shows_each_picture_and_why_one_was_left_out():
     section = plots_section(["a_tau_vs_cycle.png"], ["case[x]: no rolling plot, 9 cycles traced"])
     assert section == ("## Plots\n\n![a_tau_vs_cycle](a_tau_vs_cycle.png)\n\nLeft out:\n\n"

@@ -60,6 +60,7 @@ class CascadeCase(OutcomesCase):
     """One policy (at one lam) of a cascade profile: replayed outcomes, gates against the baseline (accuracy,
     and cost as per-query speedup over the largest model), the record."""
     family_dataset = DatasetSpec("ladder", "cascade", chat=False)
+    display_name = "Adaptive cascades"
 
     def outcome(self, policy: str, lam: float | None):
         directory = Path(self.state.results(self.profile.name).path).parent

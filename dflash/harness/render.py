@@ -5,6 +5,7 @@ Case record layout (all keys but `id` optional):
     {"id": "block_size/bs=8",              # unique case id
      "experiment": "block_size",           # block_size | full_length | dynamic | profiling | any other name
      "group": "AIME25, max_new_tokens=256",# one table per (experiment, group)
+     "title": "Fast-dLLM v2",              # its section's title (a family's display name); default from TITLES
      "params": {"block_size": 8},
      "metrics": {...},                     # per experiment, below
      "status": "done",                     # done | skipped | error (skipped: "not run", never "passed")
@@ -645,7 +646,8 @@ def render_summary(records: Sequence[dict], fingerprint: dict, *, announced: Seq
         key = (str(record.get("experiment", "other")), str(record.get("group", "")))
         groups.setdefault(key, []).append(record)
     for experiment, group in sorted(groups, key=lambda k: (order.get(k[0], len(order)), k)):
-        heading = TITLES.get(experiment, experiment.replace("_", " ").capitalize())
+        heading = next((r["title"] for r in groups[(experiment, group)] if isinstance(r.get("title"), str)),
+                       TITLES.get(experiment, experiment.replace("_", " ").capitalize()))
         lines += [f"## {inline(heading)}" + (f": {inline(group)}" if group else ""), ""]
         render = RENDERERS.get(experiment, default_renderer(groups[(experiment, group)]))
         lines += [render(groups[(experiment, group)]), ""]
