@@ -40,7 +40,7 @@ MIN_ROLLING_CYCLES = 16  # fewer traced cycles leave no drift to see: the rollin
 def rolling_window(cycles: int, window: int = ROLLING_WINDOW) -> int:
     """The window the rolling plot uses on a trace of `cycles`: `window`, or a quarter of the trace when that
     is shorter, so the rolling mean keeps three quarters of the points."""
-    return max(2, min(window, cycles // 4))
+    return max(1, min(window, cycles // 4))
 
 
 def _rolling_mean(values: Sequence[float], window: int) -> np.ndarray:
