@@ -85,3 +85,46 @@ def test_a_cascade_record_becomes_a_cascade_baseline_and_its_gates_reach_holm(tm
     assert adjusted[0]["kind"] == "accuracy" and adjusted[0]["p_adjusted"] >= gate["p_value"]
     table = cascade_table([record])
     assert "tiny-router-lam0.1" in table and "0% / 0% / 50% / 50%" in table
+
+
+def test_the_run_table_is_collected_once_by_the_workers_together_with_one_report(tmp_path, monkeypatch):
+    """Two workers (threads here: the locks are flock, per open file) ask for the run's table at once: they
+    collect its parts side by side (each part once), and both read one table, in query order, with one report."""
+    import threading
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from dflash.cascade import ablation, report
+    from dflash.cascade.collect import StageRow
+
+    queries = [SimpleNamespace(qid=f"q{i}", family=("story", "expression")[i % 2]) for i in range(8)]
+    profile = SimpleNamespace(name="fake", rung_names=("l1", "l2"), queries=lambda per_family: queries)
+    collected, reports, both_collecting = [], [], threading.Barrier(2, timeout=30)
+
+    def fake_collect(chosen, out, profile, progress=True):
+        if not out.exists():
+            if not collected:
+                both_collecting.wait()  # the other worker collects another part meanwhile (or this times out)
+            collected.append(out.parent.name)
+            rows = [StageRow(q.qid, q.family, 1, rung, "7", 7, (int(q.qid[1:]) + k) % 3 > 0, [-0.1, -0.2],
+                             [0.3, 0.1], 2, 0.01 * (k + 1))
+                    for k, rung in enumerate(profile.rung_names) for q in chosen]
+            out.write_text("{}\n" + "".join(json.dumps(asdict(row)) + "\n" for row in rows))
+        return out
+
+    def fake_report(table, folder, provenance=None):
+        reports.append(folder)
+        (folder / "summary.md").write_text("# report\n")
+    monkeypatch.setattr(ablation, "collect", fake_collect)
+    monkeypatch.setattr(report, "write_report", fake_report)
+    tables = []
+    workers = [threading.Thread(target=lambda: tables.append(ablation.run_table(profile, tmp_path, report=True)))
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert sorted(collected) == [str(k) for k in range(ablation.TABLE_PARTS)] and not both_collecting.broken
+    assert reports == [tmp_path / "cascade-fake"] and sorted(p.name for p in tmp_path.iterdir()) == ["cascade-fake"]
+    assert len(tables) == 2 and tables[0].qids == tables[1].qids == [q.qid for q in queries]
+    assert np.array_equal(tables[0].greedy_s, tables[1].greedy_s)

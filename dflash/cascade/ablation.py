@@ -2,23 +2,27 @@
 ablations/conftest.py).
 
 A run collects a fresh table of the profile's first `ABLATION_QUERIES` queries per family (every rung, once per
-process), replays every policy on it by the cross-fitted protocol (dflash.cascade.evaluate), and hands each case
-its policy's per-query outcomes. A case is gated against its baseline entry paired over queries: accuracy by
-the exact McNemar gate (`stats.accuracy_gate`, margin 1 point), cost by the paired gate on per-query "speedup
-over the largest model" (its median query's cost over the query's, token-normalised and measured in the same
-run), with the run's family correction and Holm. The invariants that hold mathematically are checked on every
-run: the oracle is right wherever any policy is, and a fixed model's outcome is that model's own. With
-`--report`, the run also gets this table's full cascade report (frontier, lam table, calibration, regret plots).
+run: the xdist workers share the collection and the table), replays every policy on it by the cross-fitted
+protocol (dflash.cascade.evaluate), and hands each case its policy's per-query outcomes. A case is gated against
+its baseline entry paired over queries: accuracy by the exact McNemar gate (`stats.accuracy_gate`, margin 1
+point), cost by the paired gate on per-query "speedup over the largest model" (its median query's cost over the
+query's, token-normalised and measured in the same run), with the run's family correction and Holm. The
+invariants that hold mathematically are checked on every run: the oracle is right wherever any policy is, and a
+fixed model's outcome is that model's own. With `--report`, the run also gets this table's full cascade report
+(frontier, lam table, calibration, regret plots), once, in cascade-<profile>/ of the run directory.
 """
 from __future__ import annotations
 
-import os
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from ..harness.baselines import locked
 from ..harness.case import OutcomesCase
+from ..harness.fileio import atomic_write_text
 from ..harness.profiles import DatasetSpec
 from . import evaluate as ev
 from .collect import collect, read_table
@@ -27,21 +31,51 @@ from .replay import build_table, fixed
 
 ABLATION_QUERIES = 50  # per family: the run and its baselines replay the same queries
 ABLATION_LAMBDAS = (0.03, 0.1, 0.3)
-_EVALUATIONS: dict[tuple[str, Path], tuple] = {}  # per process: (table, results by (policy, lam))
+TABLE_PARTS = 4  # the run's table is collected in parts, by every process that needs it (run_table)
+_EVALUATIONS: dict[tuple[str, Path], tuple] = {}  # per process: (table, results by (policy, lam), problems)
+
+
+def run_table(profile, directory: Path, report: bool = False):
+    """The run's table of the profile (token-normalised), collected once per run into `directory`/cascade-<profile>/
+    and shared by the processes (xdist workers) that need it. It is collected in TABLE_PARTS parts (every
+    TABLE_PARTS-th query), each by the first process to find it free (a lock per part), so the workers share the
+    collection instead of each collecting all of it. Then the first process to get the folder's lock waits for
+    every part (and finishes one that a stopped process left), joins them into table.jsonl in the order `collect`
+    writes a table (rung by rung, queries in order) and, with `report`, writes this table's cascade report there
+    (summary.md, every lam of the grid, plots): one table and one report per run. The others read table.jsonl."""
+    folder = directory / f"cascade-{profile.name}"
+    path, rungs = folder / "table.jsonl", list(profile.rung_names)
+    queries = profile.queries(ABLATION_QUERIES)
+    parts = [(folder / "parts" / str(k), queries[k::TABLE_PARTS]) for k in range(TABLE_PARTS)]
+    if not path.exists():
+        for part, chosen in parts:
+            with locked(part, wait=False) as free:
+                if free is not None:  # None: another process is collecting this part
+                    collect(chosen, part / "table.jsonl", profile, progress=False)
+    with locked(folder):
+        if not path.exists():
+            rows = []
+            for part, chosen in parts:
+                with locked(part):
+                    header, got = read_table(collect(chosen, part / "table.jsonl", profile, progress=False))
+                rows += got
+            order = {query.qid: i for i, query in enumerate(queries)}
+            rows.sort(key=lambda row: (rungs.index(row.rung), order[row.qid]))
+            atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in [header, *map(asdict, rows)]))
+        header, rows = read_table(path)
+        table = build_table(rows, rungs).token_normalised()
+        if report and not (folder / "summary.md").exists():
+            from .report import write_report
+            write_report(table, folder, provenance=header)
+    return table
 
 
 def evaluation(profile_name: str, directory: Path, report: bool = False):
-    """The profile's table (collected once per process into `directory`) and every policy's replayed outcome.
-    With `report`, the full cascade report of this table (every lam of the grid, plots) is written next to the
-    run's summary, under cascade-<profile>[-<xdist worker>]/ (each worker process replays its own table)."""
+    """The profile's run table (`run_table`) and every policy's replayed outcome, once per process."""
     key = (profile_name, directory)
     if key not in _EVALUATIONS:
         profile = get_profile(profile_name)
-        worker = os.environ.get("PYTEST_XDIST_WORKER")  # each process collects its own table
-        suffix = f"{profile_name}-{worker}" if worker else profile_name
-        path = collect(profile.queries(ABLATION_QUERIES), directory / f"cascade-table-{suffix}.jsonl", profile,
-                       progress=False)
-        table = build_table(read_table(path)[1], list(profile.rung_names)).token_normalised()
+        table = run_table(profile, directory, report)
         results = ev.evaluate_policies(table, lambdas=ABLATION_LAMBDAS).results
         problems = ev.invariants(results)
         for k in range(table.stages):  # fixed-k is the stage itself
@@ -50,9 +84,6 @@ def evaluation(profile_name: str, directory: Path, report: bool = False):
             if not (np.array_equal(mine.correct, own.correct) and np.allclose(mine.cost, own.cost)):
                 problems.append(f"fixed-{table.rungs[k]} differs from stage {k}'s own answers or cost")
         _EVALUATIONS[key] = (table, {(r.policy, r.lam): r for r in results}, problems)
-        if report:
-            from .report import write_report
-            write_report(table, directory / f"cascade-{suffix}", provenance=read_table(path)[0])
     return _EVALUATIONS[key]
 
 

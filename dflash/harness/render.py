@@ -420,7 +420,7 @@ def cascade_table(records: list[dict]) -> str:
                      mean_ci_cell(per_query.get("cost")), usage, verdict_cell(r)])
     return ("Cost: token-normalised seconds, the largest model's median query = 1; a cascade pays every stage it "
             "ran. The full cascade report of this run's table (frontier, lam table, calibration and regret "
-            "plots) is in cascade-<profile>*/summary.md next to this file.\n\n" + table(["Case", "lam", "queries", "accuracy", "cost", "stage usage (cheapest first)",
+            "plots) is in cascade-<profile>/summary.md next to this file.\n\n" + table(["Case", "lam", "queries", "accuracy", "cost", "stage usage (cheapest first)",
                                  "Verdict"], rows, numeric=[False, True, True, True, True, False, False]))
 
 
