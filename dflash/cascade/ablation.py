@@ -14,7 +14,8 @@ fixed model's outcome is that model's own. With `--report`, the run also gets th
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import os
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,39 +32,50 @@ from .replay import build_table, fixed
 
 ABLATION_QUERIES = 50  # per family: the run and its baselines replay the same queries
 ABLATION_LAMBDAS = (0.03, 0.1, 0.3)
-TABLE_PARTS = 4  # the run's table is collected in parts, by every process that needs it (run_table)
 _EVALUATIONS: dict[tuple[str, Path], tuple] = {}  # per process: (table, results by (policy, lam), problems)
+
+
+def table_parts(profile, folder: Path, queries: list) -> list[tuple[Path, object, list]]:
+    """(folder, one-rung profile, queries) of each part of the run's table, rung by rung: a rung's queries are
+    dealt into as many parts as the run has xdist workers (alike in family and difficulty, so in length), so
+    workers collecting together run the same rung side by side, as each did when it collected a table of its own
+    (the company the baselines' costs were measured in)."""
+    share = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+    dealt = sorted(queries, key=lambda q: (q.family, q.difficulty))  # every part gets every family and difficulty
+    return [(folder / "parts" / f"{name}-{k + 1}-of-{share}", replace(profile, rungs=((name, location),)),
+             dealt[k::share]) for name, location in profile.rungs for k in range(share)]
 
 
 def run_table(profile, directory: Path, report: bool = False):
     """The run's table of the profile (token-normalised), collected once per run into `directory`/cascade-<profile>/
-    and shared by the processes (xdist workers) that need it. It is collected in TABLE_PARTS parts (every
-    TABLE_PARTS-th query), each by the first process to find it free (a lock per part), so the workers share the
-    collection instead of each collecting all of it. Then the first process to get the folder's lock waits for
-    every part (and finishes one that a stopped process left), joins them into table.jsonl in the order `collect`
-    writes a table (rung by rung, queries in order) and, with `report`, writes this table's cascade report there
-    (summary.md, every lam of the grid, plots): one table and one report per run. The others read table.jsonl."""
+    and shared by the processes (xdist workers) that need it. It is collected in parts (`table_parts`), each by the
+    first process to find it free (a lock per part), so the workers share the collection instead of each
+    collecting all of it. Then the first process to get the folder's lock waits for every part (and finishes one
+    that a stopped process left), joins them into table.jsonl in the order `collect` writes a table (rung by rung,
+    queries in order) and, with `report`, writes this table's cascade report there (summary.md, every lam of the
+    grid, plots): one table and one report per run. The others read table.jsonl."""
     folder = directory / f"cascade-{profile.name}"
-    path, rungs = folder / "table.jsonl", list(profile.rung_names)
-    queries = profile.queries(ABLATION_QUERIES)
-    parts = [(folder / "parts" / str(k), queries[k::TABLE_PARTS]) for k in range(TABLE_PARTS)]
+    path, queries = folder / "table.jsonl", profile.queries(ABLATION_QUERIES)
+    parts = table_parts(profile, folder, queries)
     if not path.exists():
-        for part, chosen in parts:
+        for part, rung, chosen in parts:
             with locked(part, wait=False) as free:
                 if free is not None:  # None: another process is collecting this part
-                    collect(chosen, part / "table.jsonl", profile, progress=False)
+                    collect(chosen, part / "table.jsonl", rung, progress=False)
     with locked(folder):
         if not path.exists():
-            rows = []
-            for part, chosen in parts:
+            headers, rows = [], []
+            for part, rung, chosen in parts:
                 with locked(part):
-                    header, got = read_table(collect(chosen, part / "table.jsonl", profile, progress=False))
+                    header, got = read_table(collect(chosen, part / "table.jsonl", rung, progress=False))
+                headers.append(header)
                 rows += got
             order = {query.qid: i for i, query in enumerate(queries)}
-            rows.sort(key=lambda row: (rungs.index(row.rung), order[row.qid]))
+            rows.sort(key=lambda row: (profile.rung_names.index(row.rung), order[row.qid]))
+            header = {**headers[0], "models": {k: v for h in headers for k, v in h["models"].items()}}
             atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in [header, *map(asdict, rows)]))
         header, rows = read_table(path)
-        table = build_table(rows, rungs).token_normalised()
+        table = build_table(rows, list(profile.rung_names)).token_normalised()
         if report and not (folder / "summary.md").exists():
             from .report import write_report
             write_report(table, folder, provenance=header)
