@@ -23,7 +23,7 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("fastdllm_case", [pytest.param(n, id=n) for n in names], indirect=True)
 
 
-def family_case(request, case_class, family_profile, label: str):
+def family_case(request, case_class, family_profile):
     """A case object of a family with profiles of its own (cascade, Fast-dLLM v2): checked marker, --resume's
     record, or a one-line skip where the family's profile cannot run here."""
     state = request.config.stash[STATE]
@@ -37,7 +37,7 @@ def family_case(request, case_class, family_profile, label: str):
             return made
     reason = family_profile.unavailable()
     if reason:
-        pytest.skip(f"{label} profile {request.param}: {reason}")
+        pytest.skip(f"{case_class.display_name} profile {request.param}: {reason}")
     return made
 
 
@@ -45,11 +45,11 @@ def family_case(request, case_class, family_profile, label: str):
 def cascade_case(request):
     from dflash.cascade.ablation import CascadeCase
     from dflash.cascade.profiles import get_profile
-    return family_case(request, CascadeCase, get_profile(request.param), "cascade")
+    return family_case(request, CascadeCase, get_profile(request.param))
 
 
 @pytest.fixture
 def fastdllm_case(request):
     from dflash.blockdiffusion.ablation import FastDLLMCase
     from dflash.blockdiffusion.profiles import get_profile
-    return family_case(request, FastDLLMCase, get_profile(request.param), "Fast-dLLM v2")
+    return family_case(request, FastDLLMCase, get_profile(request.param))

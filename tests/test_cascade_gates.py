@@ -85,3 +85,60 @@ def test_a_cascade_record_becomes_a_cascade_baseline_and_its_gates_reach_holm(tm
     assert adjusted[0]["kind"] == "accuracy" and adjusted[0]["p_adjusted"] >= gate["p_value"]
     table = cascade_table([record])
     assert "tiny-router-lam0.1" in table and "0% / 0% / 50% / 50%" in table
+
+
+def test_the_run_table_is_collected_once_by_the_workers_together_with_one_report(tmp_path, monkeypatch):
+    """Two workers (threads here: the locks are flock, per open file) ask for the run's table at once: they
+    collect its parts side by side, the same rung at a time, each part once; both read one table in query order,
+    with one report."""
+    import threading
+    from dataclasses import asdict, dataclass
+    from types import SimpleNamespace
+
+    from dflash.cascade import ablation, report
+    from dflash.cascade.collect import StageRow
+    from dflash.cascade.profiles import CascadeProfile
+
+    queries = [SimpleNamespace(qid=f"q{i}", family=("story", "expression")[i % 2], difficulty=1 + i % 3)
+               for i in range(8)]
+
+    @dataclass(frozen=True)
+    class Fake(CascadeProfile):
+        def queries(self, per_family=None):
+            return queries
+
+    profile = Fake("fake", "", (("l1", "/l1"), ("l2", "/l2")), 4, 8)
+    collected, reports, both_collecting = [], [], threading.Barrier(2, timeout=30)
+
+    def fake_collect(chosen, out, rung_profile, progress=True):
+        if not out.exists():
+            collected.append((out.parent.name, rung_profile.rung_names))
+            if len(collected) <= 2:
+                both_collecting.wait()  # the first two parts are collected side by side (or this times out)
+            (rung,) = rung_profile.rung_names
+            rows = [StageRow(q.qid, q.family, 1, rung, "7", 7, (int(q.qid[1:]) + len(rung)) % 3 > 0, [-0.1, -0.2],
+                             [0.3, 0.1], 2, 0.01 * int(rung[1:])) for q in chosen]
+            out.write_text(json.dumps({"models": {rung: "digest"}}) + "\n"
+                           + "".join(json.dumps(asdict(row)) + "\n" for row in rows))
+        return out
+
+    def fake_report(table, folder, provenance=None):
+        reports.append((folder, provenance))
+        (folder / "summary.md").write_text("# report\n")
+    monkeypatch.setattr(ablation, "collect", fake_collect)
+    monkeypatch.setattr(report, "write_report", fake_report)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    tables = []
+    workers = [threading.Thread(target=lambda: tables.append(ablation.run_table(profile, tmp_path, report=True)))
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert not both_collecting.broken and sorted(collected) == [
+        ("l1-1-of-2", ("l1",)), ("l1-2-of-2", ("l1",)), ("l2-1-of-2", ("l2",)), ("l2-2-of-2", ("l2",))]
+    assert collected[0][1] == collected[1][1] == ("l1",)  # side by side on the same rung first
+    assert reports == [(tmp_path / "cascade-fake", {"models": {"l1": "digest", "l2": "digest"}})]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cascade-fake"]
+    assert len(tables) == 2 and tables[0].qids == tables[1].qids == [q.qid for q in queries]
+    assert np.array_equal(tables[0].greedy_s, tables[1].greedy_s)

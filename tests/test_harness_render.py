@@ -6,7 +6,7 @@ import pytest
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 
 from dflash.harness import plots
-from dflash.harness.render import append_github_step_summary, render_summary, table, write_summary
+from dflash.harness.render import append_github_step_summary, plots_section, render_summary, table, write_summary
 from dflash.harness.stats import tau_gate, throughput_gate
 
 
@@ -134,3 +134,18 @@ def test_a_bad_metric_shows_as_invalid_instead_of_losing_the_summary():
     record = sweep(8, [5.0, float("nan")], ["fast"])
     row = "| 8 | 2 | 1 | invalid data | invalid data | — | invalid data | NO GATE |"  # no TPOT recorded: a dash
     assert row in render_summary([record], FINGERPRINT)
+
+
+def test_a_family_display_name_titles_its_section():
+    record = {"id": "fastdllm/test_fastdllm_loglik[tiny-loglik]", "experiment": "fastdllm", "group": "graded",
+              "title": "Fast-dLLM v2", "params": {"task": "loglik"},
+              "metrics": {"per_query": {"qids": ["q0", "q1"], "correct": [1, 0], "cost": [1.0, 1.0]}}}
+    text = render_summary([record], FINGERPRINT)
+    assert "## Fast-dLLM v2: graded" in text and "Fastdllm" not in text
+
+
+def test_the_plots_section_shows_each_picture_and_why_one_was_left_out():
+    section = plots_section(["a_tau_vs_cycle.png"], ["case[x]: no rolling plot, 9 cycles traced"])
+    assert section == ("## Plots\n\n![a_tau_vs_cycle](a_tau_vs_cycle.png)\n\nLeft out:\n\n"
+                       "- case[x]: no rolling plot, 9 cycles traced\n")
+    assert plots_section([], []) == ""

@@ -213,6 +213,7 @@ class FastDLLMCase(OutcomesCase):
     """One Fast-dLLM v2 setting of a profile: measured outcomes, gates against the baseline (accuracy, and the
     speed ratio to AR: one sample per batch group), the record."""
     family_dataset = DatasetSpec("graded", "fastdllm", chat=False)
+    display_name = "Fast-dLLM v2"
 
     def run_decoding(self, settings) -> dict:
         env = environment(self.family_profile)

@@ -141,17 +141,22 @@ def _usage(usage) -> str:
 def write_plots(summary: dict, evaluation, table: Table, out_dir: Path) -> list[Path]:
     from matplotlib.figure import Figure
     paths = []
-    figure = Figure(figsize=(7, 5), layout="constrained")
+    figure = Figure(figsize=(9, 5), layout="constrained")
     axis = figure.subplots()
     for policy in sorted({r["policy"] for r in summary["policies"] if r["lam"] is not None}):
         points = sorted((r["cost"][0], r["accuracy"][0]) for r in summary["policies"] if r["policy"] == policy)
         axis.plot(*zip(*points), marker=".", label=policy)
-    for r in summary["policies"]:
-        if r["lam"] is None:
-            axis.scatter(r["cost"][0], r["accuracy"][0], marker="*" if "oracle" in r["policy"] else "s", zorder=3)
-            axis.annotate(r["policy"], (r["cost"][0], r["accuracy"][0]), fontsize=7)
+    for group, style in (("fixed-", dict(marker="s", color="black", linestyle="-")),
+                         ("oracle-", dict(marker="*", markersize=10, color="black", linestyle=":"))):
+        # lam-free policies as one series each, named left to right in the key instead of labels on points
+        rows = sorted((r for r in summary["policies"] if r["lam"] is None and r["policy"].startswith(group)),
+                      key=lambda r: (r["cost"][0], r["policy"]))
+        if rows:
+            axis.plot([r["cost"][0] for r in rows], [r["accuracy"][0] for r in rows], linewidth=1, **style,
+                      label=f"{group.rstrip('-')}, left to right: " + ", ".join(r["policy"].removeprefix(group)
+                                                                                 for r in rows))
     axis.set(xlabel="mean cost (largest model's median query = 1)", ylabel="accuracy", title="Accuracy-cost")
-    axis.legend(fontsize=7)
+    figure.legend(loc="outside right upper", fontsize=7)
     paths.append(out_dir / "pareto.png")
     figure.savefig(paths[-1], dpi=110)
 
@@ -171,15 +176,19 @@ def write_plots(summary: dict, evaluation, table: Table, out_dir: Path) -> list[
 
     figure = Figure(figsize=(7, 4), layout="constrained")
     axis = figure.subplots()
-    edges = np.linspace(0, 1, 11)
+    edges, single = np.linspace(0, 1, 11), []
     for k, rung in enumerate(table.rungs):
         p, y = evaluation.predicted[:, k], table.correct[:, k]
         index = np.clip(np.digitize(p, edges[1:-1]), 0, 9)
         xs = [p[index == b].mean() for b in range(10) if (index == b).any()]
         ys = [y[index == b].mean() for b in range(10) if (index == b).any()]
+        if len(xs) < 2:  # every prediction in one bin: a point, no curve
+            single.append(rung)
+            continue
         axis.plot(xs, ys, marker="o", label=f"{rung} (ECE {expected_calibration_error(p, y):.3f})")
     axis.plot([0, 1], [0, 1], linestyle=":", color="grey")
-    axis.set(xlabel="predicted P(correct)", ylabel="observed accuracy", title="Calibration (test folds)")
+    axis.set(xlabel="predicted P(correct)", ylabel="observed accuracy", title="Calibration (test folds)" + (
+        f"; every prediction in one bin, not drawn: {', '.join(single)}" if single else ""))
     axis.legend(fontsize=7)
     paths.append(out_dir / "calibration.png")
     figure.savefig(paths[-1], dpi=110)

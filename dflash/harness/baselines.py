@@ -328,15 +328,19 @@ def load_baselines(path: str | os.PathLike, *, profile: str | None = None, ablat
 
 
 @contextlib.contextmanager
-def locked(directory: str | os.PathLike):
+def locked(directory: str | os.PathLike, wait: bool = True):
     """Exclusive lock on a baselines directory (flock on the directory itself, so no lock file is left behind)
     around a read-modify-write: two runs updating the same profile's baselines at once wait for each other
-    instead of losing one's update."""
+    instead of losing one's update. `wait=False`: yields None at once when another holds the lock."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(directory, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield None
+            return
         yield directory
     finally:
         os.close(fd)  # releases the lock

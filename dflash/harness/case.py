@@ -61,6 +61,7 @@ def cached_models(state: RunState, profile) -> Models:
 
 class Case:
     """One ablation case: measures variant against target-only on the case's prompts, gates, records."""
+    display_name: str | None = None  # a family's name: its report section's title (else the experiment's)
 
     def __init__(self, request, state: RunState, profile, dataset: str):
         self.request, self.state, self.profile = request, state, profile
@@ -343,6 +344,8 @@ class Case:
                   "fingerprint": self.fingerprint, "references": [asdict(r) for r in references]}
         if gated and not gates and not self.update:
             record["verdict"] = NO_BASELINE
+        if self.display_name:
+            record["title"] = self.display_name
         record = json.loads(json.dumps(record))  # plain types only: records cross process boundaries (xdist)
         results = self.state.results(self.profile.name)
         try:
@@ -372,9 +375,11 @@ class Case:
 class OutcomesCase(Case):
     """A case of a method that is not lossless and runs on a profile of its own family (cascades, Fast-dLLM v2):
     per-query outcomes (`metrics["per_query"]`: qids, correct, cost) gated against a baseline of kind
-    "outcomes", paired over the same queries."""
+    "outcomes", paired over the same queries. `display_name` names the family in skip reasons and titles its
+    section of the report (the record's "title")."""
     family_dataset = DatasetSpec("outcomes", "outcomes", chat=False)
     cost_not_gated: str | None = None  # why a family's per-query costs admit no paired test (reported instead)
+    display_name = "Outcomes"
 
     def __init__(self, request, state, profile, family_profile):
         super().__init__(request, state, profile, dataset=None)

@@ -33,33 +33,54 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_") or "case"
 
 
+ROLLING_WINDOW = 50  # cycles, on a trace long enough for it (a quarter of the trace at most)
+MIN_ROLLING_CYCLES = 16  # fewer traced cycles leave no drift to see: the rolling plot is left out, with a note
+
+
+def rolling_window(cycles: int, window: int = ROLLING_WINDOW) -> int:
+    """The window the rolling plot uses on a trace of `cycles`: `window`, or a quarter of the trace when that
+    is shorter, so the rolling mean keeps three quarters of the points."""
+    return max(1, min(window, cycles // 4))
+
+
 def _rolling_mean(values: Sequence[float], window: int) -> np.ndarray:
     x = np.asarray(values, dtype=float)
-    window = max(1, min(window, x.size))
     return np.convolve(x, np.ones(window) / window, mode="valid")
 
 
 def plot_tau_vs_cycle(trace: dict, path: Path, title: str = "") -> Path:
-    """Accepted length per cycle, one colour per block size in use."""
+    """Accepted length per cycle, coloured by block size when more than one is in use (a prompt's last block
+    shrinks to the token budget)."""
     figure, (axis,) = _figure()
-    taus, sizes = np.asarray(trace["tau"], float), np.asarray(trace["block_size"])
+    taus, sizes = np.asarray(trace["tau"], float), np.asarray(trace["block_size"], float)
     cycles = np.arange(taus.size)
-    for size in sorted(set(sizes.tolist())):
-        chosen = sizes == size
-        axis.scatter(cycles[chosen], taus[chosen], s=6, label=f"bs={size}")
+    if np.unique(sizes).size > 1:
+        points = axis.scatter(cycles, taus, s=6, c=sizes, cmap="viridis")
+        figure.colorbar(points, ax=axis, label="block size")
+    else:
+        axis.scatter(cycles, taus, s=6, label=f"bs={sizes[0]:g}")
+        axis.legend(loc="upper right", fontsize="small")
     axis.set(xlabel="cycle", ylabel="tau (tokens committed)", title=title or "tau per cycle")
-    axis.legend(loc="upper right", fontsize="small")
     figure.savefig(path, dpi=120)
     return path
 
 
-def plot_rolling_tau_cycle_time(trace: dict, path: Path, window: int = 50, title: str = "") -> Path:
-    """Rolling mean of tau and of the cycle time (ms): drift over a long generation shows up here."""
+def plot_rolling_tau_cycle_time(trace: dict, path: Path, window: int = ROLLING_WINDOW, title: str = "") -> Path:
+    """Tau and cycle time (ms) per cycle, with their rolling mean over a window that fits the trace
+    (`rolling_window`): drift over a long generation shows up here. The window is stated on the plot."""
     figure, (top, bottom) = _figure(2)
-    top.plot(_rolling_mean(trace["tau"], window))
-    top.set(ylabel=f"tau (rolling {window})", title=title or "rolling tau and cycle time")
-    bottom.plot(_rolling_mean(np.asarray(trace["cycle_s"], float) * 1000, window), color="tab:orange")
-    bottom.set(xlabel="cycle", ylabel=f"cycle ms (rolling {window})")
+    window = rolling_window(len(trace["tau"]), window)
+    for axis, values, colour, label in ((top, np.asarray(trace["tau"], float), "tab:blue", "tau"),
+                                        (bottom, np.asarray(trace["cycle_s"], float) * 1000, "tab:orange",
+                                         "cycle ms")):
+        cycles = np.arange(values.size)
+        axis.plot(cycles, values, color=colour, alpha=0.3, linewidth=0.8, label="per cycle")
+        axis.plot(cycles[window - 1:], _rolling_mean(values, window), color=colour, linewidth=2,
+                  label=f"rolling mean, {window} cycles")
+        axis.set(ylabel=label)
+        axis.legend(loc="upper right", fontsize="small")
+    top.set(title=f"{title or 'tau and cycle time'}: rolling mean over {window} of {len(trace['tau'])} cycles")
+    bottom.set(xlabel="cycle (the rolling mean at its window's last cycle)")
     figure.savefig(path, dpi=120)
     return path
 
@@ -90,51 +111,132 @@ def plot_by_block_size(records: list[dict], path: Path, title: str = "") -> Path
     return path
 
 
-def plot_accuracy_vs_speed(records: list[dict], path: Path, title: str = "") -> Path:
-    """Accuracy (mean, 95% CI bars) against tokens/s, one labelled point per generative case (Fast-dLLM v2)."""
+CACHE_MARKERS = {"none": "o", "prefix": "s", "dual": "^"}
+
+
+def _decoding_series(records: list[dict]) -> dict[str, list[dict]]:
+    """Fast-dLLM v2 cases as series, each in the order of its knob (named in the series' label): one threshold
+    sweep per cache; a sub-block size or batch other than the sweep's over its caches; each layer-reuse subset and
+    mode over k, from the k = 1 control."""
+    params = [r.get("params") or {} for r in records]
+    sub_blocks = [p.get("sub_block_size") for p in params if p.get("reuse_k") is None]
+    usual = max(set(sub_blocks), key=sub_blocks.count) if sub_blocks else None
+    caches = list(CACHE_MARKERS)
+    series: dict[tuple, list[tuple]] = {}
+    for record, p in zip(records, params):
+        cache = caches.index(p["cache"]) if p.get("cache") in caches else len(caches)
+        if p.get("reuse_k") is not None:
+            keys = [("reuse", p.get("subset"), p.get("mode"))] if p["reuse_k"] != 1 else []
+            order = p["reuse_k"]
+        elif (p.get("batch") or 1) != 1:
+            keys, order = [("batch", p["batch"])], cache
+        elif p.get("sub_block_size") != usual:
+            keys, order = [("sub-block", p.get("sub_block_size"))], cache
+        else:
+            keys, order = [("threshold", p.get("cache"))], p.get("threshold") or 0
+        knobs = (p.get("threshold"), p.get("cache"), p.get("reuse_k"))
+        for key in keys:
+            series.setdefault(key, []).append((order, knobs, record))
+    controls = [(1, (p.get("threshold"), p.get("cache"), 1), r) for r, p in zip(records, params)
+                if p.get("reuse_k") == 1]
+    for key in series:
+        if key[0] == "reuse":
+            series[key] += controls
+    named = {}
+    for key, points in series.items():
+        points.sort(key=lambda point: point[0])
+        knobs = [knob for _, knob, _ in points]
+        if key[0] == "threshold":
+            label = f"threshold {', '.join(str(t) for t, _, _ in knobs)} ({key[1]} cache)"
+        elif key[0] == "reuse":
+            label = f"reuse {key[1]}, {key[2]}: k = {', '.join(str(k) for _, _, k in knobs)}"
+        else:
+            label = f"{key[0]} {key[1]}: {', '.join(f'{c} cache' for _, c, _ in knobs)}"
+        named[label] = [record for _, _, record in points]
+    return named
+
+
+def plot_accuracy_vs_speed(records: list[dict], path: Path, title: str = "", notes: list[str] | None = None) -> Path:
+    """Accuracy (mean, 95% CI bars) against tokens/s of the generative cases (Fast-dLLM v2), as series of one
+    colour each (`_decoding_series`) with a marker per cache: a key beside the plot instead of a label on every
+    point, so close cases stay legible."""
+    from matplotlib.lines import Line2D
+
     figure, (axis,) = _figure(1)
-    figure.set_size_inches(8, 5)
-    for record in records:
-        metrics = record.get("metrics") or {}
-        correct = (metrics.get("per_query") or {}).get("correct")
-        if not correct or metrics.get("tokens_per_s") is None:
-            continue
-        means, (below, above) = _means_with_errors([correct])
-        mean = means[0]
-        axis.errorbar([metrics["tokens_per_s"]], [mean], yerr=[below, above], marker="o", capsize=3)
-        axis.annotate(record["id"].split("[")[-1].rstrip("]").split("-", 1)[-1], (metrics["tokens_per_s"], mean),
-                      fontsize=6, xytext=(3, 3), textcoords="offset points")
-    axis.set(xlabel="tokens/s (wall)", ylabel="accuracy", title=title or "accuracy vs tokens/s")
+    figure.set_size_inches(10, 5)
+    rows = [r for r in records if (r.get("metrics") or {}).get("tokens_per_s") is not None
+            and ((r.get("metrics") or {}).get("per_query") or {}).get("correct")]
+    series = _decoding_series(rows)
+    for name, points in list(series.items()):
+        if len(points) < 2:  # a selection of cases (-k) can leave a series of one: no line to draw
+            del series[name]
+            if notes is not None:
+                notes.append(f"{path.name}: {', '.join(r['id'] for r in points)} left out (the only case of "
+                             f"its series, {name})")
+    for colour, (name, points) in zip(_colours(len(series)), series.items()):
+        speeds = [r["metrics"]["tokens_per_s"] for r in points]
+        means, errors = _means_with_errors([r["metrics"]["per_query"]["correct"] for r in points])
+        axis.errorbar(speeds, means, yerr=errors, color=colour, linewidth=0.8, capsize=2, label=name)
+        markers = axis.scatter(speeds, means, color=colour, s=30, zorder=3)
+        markers.set_paths([_marker_path(CACHE_MARKERS.get((r.get("params") or {}).get("cache"), "D"))
+                           for r in points])
+    keys = [Line2D([], [], linestyle="none", marker=marker, color="grey", label=f"{cache} cache")
+            for cache, marker in CACHE_MARKERS.items()]
+    axis.set(xlabel="tokens/s (wall)", ylabel="accuracy (95% CI)", title=title or "accuracy vs tokens/s")
+    figure.legend(handles=axis.get_legend_handles_labels()[0] + keys, loc="outside right upper", fontsize="small")
     figure.savefig(path, dpi=120)
     return path
 
 
-def write_plots(records: Sequence[dict], directory: str | Path) -> list[Path]:
-    """Every plot the records support, as PNG files in `directory`; [] when matplotlib is missing."""
+def _marker_path(marker: str):
+    """A marker's path at unit size, for a scatter whose points have markers of their own."""
+    from matplotlib.markers import MarkerStyle
+    style = MarkerStyle(marker)
+    return style.get_path().transformed(style.get_transform())
+
+
+def _colours(count: int) -> list:
+    """`count` distinguishable colours (tab10, then tab20 for more series)."""
+    from matplotlib import colormaps
+    palette = colormaps["tab10" if count <= 10 else "tab20"]
+    return [palette(k % palette.N) for k in range(count)]
+
+
+def write_plots(records: Sequence[dict], directory: str | Path, notes: list[str] | None = None) -> list[Path]:
+    """Every plot the records support, as PNG files in `directory`; [] when matplotlib is missing. A plot the
+    data cannot fill (a trace too short for a rolling mean, one block size) is left out, and `notes` (when given)
+    gets a line saying which and why."""
     if not plots_available():
         return []
+    notes = [] if notes is None else notes
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for record in records:
         trace = (record.get("metrics") or {}).get("cycle_trace")
         if trace and trace.get("tau"):
-            name = _safe_name(record["id"])
-            if trace.get("block_size"):
+            name, cycles = _safe_name(record["id"]), len(trace["tau"])
+            if trace.get("block_size") and cycles >= 2:
                 written.append(plot_tau_vs_cycle(trace, directory / f"{name}_tau_vs_cycle.png", record["id"]))
-            if trace.get("cycle_s"):
+            if trace.get("cycle_s") and cycles >= MIN_ROLLING_CYCLES:
                 written.append(plot_rolling_tau_cycle_time(trace, directory / f"{name}_rolling_tau_cycle_time.png",
                                                            title=record["id"]))
+            elif trace.get("cycle_s"):
+                notes.append(f"{record['id']}: no rolling tau / cycle time plot, {cycles} cycles traced (a rolling "
+                             f"mean needs {MIN_ROLLING_CYCLES})")
     sweeps: dict[str, list[dict]] = {}
     for record in records:
         if record.get("experiment") == "block_size":
             sweeps.setdefault(str(record.get("group", "")), []).append(record)
     for group, rows in sorted(sweeps.items()):
         name = "tau_speedup_by_block_size" + (f"_{_safe_name(group)}" if group else "")
-        written.append(plot_by_block_size(rows, directory / f"{name}.png", group))
+        if len({(r.get("params") or {}).get("block_size") for r in rows}) >= 2:
+            written.append(plot_by_block_size(rows, directory / f"{name}.png", group))
+        else:
+            notes.append(f"{name}: no plot, one block size measured")
     decoding = [r for r in records if r.get("experiment") == "fastdllm"
                 and (r.get("params") or {}).get("task") == "generative"]
     if decoding:
         written.append(plot_accuracy_vs_speed(decoding, directory / "fastdllm_accuracy_vs_tokens_per_s.png",
-                                              "Fast-dLLM v2: accuracy vs tokens/s"))
+                                              "Fast-dLLM v2: accuracy vs tokens/s", notes))
     return written

@@ -575,7 +575,7 @@ class ReportWriter:
 
     def _write(self, profile: str, run_dir: Path) -> None:
         from .plots import write_plots
-        from .render import append_github_step_summary, render_summary, write_summary
+        from .render import append_github_step_summary, plots_section, render_summary, write_summary
         state = self.state
         records = state.measured(profile)
         collected = [info for nodeid, info in state.collected.items() if info["profile"] == profile]
@@ -593,15 +593,25 @@ class ReportWriter:
             or state.fingerprint(profile)
         text = render_summary(records, fingerprint, announced=announced,
                               skipped=skipped, title=f"dflash ablations: {profile}")
-        path = write_summary(run_dir, text)
+        notes: list[str] = []
+        try:  # before the summary, which shows the plots and says why any was left out
+            plots, plot_error = [p.name for p in write_plots(records, run_dir, notes)], None
+        except Exception as error:
+            plots, plot_error = [], error
+        section = plots_section(plots, notes)
+        path = write_summary(run_dir, text + (f"\n{section}" if section else ""))
         self.paths.append(path)
-        for what, write in (("$GITHUB_STEP_SUMMARY", lambda: append_github_step_summary(text)),
-                            ("the plots", lambda: write_plots(records, run_dir))):
-            try:
-                write()
-            except Exception as error:  # the summary itself is written: say what is missing, keep going
-                _session_error(self.session, state, f"--report: {path} is written, but {what} could not be "
-                               f"({type(error).__name__}: {error}).")
+        try:
+            append_github_step_summary(text)
+        except Exception as error:
+            self._missing(path, "$GITHUB_STEP_SUMMARY", error)
+        if plot_error is not None:
+            self._missing(path, "the plots", plot_error)
+
+    def _missing(self, path: Path, what: str, error: Exception) -> None:
+        """The summary itself is written: say what is missing, keep going."""
+        _session_error(self.session, self.state, f"--report: {path} is written, but {what} could not be "
+                       f"({type(error).__name__}: {error}).")
 
     def pytest_terminal_summary(self, terminalreporter):
         for path in self.paths:

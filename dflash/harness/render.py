@@ -5,6 +5,7 @@ Case record layout (all keys but `id` optional):
     {"id": "block_size/bs=8",              # unique case id
      "experiment": "block_size",           # block_size | full_length | dynamic | profiling | any other name
      "group": "AIME25, max_new_tokens=256",# one table per (experiment, group)
+     "title": "Fast-dLLM v2",              # its section's title (a family's display name); default from TITLES
      "params": {"block_size": 8},
      "metrics": {...},                     # per experiment, below
      "status": "done",                     # done | skipped | error (skipped: "not run", never "passed")
@@ -419,7 +420,7 @@ def cascade_table(records: list[dict]) -> str:
                      mean_ci_cell(per_query.get("cost")), usage, verdict_cell(r)])
     return ("Cost: token-normalised seconds, the largest model's median query = 1; a cascade pays every stage it "
             "ran. The full cascade report of this run's table (frontier, lam table, calibration and regret "
-            "plots) is in cascade-<profile>*/summary.md next to this file.\n\n" + table(["Case", "lam", "queries", "accuracy", "cost", "stage usage (cheapest first)",
+            "plots) is in cascade-<profile>/summary.md next to this file.\n\n" + table(["Case", "lam", "queries", "accuracy", "cost", "stage usage (cheapest first)",
                                  "Verdict"], rows, numeric=[False, True, True, True, True, False, False]))
 
 
@@ -645,13 +646,25 @@ def render_summary(records: Sequence[dict], fingerprint: dict, *, announced: Seq
         key = (str(record.get("experiment", "other")), str(record.get("group", "")))
         groups.setdefault(key, []).append(record)
     for experiment, group in sorted(groups, key=lambda k: (order.get(k[0], len(order)), k)):
-        heading = TITLES.get(experiment, experiment.replace("_", " ").capitalize())
+        heading = next((r["title"] for r in groups[(experiment, group)] if isinstance(r.get("title"), str)),
+                       TITLES.get(experiment, experiment.replace("_", " ").capitalize()))
         lines += [f"## {inline(heading)}" + (f": {inline(group)}" if group else ""), ""]
         render = RENDERERS.get(experiment, default_renderer(groups[(experiment, group)]))
         lines += [render(groups[(experiment, group)]), ""]
     if published := references_table(records):
         lines += ["## Published figures for these cases", "", published, ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def plots_section(files: Sequence[str], notes: Sequence[str] = ()) -> str:
+    """The run's pictures (PNG files next to summary.md, as images) and one line per plot left out, saying why;
+    "" when there is neither."""
+    if not files and not notes:
+        return ""
+    lines = ["## Plots", ""] + [f"![{inline(Path(name).stem)}]({inline(Path(name).name)})" for name in files]
+    if notes:
+        lines += ([""] if files else []) + ["Left out:", ""] + [f"- {inline(note)}" for note in notes]
+    return "\n".join(lines) + "\n"
 
 
 def write_summary(directory: str | os.PathLike, text: str, name: str = "summary.md") -> Path:
