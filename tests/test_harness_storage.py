@@ -224,7 +224,7 @@ def test_baselines_recovered_from_a_killed_recording_run(tmp_path):
                 "options": {"update_baselines": True}}
 
     def record(case_id, taus, outcome="passed", of=identity):
-        return {"id": case_id, "ablation": "block_size", "profile": "tiny", "dataset": "math",
+        return {"id": case_id, "ablation": "block_size", "ablation_family": "decode", "profile": "tiny", "dataset": "math",
                 "metrics": {"per_prompt_tau": taus, "speedup_samples": [1.5] * len(taus), "cycles": 9},
                 "outcome": outcome, "recording": of["options"]["update_baselines"], "identity": identity_digest(of),
                 "fingerprint": {"hardware": "cpu", "torch": "2", "transformers": "5", "python": "3", "git_sha": "0",

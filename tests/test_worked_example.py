@@ -26,7 +26,8 @@ def first_k():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from dflash.harness.profiles import get_profile, load_prompts
+    from dflash.profiles import get_profile
+    from dflash.prompts import load_prompts
     from dflash.loading import load_draft, load_target, load_tokenizer
     profile, tokenizer = get_profile("tiny"), load_tokenizer("tiny")
     prompts = [p for name in ("math", "code") for p in load_prompts(profile, profile.dataset(name), tokenizer, 4)]

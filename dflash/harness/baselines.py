@@ -17,7 +17,7 @@ results), because a speedup ratio is a property of the machine that measured it:
                 "reference": {"tau": 6.5, "source": "DFlash paper, Table 1"}   # optional
                }, ...]}
 
-A case of a method that is not lossless (kind "outcomes": cascades, Fast-dLLM v2) keeps `per_query` {"qids",
+A case of a method that is not lossless (kind "outcomes") keeps `per_query` {"qids",
 "correct"} instead of taus, and its per-testbed throughput as "cost" (each query's price relative to the family's
 reference, measured on that testbed) instead of "speedup_samples".
 
