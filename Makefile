@@ -50,9 +50,10 @@ report: install
 	$(VENV)/bin/dflash cascade collect --profile tiny
 	$(VENV)/bin/dflash cascade report --profile tiny
 
-# The CUDA path in one call on a bare GPU machine (README "GPU smoke run"): no install step, the machine's own torch;
-# OUT=DIR (default reports/gpu-smoke-<time>), DEVICE=cpu rehearses it shrunk. gpu-smoke-wheels (a networked
-# machine, beforehand) fetches the wheels of what the GPU image lacks into .gpu-smoke-wheels/, to carry there.
+# The CUDA path in one call on a bare GPU machine (docs/gpu.md, "GPU smoke run"): no install step, the machine's
+# own torch; OUT=DIR (default reports/gpu-smoke-<time>), DEVICE=cpu rehearses it shrunk. gpu-smoke-wheels (a
+# networked machine, beforehand) fetches the wheels of what the GPU image lacks into .gpu-smoke-wheels/, to carry
+# there.
 SMOKE_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 gpu-smoke:
 	PYTHON=$(SMOKE_PY) bash scripts/gpu_smoke.sh

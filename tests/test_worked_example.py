@@ -1,5 +1,5 @@
-"""The README's "Add your own idea" example (examples/first_k/) run end to end, so it cannot rot: the variant is
-lossless, its knob is live, and its ablation records baselines, gates against them under CI and reports."""
+"""The "Add your own idea" example of docs/extending.md (examples/first_k/) run end to end, so it cannot rot: the
+variant is lossless, its knob is live, and its ablation records baselines, gates against them under CI and reports."""
 import importlib
 import json
 import os
