@@ -10,7 +10,8 @@ decides which sub-block forwards skip it instead, by one of two schedules (`reus
   within the block (0 for the block's first step) mod k != 0;
 * "since_full" (what this module did before the fork's code was read): the counter is reset by every
   whole-block forward and counts only sub-block steps; the n-th sub-block step after a whole-block forward
-  (n = 1, 2, ...) reuses iff n mod k != 0. It reuses more steps than "fork" at the same k.
+  (n = 1, 2, ...) reuses iff n mod k != 0. Over the same step sequence it never reuses fewer steps than "fork"
+  (in every run of sub-block steps after a whole-block forward, "fork" computes on at least as many).
 
 Either way k = 1 never reuses (the control). What a reusing step returns:
 
@@ -21,7 +22,9 @@ Either way k = 1 never reuses (the control). What a reusing step returns:
   h_out(t) = h_in(t) + [h_out - h_in](t_last), so fresh information from the layers below still flows up.
 
 Skipped layers write no fresh K/V into the block cache (it stays as the last computing step left it), as in the
-fork. Prefill and finalize forwards, and every forward of a decoder without the dual cache, compute all layers:
+fork. One difference from the fork's code remains under either schedule: a sub-block step that computes the span
+also refreshes the stored output (or delta) at its slots, where the fork's wrapper stores only on whole-block
+forwards, so a later reusing step here returns the fresher value. Prefill and finalize forwards, and every forward of a decoder without the dual cache, compute all layers:
 the knob acts only on sub-block steps (the decoder refuses it elsewhere). `staleness=True` also computes each
 reused layer fresh, without touching the cache, and records the relative L2 distance of the reused output.
 """
