@@ -116,8 +116,8 @@ CACHE_MARKERS = {"none": "o", "prefix": "s", "dual": "^"}
 
 def _decoding_series(records: list[dict]) -> dict[str, list[dict]]:
     """Fast-dLLM v2 cases as series, each in the order of its knob (named in the series' label): one threshold
-    sweep per cache; a sub-block size or batch other than the sweep's over its caches; each layer-reuse subset and
-    mode over k, from the k = 1 control."""
+    sweep per cache; a sub-block size or batch other than the sweep's over its caches; each layer-reuse subset,
+    mode and schedule over k, from the k = 1 control."""
     params = [r.get("params") or {} for r in records]
     sub_blocks = [p.get("sub_block_size") for p in params if p.get("reuse_k") is None]
     usual = max(set(sub_blocks), key=sub_blocks.count) if sub_blocks else None
@@ -126,7 +126,9 @@ def _decoding_series(records: list[dict]) -> dict[str, list[dict]]:
     for record, p in zip(records, params):
         cache = caches.index(p["cache"]) if p.get("cache") in caches else len(caches)
         if p.get("reuse_k") is not None:
-            keys = [("reuse", p.get("subset"), p.get("mode"))] if p["reuse_k"] != 1 else []
+            # a record from before the schedule knob ran the rule now called since_full
+            schedule = p.get("reuse_schedule", "since_full")
+            keys = [("reuse", p.get("subset"), p.get("mode"), schedule)] if p["reuse_k"] != 1 else []
             order = p["reuse_k"]
         elif (p.get("batch") or 1) != 1:
             keys, order = [("batch", p["batch"])], cache
@@ -149,7 +151,8 @@ def _decoding_series(records: list[dict]) -> dict[str, list[dict]]:
         if key[0] == "threshold":
             label = f"threshold {', '.join(str(t) for t, _, _ in knobs)} ({key[1]} cache)"
         elif key[0] == "reuse":
-            label = f"reuse {key[1]}, {key[2]}: k = {', '.join(str(k) for _, _, k in knobs)}"
+            schedule = "" if key[3] == "fork" else f", {key[3]} schedule"
+            label = f"reuse {key[1]}, {key[2]}{schedule}: k = {', '.join(str(k) for _, _, k in knobs)}"
         else:
             label = f"{key[0]} {key[1]}: {', '.join(f'{c} cache' for _, c, _ in knobs)}"
         named[label] = [record for _, _, record in points]

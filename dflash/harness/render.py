@@ -440,10 +440,17 @@ def _geomean_ci_cell(samples: Sequence[float] | None) -> str:
     return f"{centre:.2f}x [{interval}]"
 
 
+def _reuse_schedule(params: dict) -> str:
+    """A layer-reuse case's step schedule; a record from before the knob existed ran the only rule there was,
+    the one now called "since_full"."""
+    return params.get("reuse_schedule", "since_full")
+
+
 def fastdllm_table(records: list[dict]) -> str:
     """Fast-dLLM v2 (dflash.blockdiffusion): threshold x cache, sub-block, batch; the layer-reuse table of the
-    research notes (config, k, subset, accuracy, tokens/s, total time) with the trade-off against the k = 1
-    control; log-likelihood scoring, where layer reuse is not applicable."""
+    research notes (config, k, subset, schedule, accuracy, tokens/s, total time, reused and computed sub-block
+    steps) with the trade-off against the k = 1 control and between the schedules; log-likelihood scoring, where
+    layer reuse is not applicable."""
     decoding = [r for r in records if _params(r).get("task") == "generative" and "per_query" in _metrics(r)]
     key = lambda p: (p.get("threshold"), p.get("sub_block_size"), p.get("batch"))  # noqa: E731
     exact = {key(_params(r)): r for r in decoding
@@ -480,7 +487,10 @@ def fastdllm_table(records: list[dict]) -> str:
     if reuse:
         rows = []
         base = _metrics(control) if control else {}
-        for r in sorted(reuse, key=lambda r: (_params(r)["reuse_k"], _params(r)["subset"], _params(r)["mode"])):
+        def config_key(r):
+            p = _params(r)
+            return p["reuse_k"], p["subset"], p["mode"], _reuse_schedule(p)
+        for r in sorted(reuse, key=config_key):
             p, m = _params(r), _metrics(r)
             outputs = m.get("outputs") or {}
             staleness = ((m.get("reuse") or {}).get("staleness") or {})
@@ -490,39 +500,61 @@ def fastdllm_table(records: list[dict]) -> str:
                 math.exp(statistics.mean(map(math.log, m["speed_ratio_samples"]))
                          - statistics.mean(map(math.log, base["speed_ratio_samples"]))), 2) + "x"
             longer = DASH if r is control or not base else f"{statistics.mean(outputs['tokens']) / statistics.mean((base.get('outputs') or {})['tokens']) - 1:+.0%}"
-            config = "k1 (control)" if r is control else f"k{p['reuse_k']}_{p['subset']}_{p['mode']}"
+            schedule = _reuse_schedule(p)
+            config = ("k1 (control)" if r is control
+                      else f"k{p['reuse_k']}_{p['subset']}_{p['mode']}" + ("" if schedule == "fork" else f"_{schedule}"))
+            steps = (DASH if m.get("reused_steps") is None
+                     else f"{m['reused_steps']} / {m['reused_steps'] + m['computed_steps']}")
             rows.append([config, str(p["reuse_k"]), DASH if r is control else p["subset"],
-                         DASH if r is control else p["mode"], mean_ci_cell(m["per_query"]["correct"]),
+                         DASH if r is control else p["mode"], DASH if r is control else schedule,
+                         mean_ci_cell(m["per_query"]["correct"]), steps,
                          fmt(m.get("tokens_per_s")), fmt(m.get("total_seconds")), versus, speed, longer,
                          mean_ci_cell(outputs.get("repetition")),
                          ", ".join(f"L{layer} {value:.3g}" for layer, value in staleness.items()) or DASH,
                          verdict_cell(r)])
-        by_config = {(_params(r)["reuse_k"], _params(r)["subset"], _params(r)["mode"]): r for r in reuse}
-        pairs = [[f"k{k}_{subset}", _mcnemar_cell(_metrics(r)["per_query"]["correct"],
-                                                  _metrics(by_config[k, subset, "residual"])["per_query"]["correct"])]
-                 for (k, subset, mode), r in sorted(by_config.items())
-                 if mode == "output" and k > 1 and (k, subset, "residual") in by_config]
+        by_config = {config_key(r): r for r in reuse}
+
+        def paired(a, b):
+            return _mcnemar_cell(_metrics(a)["per_query"]["correct"], _metrics(b)["per_query"]["correct"])
+        pairs = [[f"k{k}_{subset}" + ("" if schedule == "fork" else f" ({schedule})"),
+                  paired(r, by_config[k, subset, "residual", schedule])]
+                 for (k, subset, mode, schedule), r in sorted(by_config.items())
+                 if mode == "output" and k > 1 and (k, subset, "residual", schedule) in by_config]
+        schedules = [[f"k{k}_{subset}_{mode}", schedule, paired(by_config[k, subset, mode, "fork"], r)]
+                     for (k, subset, mode, schedule), r in sorted(by_config.items())
+                     if schedule != "fork" and k > 1 and (k, subset, mode, "fork") in by_config]
         text += ("\n\nLayer reuse (dual cache, threshold and sub-block as the control): the research notes' "
                  "table with the trade-off against the k = 1 control on the same queries (accuracy change with "
                  "the exact McNemar p; speed: ratio of the two cases' speed ratios to AR; output length change). "
-                 "Staleness: relative L2 of a reused output against fresh computation, per span layer (output "
-                 "mode) or for the span (residual mode, at its first layer), on a few queries.\n\n"
-                 + table(["Config", "k", "subset", "mode", "accuracy [95% CI]", "tokens/s", "total time (s)",
-                          "accuracy vs k=1", "speed vs k=1", "output length vs k=1", "repetition (3-gram)",
-                          "staleness", "Verdict"], rows,
-                         [False, True, False, False, True, True, True, True, True, True, True, False, False]))
+                 "Schedule: which sub-block steps reuse; \"fork\" is the research fork's step counter (reset once "
+                 "per block, every step counted), \"since_full\" resets it at every whole-block forward and "
+                 "counts only sub-block steps (more reuse at the same k). Reused steps: sub-block steps that "
+                 "skipped the span, of all sub-block steps, over the case's decodes. Staleness: relative L2 of a "
+                 "reused output against fresh computation, per span layer (output mode) or for the span (residual "
+                 "mode, at its first layer), on a few queries.\n\n"
+                 + table(["Config", "k", "subset", "mode", "schedule", "accuracy [95% CI]", "reused / sub-block steps",
+                          "tokens/s", "total time (s)", "accuracy vs k=1", "speed vs k=1", "output length vs k=1",
+                          "repetition (3-gram)", "staleness", "Verdict"], rows,
+                         [False, True, False, False, False, True, True, True, True, True, True, True, True, False,
+                          False]))
         if pairs:
-            text += ("\n\nResidual (DeepCache-style) against output reuse (the fork's) at the same k and subset, "
-                     "paired over queries: accuracy change of residual, lost/gained, exact McNemar p.\n\n"
+            text += ("\n\nResidual (DeepCache-style) against output reuse (the fork's) at the same k, subset and "
+                     "schedule, paired over queries: accuracy change of residual, lost/gained, exact McNemar p.\n\n"
                      + table(["k, subset", "residual - output"], pairs, [False, True]))
-        timings = [(_params(r)["reuse_k"], _params(r)["subset"], _params(r)["mode"], (_metrics(r).get("reuse") or {}))
+        if schedules:
+            text += ("\n\nAnother schedule against the fork's at the same k, subset and mode, paired over queries: "
+                     "accuracy change of the other schedule, lost/gained, exact McNemar p.\n\n"
+                     + table(["Config", "schedule", "schedule - fork"], schedules, [False, False, True]))
+        timings = [(*config_key(r), (_metrics(r).get("reuse") or {}))
                    for r in reuse if (_metrics(r).get("reuse") or {}).get("seconds_per_computed_layer_call")]
         if timings:
             text += ("\n\nLayer call times on sub-block steps (staleness run): "
-                     + "; ".join(f"k{k}_{subset}_{mode}: computed {1e6 * t['seconds_per_computed_layer_call']:.0f} us,"
+                     + "; ".join(f"k{k}_{subset}_{mode}{'' if schedule == 'fork' else '_' + schedule}: computed "
+                                 f"{1e6 * t['seconds_per_computed_layer_call']:.0f} us,"
                                  f" reused {1e6 * t['seconds_per_reused_layer_call']:.0f} us, "
                                  f"{t['layer_calls_skipped']} calls skipped"
-                                 for k, subset, mode, t in timings if t.get("seconds_per_reused_layer_call")) + ".")
+                                 for k, subset, mode, schedule, t in timings
+                                 if t.get("seconds_per_reused_layer_call")) + ".")
     scoring = [r for r in records if _params(r).get("task") == "loglik"]
     if scoring:
         rows, reasons = [], set()
