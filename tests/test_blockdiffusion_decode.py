@@ -4,8 +4,8 @@
 * the prefix cache is exact: outputs identical to no cache;
 * the dual cache is approximate: its agreement with the exact decoder is measured and reported, not asserted;
 * batched decoding with trim equals unbatched decoding row by row (for the exact decoders);
-* a prompt of exactly one block is prefilled (a deliberate divergence from upstream, whose batch_sample never
-  prefills it: docs/fastdllm-v2-upstream.md);
+* a prompt of one whole block (32 tokens) is prefilled (a deliberate divergence from upstream, whose
+  batch_sample never prefills it: docs/fastdllm-v2-upstream.md);
 * on DFLASH_TEST_DEVICE (the GPU smoke run: cuda) the prefix and the dual cache give the CPU's outputs.
 """
 import copy
@@ -115,10 +115,10 @@ def forwards_seen(model):
 
 
 @pytest.mark.parametrize("cache", CACHES)
-def test_a_prompt_of_exactly_one_block_is_prefilled(bd, prompts, cache):
+def test_a_prompt_of_one_block_is_prefilled(bd, prompts, cache):
     """Pinned divergence from upstream (NVlabs Fast-dLLM v2 batch_sample, af42f51): upstream prefills only when
-    the shortest prompt is longer than the block size, so with a prompt of exactly 32 tokens nothing is prefilled,
-    the first block of masks runs with no cache at positions 0..31 and the prompt never reaches the model. Here
+    the shortest prompt is longer than the block size, so with a 32-token prompt nothing is prefilled, the first
+    block of masks runs with no cache at positions 0..31 and the prompt never reaches the model. Here
     the prompt is prefilled at positions 0..31, its last logit gives the first new token (AR-style, as for any
     prompt that ends on a block boundary), and the first block is decoded at positions 32..63, so the output
     depends on the prompt. Also in a batch whose shortest prompt is the 32-token one."""
