@@ -1,8 +1,9 @@
 """Fast-dLLM v2 on the tiny block-diffusion model (converted from ladder rung l4): threshold x cache, sub-block
-size, layer reuse k x subset x mode (against the k = 1 control), batch size, and log-likelihood scoring. Each case
-decodes the same held-out queries and, interleaved in the same process, the AR base; accuracy (exact McNemar) and
-speed ratio to AR (paired, one ratio per batch group) are gated against baselines/<profile>/fastdllm.json.
-Fast-dLLM v2 is not lossless: quality is measured, never assumed."""
+size, layer reuse k x subset x mode (against the k = 1 control; the fork's step schedule, and the since_full
+schedule on the middle span), batch size, and log-likelihood scoring. Each case decodes the same held-out queries
+and, interleaved in the same process, the AR base; accuracy (exact McNemar) and speed ratio to AR (paired, one
+ratio per batch group) are gated against baselines/<profile>/fastdllm.json. Fast-dLLM v2 is not lossless:
+quality is measured, never assumed."""
 from dataclasses import dataclass
 
 import pytest
@@ -27,10 +28,16 @@ class Scoring(KnobCase):
 THRESHOLD_CACHE = [Decoding(f"t{t:g}-{cache}", threshold=t, cache=cache)
                    for t in (0.5, 0.7, 0.9, 1.0) for cache in ("none", "prefix", "dual")]
 SUB_BLOCK = [Decoding(f"sub4-{cache}", sub_block_size=4, cache=cache) for cache in ("prefix", "dual")]
-# k = 1 computes every layer whatever the subset or mode (tests/test_blockdiffusion_reuse.py): one control
+# k = 1 computes every layer whatever the subset, mode or schedule (tests/test_blockdiffusion_reuse.py): one
+# control. The reuse cases run the fork's schedule (the default: the research code's step counter); the
+# since_full schedule (reset at every whole-block forward, the rule this suite ran before the fork's code was
+# read) runs at k = 2, 3 in both modes on the middle span only: the schedule decides which steps reuse, not
+# which layers, so one subset shows its effect, paired with the fork case of the same k, subset and mode.
 REUSE = [Decoding("k1-control", reuse_k=1)] + [
     Decoding(f"k{k}-{subset}-{mode}", reuse_k=k, subset=subset, mode=mode)
-    for k in (2, 3) for subset in ("first", "middle", "last") for mode in ("output", "residual")]
+    for k in (2, 3) for subset in ("first", "middle", "last") for mode in ("output", "residual")] + [
+    Decoding(f"k{k}-middle-{mode}-since-full", reuse_k=k, mode=mode, reuse_schedule="since_full")
+    for k in (2, 3) for mode in ("output", "residual")]
 BATCH = [Decoding(f"batch4-{cache}", batch=4, cache=cache) for cache in ("prefix", "dual")]
 GPU_QUERIES = 40  # per task of the GPU profile (GSM8K, HumanEval, MMLU)
 SCORING = [Scoring("loglik")] + [Scoring(f"loglik-k{k}-{subset}", reuse_k=k, subset=subset)

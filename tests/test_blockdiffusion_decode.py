@@ -4,13 +4,15 @@
 * the prefix cache is exact: outputs identical to no cache;
 * the dual cache is approximate: its agreement with the exact decoder is measured and reported, not asserted;
 * batched decoding with trim equals unbatched decoding row by row (for the exact decoders);
+* a prompt of one whole block (32 tokens) is prefilled (a deliberate divergence from upstream, whose
+  batch_sample never prefills it: docs/fastdllm-v2-upstream.md);
 * on DFLASH_TEST_DEVICE (the GPU smoke run: cuda) the prefix and the dual cache give the CPU's outputs.
 """
 import copy
 
 import pytest
 
-from dflash.blockdiffusion import generate
+from dflash.blockdiffusion import CACHES, generate
 from dflash.blockdiffusion.reference import reference_decode
 from dflash.blockdiffusion.tasks import arithmetic_queries
 from dflash.errors import DFlashError
@@ -101,6 +103,41 @@ def test_a_prompt_longer_than_the_others_keeps_its_tokens(bd, prompts):
     long = prompts[0] + prompts[1][:bd.block_size]
     batched = decode(bd, [prompts[2], long], threshold=0.9, cache="prefix")
     assert batched.output_ids[1] == decode(bd, [long], threshold=0.9, cache="prefix").output_ids[0]
+
+
+def forwards_seen(model):
+    """A list that a forward hook fills with (position ids, last logits) of each forward, and the hook."""
+    seen = []
+
+    def record(module, args, kwargs, output):
+        seen.append((kwargs["position_ids"][0].tolist(), output.logits[:, -1].float()))
+    return seen, model.register_forward_hook(record, with_kwargs=True)
+
+
+@pytest.mark.parametrize("cache", CACHES)
+def test_a_prompt_of_one_block_is_prefilled(bd, prompts, cache):
+    """Pinned divergence from upstream (NVlabs Fast-dLLM v2 batch_sample, af42f51): upstream prefills only when
+    the shortest prompt is longer than the block size, so with a 32-token prompt nothing is prefilled, the first
+    block of masks runs with no cache at positions 0..31 and the prompt never reaches the model. Here
+    the prompt is prefilled at positions 0..31, its last logit gives the first new token (AR-style, as for any
+    prompt that ends on a block boundary), and the first block is decoded at positions 32..63, so the output
+    depends on the prompt. Also in a batch whose shortest prompt is the 32-token one."""
+    D = bd.block_size
+    exact, other = prompts[-1], (prompts[1] * 2)[:D]
+    assert len(exact) == len(other) == D and exact != other
+    outputs = []
+    for batch in ([exact], [exact, prompts[2]]):
+        seen, hook = forwards_seen(bd.model)
+        try:
+            out = decode(bd, batch, threshold=0.9, cache=cache)
+        finally:
+            hook.remove()
+        assert out.kinds["prefill"] == 1, batch
+        assert seen[0][0] == list(range(D))  # the prefill: the prompt's block at its own positions
+        assert seen[1][0][-1] == 2 * D - 1  # the first denoising forward ends at the block after the prompt
+        assert out.output_ids[0][0] == int(seen[0][1][0].argmax())  # the first new token: the prefill's last logit
+        outputs.append(out.output_ids[0])
+    assert decode(bd, [other], threshold=0.9, cache=cache).output_ids[0] != outputs[0]
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -1,18 +1,21 @@
 """The Fast-dLLM v2 summary table (dflash.blockdiffusion.report.fastdllm_table) and plot from hand-made records: the seed's
-reuse table against the k = 1 control with the exact McNemar p, the dual cache's agreement with the exact
-decoder, and log-likelihood reuse cases shown as not applicable, never as accuracies."""
+reuse table against the k = 1 control with the exact McNemar p, the schedule of each reuse row with its reused
+and computed sub-block steps and the paired comparison of the schedules, the dual cache's agreement with the
+exact decoder, and log-likelihood reuse cases shown as not applicable, never as accuracies."""
 from scipy.stats import binomtest
 
 from dflash.blockdiffusion.report import fastdllm_table, plot_accuracy_vs_speed
+from dflash.harness.render import DASH
 
 
-def record(case_id, params, correct, digests=None, ratios=(1.5, 1.6), reuse=None):
+def record(case_id, params, correct, digests=None, ratios=(1.5, 1.6), reuse=None, steps=(0, 9)):
     n = len(correct)
     return {"id": f"fastdllm/test_fastdllm_decoding[tiny-{case_id}]", "ablation_family": "fastdllm", "experiment": "fastdllm",
             "params": {"task": "generative", "threshold": 0.9, "sub_block_size": 8, "batch": 1, "reuse_k": None,
-                       "subset": "middle", "mode": "output", **params},
+                       "subset": "middle", "mode": "output", "reuse_schedule": "fork", **params},
             "metrics": {"per_query": {"qids": [f"q{i}" for i in range(n)], "correct": correct, "cost": [0.6] * n},
                         "tokens_per_s": 600.0, "ar_tokens_per_s": 400.0, "total_seconds": 2.0,
+                        "reused_steps": steps[0], "computed_steps": steps[1],
                         "speed_ratio_samples": list(ratios), "reuse": reuse,
                         "outputs": {"tokens": [30] * n, "forwards_per_token": [0.4] * n, "repetition": [0.05] * n,
                                     "agrees_with_ar": [1] * n, "output_digest": digests or ["a"] * n}},
@@ -23,17 +26,29 @@ def test_table_pairs_reuse_with_its_control_and_dual_with_the_exact_decoder(tmp_
     control = record("k1-control", {"cache": "dual", "reuse_k": 1}, [1, 1, 1, 1, 0, 1])
     reused = record("k2-first-output", {"cache": "dual", "reuse_k": 2, "subset": "first"}, [0, 0, 1, 1, 0, 1],
                     reuse={"staleness": {"1": 0.53, "2": 1e-8}, "seconds_per_computed_layer_call": 6e-4,
-                           "seconds_per_reused_layer_call": 7e-6, "layer_calls_skipped": 10})
+                           "seconds_per_reused_layer_call": 7e-6, "layer_calls_skipped": 10}, steps=(28, 24))
     residual = record("k2-first-residual", {"cache": "dual", "reuse_k": 2, "subset": "first", "mode": "residual"},
                       [1, 0, 1, 1, 1, 1])
+    since_full = record("k2-first-output-since-full", {"cache": "dual", "reuse_k": 2, "subset": "first",
+                                                       "reuse_schedule": "since_full"}, [0, 0, 0, 1, 0, 0],
+                        steps=(35, 17))
     prefix = record("t0.9-prefix", {"cache": "prefix"}, [1] * 6, digests=list("abcdef"))
     dual = record("t0.9-dual", {"cache": "dual"}, [1] * 6, digests=list("abcxyz"))
     na = {"id": "fastdllm/test_fastdllm_loglik_reuse_not_applicable[tiny-loglik-k2-first]", "ablation_family": "fastdllm", "experiment": "fastdllm",
           "params": {"task": "loglik", "applicable": False}, "metrics": {"not_applicable": "no denoising steps"}}
-    text = fastdllm_table([control, reused, residual, prefix, dual, na])
+    text = fastdllm_table([control, reused, residual, since_full, prefix, dual, na])
     p = binomtest(2, 2, 0.5).pvalue
     assert f"-0.333 (-2/+0, p {p:.2g})" in text  # k2 output against the control
-    assert "+0.333 (-0/+2" in text  # residual against output at the same k and subset
+    assert "+0.333 (-0/+2" in text  # residual against output at the same k, subset and schedule
+    reuse_rows = [[cell.strip() for cell in row.split("|")[1:-1]] for row in text.splitlines()
+                  if row.startswith("| k") and row.count("|") > 10]  # the reuse table's rows
+    rows = {cells[0]: cells[1:] for cells in reuse_rows}
+    # after the config: k, subset, mode, schedule, accuracy, reused / sub-block steps, ...
+    assert [rows["k2_first_output"][i] for i in (3, 5)] == ["fork", "28 / 52"]
+    assert [rows["k2_first_output_since_full"][i] for i in (3, 5)] == ["since_full", "35 / 52"]
+    assert [rows["k1 (control)"][i] for i in (3, 5)] == [DASH, "0 / 9"]
+    line = next(row for row in text.splitlines() if row.startswith("| k2_first_output ") and "since_full |" in row)
+    assert f"-0.333 (-2/+0, p {p:.2g})" in line  # since_full against fork at the same k, subset and mode
     assert "3/6 (50.0%)" in text  # the dual cache's outputs identical to the prefix cache's on 3 of 6
     assert "L1 0.53, L2 1e-08" in text
     line = next(row for row in text.splitlines() if "loglik-k2-first" in row)

@@ -133,6 +133,8 @@ FASTDLLM_CASES = ([(f"t{t:g}-{cache}", {"threshold": t, "cache": cache})
                   + [("k1-control", {"reuse_k": 1})]
                   + [(f"k{k}-{subset}-{mode}", {"reuse_k": k, "subset": subset, "mode": mode})
                      for k in (2, 3) for subset in ("first", "middle", "last") for mode in ("output", "residual")]
+                  + [(f"k{k}-middle-{mode}-since-full", {"reuse_k": k, "mode": mode, "reuse_schedule": "since_full"})
+                     for k in (2, 3) for mode in ("output", "residual")]
                   + [(f"batch4-{cache}", {"batch": 4, "cache": cache}) for cache in ("prefix", "dual")])
 
 
@@ -143,8 +145,9 @@ def fastdllm_records(queries: int = 20) -> list[dict]:
     records = []
     for case, knobs in FASTDLLM_CASES:
         params = {"task": "generative", "threshold": 0.9, "cache": "dual", "sub_block_size": 8, "batch": 1,
-                  "reuse_k": None, "subset": "middle", "mode": "output", **knobs}
-        records.append({"id": f"fastdllm/test_fastdllm_decoding[tiny-{case}]", "ablation_family": "fastdllm", "experiment": "fastdllm",
+                  "reuse_k": None, "subset": "middle", "mode": "output", "reuse_schedule": "fork", **knobs}
+        records.append({"id": f"fastdllm/test_fastdllm_decoding[tiny-{case}]", "ablation_family": "fastdllm",
+                        "experiment": "fastdllm",
                         "group": "graded, max_new_tokens=48", "params": params,
                         "metrics": {"tokens_per_s": float(rng.uniform(800, 950)),
                                     "per_query": {"qids": [f"q{i}" for i in range(queries)],

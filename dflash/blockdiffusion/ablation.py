@@ -5,7 +5,8 @@ A generative case decodes the profile's held-out queries with the block-diffusio
 on the same queries in the same process, interleaved (the order alternates per group) after a warm-up, with the
 AR base model (transformers `generate`, greedy, at the same batch size). Per query it records exact-match
 correctness, output length, repetition, forwards per token and agreement with the AR base's output; per batch
-group the speed ratio (block-diffusion tokens/s over AR tokens/s, token-normalised, on the profile's clock).
+group the speed ratio, the decode's step sequence and its reused and computed sub-block step counts (layer
+reuse) (block-diffusion tokens/s over AR tokens/s, token-normalised, on the profile's clock).
 Gates, against the case's baseline entry, paired over queries: accuracy by the exact McNemar gate
 (`stats.accuracy_gate`), speed by the paired throughput gate on one ratio per group. Fast-dLLM v2 is not lossless,
 so quality is measured, never assumed. A log-likelihood case scores the multiple-choice version of the queries
@@ -42,11 +43,13 @@ class Settings:
     reuse_k: int | None = None  # None: no wrapper; an int (1 = the control): the span is wrapped
     subset: str = "middle"
     mode: str = "output"
+    reuse_schedule: str = "fork"  # which sub-block steps reuse (dflash.blockdiffusion.reuse): fork / since_full
 
     def layer_reuse(self, staleness: bool = False) -> LayerReuse | None:
         if self.reuse_k is None:
             return None
-        return LayerReuse(k=self.reuse_k, subset=self.subset, mode=self.mode, staleness=staleness)
+        return LayerReuse(k=self.reuse_k, subset=self.subset, mode=self.mode, staleness=staleness,
+                          schedule=self.reuse_schedule)
 
     def decode_kwargs(self, block_size: int, staleness: bool = False) -> dict:
         return {"block_size": block_size, "sub_block_size": self.sub_block_size, "threshold": self.threshold,
@@ -101,7 +104,7 @@ def measure_generative(bd_model, ar_model, queries, tokenizer, settings: Setting
     per_query = {key: [] for key in ("qids", "correct", "cost", "tokens", "ar_tokens", "forwards_per_token",
                                      "repetition", "agrees_with_ar", "output_digest")}
     totals = dict.fromkeys(("bd_wall", "ar_wall", "bd_cpu", "ar_cpu", "bd_tokens", "ar_tokens"), 0.0)
-    group_ratios = []
+    group_ratios, group_steps, group_reused, group_computed = [], [], [], []
     for start in range(0, len(prompts), settings.batch):
         group = prompts[start:start + settings.batch]
 
@@ -118,6 +121,9 @@ def measure_generative(bd_model, ar_model, queries, tokenizer, settings: Setting
         bd_s, ar_s = (bd_cpu, ar_cpu) if gate_clock == "cpu" else (bd_wall, ar_wall)
         ratio = (max(n_bd, 1) / bd_s) / (max(n_ar, 1) / ar_s)
         group_ratios.append(ratio)
+        group_steps.append(bd.steps)
+        group_reused.append(bd.reused_steps)
+        group_computed.append(bd.computed_steps)
         for key, value in (("bd_wall", bd_wall), ("ar_wall", ar_wall), ("bd_cpu", bd_cpu), ("ar_cpu", ar_cpu),
                            ("bd_tokens", n_bd), ("ar_tokens", n_ar)):
             totals[key] += value
@@ -132,7 +138,8 @@ def measure_generative(bd_model, ar_model, queries, tokenizer, settings: Setting
             per_query["repetition"].append(repetition_rate(ids))
             per_query["agrees_with_ar"].append(int(ids == ar_ids))
             per_query["output_digest"].append(output_digest(ids))
-    return {"per_query": per_query, "group_ratios": group_ratios, **totals}
+    return {"per_query": per_query, "group_ratios": group_ratios, "group_steps": group_steps,
+            "group_reused_steps": group_reused, "group_computed_steps": group_computed, **totals}
 
 
 def staleness_diagnostic(bd_model, queries, tokenizer, settings: Settings, *, block_size: int, mask_id: int,
@@ -191,6 +198,12 @@ def decoding_metrics(env: Environment, settings: Settings, max_new_tokens: int, 
                "ar_tokens_per_s": measured["ar_tokens"] / measured["ar_wall"],
                "total_seconds": measured["bd_wall"], "speed_ratio_samples": measured["group_ratios"],
                "speed_clock": gate_clock,
+               # sub-block steps that skipped the layer-reuse span / computed every layer, summed over the
+               # decodes, and each decode's step sequence (per block: "B" whole-block forward, "s" sub-block
+               # forward), so the reuse rule can be replayed over it
+               "reused_steps": sum(measured["group_reused_steps"]),
+               "computed_steps": sum(measured["group_computed_steps"]),
+               "step_sequences": measured["group_steps"],
                "per_query": {k: per_query[k] for k in ("qids", "correct", "cost")},
                "outputs": {k: v for k, v in per_query.items() if k not in ("qids", "correct", "cost")},
                "reuse": staleness_diagnostic(bd.model, env.queries[:STALENESS_QUERIES], bd.tokenizer, settings,

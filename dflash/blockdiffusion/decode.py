@@ -79,6 +79,10 @@ class DecodeOutput:
     kinds: dict = field(default_factory=lambda: {"prefill": 0, "block": 0, "sub_block": 0, "finalize": 0})
     wall_s: float = 0.0
     cpu_s: float = 0.0
+    # per block the batch decoded, one character per denoising forward: "B" whole block, "s" sub-block
+    steps: list[str] = field(default_factory=list)
+    reused_steps: int = 0  # sub-block forwards that skipped the layer-reuse span
+    computed_steps: int = 0  # sub-block forwards that computed every layer (all of them without layer reuse)
     reuse: dict | None = None  # ReuseStats.summary() when layer reuse was on
 
 
@@ -146,6 +150,8 @@ def generate(model, prompt_ids, *, block_size: int = 32, sub_block_size: int = 8
         out.kinds[kind] += 1
         for r in rows.tolist():
             out.row_forwards[r] += 1
+        if kind in ("block", "sub_block"):
+            out.steps[-1] += "B" if kind == "block" else "s"
         if runner is not None:
             runner.start({"block": "full", "sub_block": "sub"}.get(kind, "pass"), offset)
         query = torch.arange(start, stop, device=device)
@@ -166,6 +172,9 @@ def generate(model, prompt_ids, *, block_size: int = 32, sub_block_size: int = 8
             ends = lengths == s
             tokens[ends, s] = logits[ends, -1].argmax(-1)
         while len(rows):
+            out.steps.append("")
+            if runner is not None:
+                runner.start_block()
             finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
             for lo in range(s, s + D, S):
                 hi = lo + S
@@ -222,6 +231,9 @@ def generate(model, prompt_ids, *, block_size: int = 32, sub_block_size: int = 8
             s += D
         if runner is not None:
             out.reuse = runner.stats.summary()
+            out.reused_steps, out.computed_steps = runner.stats.reuse_steps, runner.stats.compute_steps
+        else:
+            out.computed_steps = out.kinds["sub_block"]
     out.wall_s = clock(device) - begin
     out.cpu_s = time.process_time() - begin_cpu
     return out

@@ -12,10 +12,17 @@ from ..harness.plots import colours, marker_path, means_with_errors, new_figure
 from ..harness.render import DASH, fmt, geomean_ci_cell, mcnemar_cell, mean_ci_cell, metrics_of, params_of, ratio_cell, table, verdict_cell
 
 
+def _reuse_schedule(params: dict) -> str:
+    """A layer-reuse case's step schedule; a record from before the knob existed ran the only rule there was,
+    the one now called "since_full"."""
+    return params.get("reuse_schedule", "since_full")
+
+
 def fastdllm_table(records: list[dict]) -> str:
     """Fast-dLLM v2 (dflash.blockdiffusion): threshold x cache, sub-block, batch; the layer-reuse table of the
-    research notes (config, k, subset, accuracy, tokens/s, total time) with the trade-off against the k = 1
-    control; log-likelihood scoring, where layer reuse is not applicable."""
+    research notes (config, k, subset, schedule, accuracy, tokens/s, total time, reused and computed sub-block
+    steps) with the trade-off against the k = 1 control and between the schedules; log-likelihood scoring, where
+    layer reuse is not applicable."""
     decoding = [r for r in records if params_of(r).get("task") == "generative" and "per_query" in metrics_of(r)]
     key = lambda p: (p.get("threshold"), p.get("sub_block_size"), p.get("batch"))  # noqa: E731
     exact = {key(params_of(r)): r for r in decoding
@@ -52,7 +59,10 @@ def fastdllm_table(records: list[dict]) -> str:
     if reuse:
         rows = []
         base = metrics_of(control) if control else {}
-        for r in sorted(reuse, key=lambda r: (params_of(r)["reuse_k"], params_of(r)["subset"], params_of(r)["mode"])):
+        def config_key(r):
+            p = params_of(r)
+            return p["reuse_k"], p["subset"], p["mode"], _reuse_schedule(p)
+        for r in sorted(reuse, key=config_key):
             p, m = params_of(r), metrics_of(r)
             outputs = m.get("outputs") or {}
             staleness = ((m.get("reuse") or {}).get("staleness") or {})
@@ -62,39 +72,61 @@ def fastdllm_table(records: list[dict]) -> str:
                 math.exp(statistics.mean(map(math.log, m["speed_ratio_samples"]))
                          - statistics.mean(map(math.log, base["speed_ratio_samples"]))), 2) + "x"
             longer = DASH if r is control or not base else f"{statistics.mean(outputs['tokens']) / statistics.mean((base.get('outputs') or {})['tokens']) - 1:+.0%}"
-            config = "k1 (control)" if r is control else f"k{p['reuse_k']}_{p['subset']}_{p['mode']}"
+            schedule = _reuse_schedule(p)
+            config = ("k1 (control)" if r is control
+                      else f"k{p['reuse_k']}_{p['subset']}_{p['mode']}" + ("" if schedule == "fork" else f"_{schedule}"))
+            steps = (DASH if m.get("reused_steps") is None
+                     else f"{m['reused_steps']} / {m['reused_steps'] + m['computed_steps']}")
             rows.append([config, str(p["reuse_k"]), DASH if r is control else p["subset"],
-                         DASH if r is control else p["mode"], mean_ci_cell(m["per_query"]["correct"]),
+                         DASH if r is control else p["mode"], DASH if r is control else schedule,
+                         mean_ci_cell(m["per_query"]["correct"]), steps,
                          fmt(m.get("tokens_per_s")), fmt(m.get("total_seconds")), versus, speed, longer,
                          mean_ci_cell(outputs.get("repetition")),
                          ", ".join(f"L{layer} {value:.3g}" for layer, value in staleness.items()) or DASH,
                          verdict_cell(r)])
-        by_config = {(params_of(r)["reuse_k"], params_of(r)["subset"], params_of(r)["mode"]): r for r in reuse}
-        pairs = [[f"k{k}_{subset}", mcnemar_cell(metrics_of(r)["per_query"]["correct"],
-                                                  metrics_of(by_config[k, subset, "residual"])["per_query"]["correct"])]
-                 for (k, subset, mode), r in sorted(by_config.items())
-                 if mode == "output" and k > 1 and (k, subset, "residual") in by_config]
+        by_config = {config_key(r): r for r in reuse}
+
+        def paired(a, b):
+            return mcnemar_cell(metrics_of(a)["per_query"]["correct"], metrics_of(b)["per_query"]["correct"])
+        pairs = [[f"k{k}_{subset}" + ("" if schedule == "fork" else f" ({schedule})"),
+                  paired(r, by_config[k, subset, "residual", schedule])]
+                 for (k, subset, mode, schedule), r in sorted(by_config.items())
+                 if mode == "output" and k > 1 and (k, subset, "residual", schedule) in by_config]
+        schedules = [[f"k{k}_{subset}_{mode}", schedule, paired(by_config[k, subset, mode, "fork"], r)]
+                     for (k, subset, mode, schedule), r in sorted(by_config.items())
+                     if schedule != "fork" and k > 1 and (k, subset, mode, "fork") in by_config]
         text += ("\n\nLayer reuse (dual cache, threshold and sub-block as the control): the research notes' "
                  "table with the trade-off against the k = 1 control on the same queries (accuracy change with "
                  "the exact McNemar p; speed: ratio of the two cases' speed ratios to AR; output length change). "
-                 "Staleness: relative L2 of a reused output against fresh computation, per span layer (output "
-                 "mode) or for the span (residual mode, at its first layer), on a few queries.\n\n"
-                 + table(["Config", "k", "subset", "mode", "accuracy [95% CI]", "tokens/s", "total time (s)",
-                          "accuracy vs k=1", "speed vs k=1", "output length vs k=1", "repetition (3-gram)",
-                          "staleness", "Verdict"], rows,
-                         [False, True, False, False, True, True, True, True, True, True, True, False, False]))
+                 "Schedule: which sub-block steps reuse; \"fork\" is the research fork's step counter (reset once "
+                 "per block, every step counted), \"since_full\" resets it at every whole-block forward and "
+                 "counts only sub-block steps (more reuse at the same k). Reused steps: sub-block steps that "
+                 "skipped the span, of all sub-block steps, over the case's decodes. Staleness: relative L2 of a "
+                 "reused output against fresh computation, per span layer (output mode) or for the span (residual "
+                 "mode, at its first layer), on a few queries.\n\n"
+                 + table(["Config", "k", "subset", "mode", "schedule", "accuracy [95% CI]", "reused / sub-block steps",
+                          "tokens/s", "total time (s)", "accuracy vs k=1", "speed vs k=1", "output length vs k=1",
+                          "repetition (3-gram)", "staleness", "Verdict"], rows,
+                         [False, True, False, False, False, True, True, True, True, True, True, True, True, False,
+                          False]))
         if pairs:
-            text += ("\n\nResidual (DeepCache-style) against output reuse (the fork's) at the same k and subset, "
-                     "paired over queries: accuracy change of residual, lost/gained, exact McNemar p.\n\n"
+            text += ("\n\nResidual (DeepCache-style) against output reuse (the fork's) at the same k, subset and "
+                     "schedule, paired over queries: accuracy change of residual, lost/gained, exact McNemar p.\n\n"
                      + table(["k, subset", "residual - output"], pairs, [False, True]))
-        timings = [(params_of(r)["reuse_k"], params_of(r)["subset"], params_of(r)["mode"], (metrics_of(r).get("reuse") or {}))
+        if schedules:
+            text += ("\n\nAnother schedule against the fork's at the same k, subset and mode, paired over queries: "
+                     "accuracy change of the other schedule, lost/gained, exact McNemar p.\n\n"
+                     + table(["Config", "schedule", "schedule - fork"], schedules, [False, False, True]))
+        timings = [(*config_key(r), (metrics_of(r).get("reuse") or {}))
                    for r in reuse if (metrics_of(r).get("reuse") or {}).get("seconds_per_computed_layer_call")]
         if timings:
             text += ("\n\nLayer call times on sub-block steps (staleness run): "
-                     + "; ".join(f"k{k}_{subset}_{mode}: computed {1e6 * t['seconds_per_computed_layer_call']:.0f} us,"
+                     + "; ".join(f"k{k}_{subset}_{mode}{'' if schedule == 'fork' else '_' + schedule}: computed "
+                                 f"{1e6 * t['seconds_per_computed_layer_call']:.0f} us,"
                                  f" reused {1e6 * t['seconds_per_reused_layer_call']:.0f} us, "
                                  f"{t['layer_calls_skipped']} calls skipped"
-                                 for k, subset, mode, t in timings if t.get("seconds_per_reused_layer_call")) + ".")
+                                 for k, subset, mode, schedule, t in timings
+                                 if t.get("seconds_per_reused_layer_call")) + ".")
     scoring = [r for r in records if params_of(r).get("task") == "loglik"]
     if scoring:
         rows, reasons = [], set()
@@ -117,8 +149,8 @@ CACHE_MARKERS = {"none": "o", "prefix": "s", "dual": "^"}
 
 def _decoding_series(records: list[dict]) -> dict[str, list[dict]]:
     """Fast-dLLM v2 cases as series, each in the order of its knob (named in the series' label): one threshold
-    sweep per cache; a sub-block size or batch other than the sweep's over its caches; each layer-reuse subset and
-    mode over k, from the k = 1 control."""
+    sweep per cache; a sub-block size or batch other than the sweep's over its caches; each layer-reuse subset,
+    mode and schedule over k, from the k = 1 control."""
     params = [r.get("params") or {} for r in records]
     sub_blocks = [p.get("sub_block_size") for p in params if p.get("reuse_k") is None]
     usual = max(set(sub_blocks), key=sub_blocks.count) if sub_blocks else None
@@ -127,7 +159,9 @@ def _decoding_series(records: list[dict]) -> dict[str, list[dict]]:
     for record, p in zip(records, params):
         cache = caches.index(p["cache"]) if p.get("cache") in caches else len(caches)
         if p.get("reuse_k") is not None:
-            keys = [("reuse", p.get("subset"), p.get("mode"))] if p["reuse_k"] != 1 else []
+            # a record from before the schedule knob ran the rule now called since_full
+            schedule = p.get("reuse_schedule", "since_full")
+            keys = [("reuse", p.get("subset"), p.get("mode"), schedule)] if p["reuse_k"] != 1 else []
             order = p["reuse_k"]
         elif (p.get("batch") or 1) != 1:
             keys, order = [("batch", p["batch"])], cache
@@ -150,7 +184,8 @@ def _decoding_series(records: list[dict]) -> dict[str, list[dict]]:
         if key[0] == "threshold":
             label = f"threshold {', '.join(str(t) for t, _, _ in knobs)} ({key[1]} cache)"
         elif key[0] == "reuse":
-            label = f"reuse {key[1]}, {key[2]}: k = {', '.join(str(k) for _, _, k in knobs)}"
+            schedule = "" if key[3] == "fork" else f", {key[3]} schedule"
+            label = f"reuse {key[1]}, {key[2]}{schedule}: k = {', '.join(str(k) for _, _, k in knobs)}"
         else:
             label = f"{key[0]} {key[1]}: {', '.join(f'{c} cache' for _, c, _ in knobs)}"
         named[label] = [record for _, _, record in points]

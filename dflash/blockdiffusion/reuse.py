@@ -1,9 +1,19 @@
 """Layer reuse on the sub-block steps of the dual cache (ANCHORS_ALGORITHMS B4), done two ways.
 
 A span of decoder layers (first / middle / last, a fixed share of the depth: 12 of 28 in the research fork) is
-wrapped. A step counter drives it: every full-block forward resets the counter and every span layer computes
-and stores its output over the whole block; on sub-block forwards the counter advances, and on k-1 of every k
-of them the span is not computed:
+wrapped. Every whole-block forward computes the span and stores its output over the whole block; a step counter
+decides which sub-block forwards skip it instead, by one of two schedules (`reuse_schedule`):
+
+* "fork" (the default; the research fork's code, `v2/experiments/00_baseline/generation_functions.py`, as
+  ANCHORS_ALGORITHMS B4 now describes it): the counter is reset once per block and counts every denoising step
+  of the block, whole-block forwards included (those always compute); a sub-block step reuses iff its index
+  within the block (0 for the block's first step) mod k != 0;
+* "since_full" (what this module did before the fork's code was read): the counter is reset by every
+  whole-block forward and counts only sub-block steps; the n-th sub-block step after a whole-block forward
+  (n = 1, 2, ...) reuses iff n mod k != 0. Over the same step sequence it never reuses fewer steps than "fork"
+  (in every run of sub-block steps after a whole-block forward, "fork" computes on at least as many).
+
+Either way k = 1 never reuses (the control). What a reusing step returns:
 
 * mode "output" (the fork's mechanism): each span layer returns its stored output at the sub-block's slots. Only
   the span's first layer then sees an input that differs from the one it stored with, so it is the one stale
@@ -12,7 +22,9 @@ of them the span is not computed:
   h_out(t) = h_in(t) + [h_out - h_in](t_last), so fresh information from the layers below still flows up.
 
 Skipped layers write no fresh K/V into the block cache (it stays as the last computing step left it), as in the
-fork. Prefill and finalize forwards, and every forward of a decoder without the dual cache, compute all layers:
+fork. One difference from the fork's code remains under either schedule: a sub-block step that computes the span
+also refreshes the stored output (or delta) at its slots, where the fork's wrapper stores only on whole-block
+forwards, so a later reusing step here returns the fresher value. Prefill and finalize forwards, and every forward of a decoder without the dual cache, compute all layers:
 the knob acts only on sub-block steps (the decoder refuses it elsewhere). `staleness=True` also computes each
 reused layer fresh, without touching the cache, and records the relative L2 distance of the reused output.
 """
@@ -29,6 +41,7 @@ from ..errors import DFlashError
 
 SUBSETS = ("first", "middle", "last")
 MODES = ("output", "residual")
+SCHEDULES = ("fork", "since_full")
 FORK_SHARE = 12 / 28  # the fork patched 12 of Qwen2.5-7B's 28 layers
 
 
@@ -39,6 +52,7 @@ class LayerReuse:
     mode: str = "output"
     share: float = FORK_SHARE  # of the decoder layers, rounded, at least 1
     staleness: bool = False  # also compute reused layers fresh (diagnostic; costs a full span per step)
+    schedule: str = "fork"  # which sub-block steps reuse (module docstring): "fork" or "since_full"
 
     def __post_init__(self):
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -47,8 +61,18 @@ class LayerReuse:
             raise DFlashError(f"layer reuse subset must be one of {', '.join(SUBSETS)}, got {self.subset!r}.")
         if self.mode not in MODES:
             raise DFlashError(f"layer reuse mode must be one of {', '.join(MODES)}, got {self.mode!r}.")
+        if self.schedule not in SCHEDULES:
+            raise DFlashError(f"layer reuse schedule must be one of {', '.join(SCHEDULES)} (\"fork\": the research "
+                              f"fork's step counter, reset once per block; \"since_full\": reset at every "
+                              f"whole-block forward), got {self.schedule!r}.")
         if not 0 < self.share <= 1:
             raise DFlashError(f"layer reuse share must be in (0, 1], got {self.share!r}.")
+
+    def reuses(self, index: int) -> bool:
+        """Whether a sub-block step with this counter value skips the span: under "fork" the step's index within
+        its block (0-based, whole-block forwards counted), under "since_full" its 1-based count of sub-block steps
+        since the last whole-block forward."""
+        return index % self.k != 0
 
     def span(self, num_layers: int) -> range:
         """The wrapped layers. "first" starts at layer 1, as the fork's did (its layer 0 set up the cache);
@@ -63,8 +87,12 @@ class LayerReuse:
 @dataclass
 class ReuseStats:
     span: list[int]
+    schedule: str = "fork"
     reuse_steps: int = 0  # sub-block forwards that reused the span
     compute_steps: int = 0  # sub-block forwards that computed it
+    # per block of the decode, one character per denoising step: "B" whole-block forward (computes and stores),
+    # "c" sub-block forward that computed the span, "r" one that reused it
+    decisions: list[str] = field(default_factory=list)
     layer_calls_skipped: int = 0
     computed_seconds: list[float] = field(default_factory=list)  # per span layer call on a computing sub step
     reused_seconds: list[float] = field(default_factory=list)  # per span layer call on a reusing sub step
@@ -73,7 +101,8 @@ class ReuseStats:
     def summary(self) -> dict:
         mean = (lambda xs: sum(xs) / len(xs) if xs else None)
         computed, reused = mean(self.computed_seconds), mean(self.reused_seconds)
-        return {"span": self.span, "reuse_steps": self.reuse_steps, "compute_steps": self.compute_steps,
+        return {"span": self.span, "schedule": self.schedule, "reuse_steps": self.reuse_steps,
+                "compute_steps": self.compute_steps, "decisions": list(self.decisions),
                 "layer_calls_skipped": self.layer_calls_skipped,
                 "seconds_per_computed_layer_call": computed, "seconds_per_reused_layer_call": reused,
                 "seconds_saved_per_reused_layer_call": None if computed is None or reused is None
@@ -91,28 +120,40 @@ class ReuseRunner:
     def __init__(self, reuse: LayerReuse, span: range):
         self.reuse, self.span = reuse, span
         self.phase = "pass"  # "pass": compute, store nothing; "full": compute, store; "sub": sub-block step
-        self.counter = 0
+        self.index = 0  # "fork": denoising steps of this block so far; "since_full": sub steps since a full one
+        self.reusing = False  # the current forward's decision
         self.offset = 0  # the sub-block's first slot within the block
         self.stored: dict[int, torch.Tensor] = {}  # output mode: layer -> [B, D, H]; residual: -1 -> delta
         self.span_input: torch.Tensor | None = None
-        self.stats = ReuseStats(list(span))
+        self.stats = ReuseStats(list(span), reuse.schedule)
         self.cache = None  # the decoder's BlockCache (dry runs for the staleness diagnostic)
 
-    def start(self, phase: str, offset: int = 0) -> None:
-        self.phase, self.offset = phase, offset
-        if phase == "full":
-            self.counter = 0
-        elif phase == "sub":
-            self.counter += 1
-            if self.reusing:
-                self.stats.reuse_steps += 1
-                self.stats.layer_calls_skipped += len(self.span)
-            else:
-                self.stats.compute_steps += 1
+    def start_block(self) -> None:
+        """A new block's denoising begins (the decoder calls this once per block, before its first step)."""
+        self.stats.decisions.append("")
+        if self.reuse.schedule == "fork":
+            self.index = 0
 
-    @property
-    def reusing(self) -> bool:
-        return self.phase == "sub" and self.counter % self.reuse.k != 0
+    def start(self, phase: str, offset: int = 0) -> None:
+        """A forward begins: "full" (whole block), "sub" (sub-block step) or "pass" (prefill, finalize)."""
+        self.phase, self.offset, self.reusing = phase, offset, False
+        if phase == "pass":
+            return
+        if not self.stats.decisions:
+            self.stats.decisions.append("")
+        fork = self.reuse.schedule == "fork"
+        if phase == "full":  # always computes: under "fork" its index is forced to 0 for this forward only
+            self.stats.decisions[-1] += "B"
+            self.index = self.index + 1 if fork else 0  # fork: the step still counts; since_full: restart
+            return
+        self.index += 1
+        self.reusing = self.reuse.reuses(self.index - 1 if fork else self.index)
+        self.stats.decisions[-1] += "r" if self.reusing else "c"
+        if self.reusing:
+            self.stats.reuse_steps += 1
+            self.stats.layer_calls_skipped += len(self.span)
+        else:
+            self.stats.compute_steps += 1
 
     def select_rows(self, keep: torch.Tensor) -> None:
         self.stored = {layer: value[keep] for layer, value in self.stored.items()}
