@@ -74,6 +74,18 @@ def test_server_command_and_environment():
     assert env["OMP_NUM_THREADS"] == "1" and env["PATH"] == "/bin"
 
 
+def test_gpu_server_command():
+    """The CUDA path as far as a CPU allows: bf16, CUDA graphs (no --enforce-eager), a memory share, no CPU
+    variables."""
+    settings = vb.ServerSettings("Qwen/Qwen3-8B", "z-lab/Qwen3-8B-DFlash-b16", 15, dtype="bfloat16", device="cuda",
+                                 enforce_eager=False, max_model_len=4096, gpu_memory_utilization=0.8)
+    command = vb.server_command(settings, 8000, python="py")
+    assert "--enforce-eager" not in command and command[command.index("--dtype") + 1] == "bfloat16"
+    assert command[command.index("--gpu-memory-utilization") + 1] == "0.8"
+    assert json.loads(command[command.index("--speculative-config") + 1])["num_speculative_tokens"] == 15
+    assert "VLLM_CPU_KVCACHE_SPACE" not in vb.server_environment(settings, {})
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(num_speculative_tokens=3), "without a draft"),
     (dict(draft="d", num_speculative_tokens=0), ">= 1"),
