@@ -22,43 +22,43 @@ vllm:
 	PYTHON=$(PYTHON) bash scripts/install_vllm.sh
 
 # Baseline coverage (every gated case has an entry, no entry is orphaned), unit, property and lossless tests,
-# then the tiny-profile ablations gated against baselines/. Ablations run in sessions of their own, with the
-# company their baselines were recorded in (`pytest ablations -n 2` for the decode and cascade cases,
-# `pytest ablations/test_fastdllm.py -n 2` for Fast-dLLM v2): a timed case shares the cores only with the cases
-# it shared them with when recorded. The contention of other work shifted a CPU-time speedup by up to 14% (unit
-# tests beside the ablations; and -10% to -14% on three decode cases once the Fast-dLLM v2 cases joined their
-# session and changed which cases ran side by side). Two sessions, each at alpha 0.025: make test's error rate
-# stays 0.05.
+# then the tiny-profile ablations gated against baselines/. Ablations run in pytest sessions of their own, one per
+# FamilySpec.session (`dflash sessions`: the decode and cascade families together, Fast-dLLM v2 apart), with the
+# company their baselines were recorded in: a timed case shares the cores only with the cases it shared them with
+# when recorded. The contention of other work shifted a CPU-time speedup by up to 14% (unit tests beside the
+# ablations; and -10% to -14% on three decode cases once the Fast-dLLM v2 cases joined their session and changed
+# which cases ran side by side). The sessions split make test's error rate evenly (`dflash sessions --alpha`).
 #
 # Throughput is gated against the baselines stored for this testbed (CPU model, ISA, cores, threads; GPU, driver).
 # A testbed with none is gated by an A/B against the code its baselines were recorded with, measured here and
 # now; it doubles a case's measurement, so make test A/B-gates this subset (every block size, one case of every
 # other ablation; cascade cost is never gated) and reports the rest NOT GATED; `pytest ablations` A/B-gates all.
-ABLATION_ALPHA := 0.025
+TEST_ALPHA := 0.05
 AB_CASES := block_size/|full_length/.*-math-bs8\]|profiling/.*-math\]|-math-(batch4|ewma|rounds8|ranks1|steps2|dense|tree-K2)\]|fastdllm/.*-(t0\.9-dual|sub4-dual|k2-middle-output|batch4-dual)\]
+SESSIONS = $(shell $(VENV)/bin/dflash sessions --alpha $(TEST_ALPHA) | tr ' ' ':')
 test: install
 	$(VENV)/bin/dflash baselines --check --profile tiny
 	$(PY) -m pytest tests --profile tiny -n auto -q -m "not slow"
-	$(PY) -m pytest ablations --profile tiny -n auto -q -m "not slow" --ignore=ablations/test_fastdllm.py \
-		--gate-alpha $(ABLATION_ALPHA) --ab-cases '$(AB_CASES)'
-	$(PY) -m pytest ablations/test_fastdllm.py --profile tiny -n auto -q -m "not slow" --gate-alpha $(ABLATION_ALPHA) \
-		--ab-cases '$(AB_CASES)'
+	for s in $(SESSIONS); do \
+		$(PY) -m pytest ablations --session $${s%%:*} --profile tiny -n auto -q -m "not slow" \
+			--gate-alpha $${s#*:} --ab-cases '$(AB_CASES)' || exit 1; \
+	done
 
-# The main job: every tiny-profile ablation, gated (the two sessions of `test`), with a markdown summary each
-# under reports/; then the full cascade replay (1200 queries; the collected table is reused when it is
-# complete) under reports/cascade-tiny/.
+# The main job: every tiny-profile ablation, gated (the sessions of `test`), with a markdown summary each under
+# reports/; then the full cascade replay (1200 queries; the collected table is reused when it is complete) under
+# reports/cascade-tiny/.
 report: install
-	$(PY) -m pytest ablations --profile tiny -n auto -q --report --ignore=ablations/test_fastdllm.py \
-		--gate-alpha $(ABLATION_ALPHA)
-	@cat "$$(ls -td reports/tiny-*/ | head -1)summary.md"
-	$(PY) -m pytest ablations/test_fastdllm.py --profile tiny -n auto -q --report --gate-alpha $(ABLATION_ALPHA)
-	@cat "$$(ls -td reports/tiny-*/ | head -1)summary.md"
+	for s in $(SESSIONS); do \
+		$(PY) -m pytest ablations --session $${s%%:*} --profile tiny -n auto -q --report --gate-alpha $${s#*:}; \
+		cat "$$(ls -td reports/tiny-*/ | head -1)summary.md"; \
+	done
 	$(VENV)/bin/dflash cascade collect --profile tiny
 	$(VENV)/bin/dflash cascade report --profile tiny
 
-# The CUDA path in one call on a bare GPU machine (README "GPU smoke run"): no install step, the machine's own torch;
-# OUT=DIR (default reports/gpu-smoke-<time>), DEVICE=cpu rehearses it shrunk. gpu-smoke-wheels (a networked
-# machine, beforehand) fetches the wheels of what the GPU image lacks into .gpu-smoke-wheels/, to carry there.
+# The CUDA path in one call on a bare GPU machine (docs/gpu.md, "GPU smoke run"): no install step, the machine's
+# own torch; OUT=DIR (default reports/gpu-smoke-<time>), DEVICE=cpu rehearses it shrunk. gpu-smoke-wheels (a
+# networked machine, beforehand) fetches the wheels of what the GPU image lacks into .gpu-smoke-wheels/, to carry
+# there.
 SMOKE_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 gpu-smoke:
 	PYTHON=$(SMOKE_PY) bash scripts/gpu_smoke.sh

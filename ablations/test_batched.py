@@ -120,5 +120,5 @@ def test_batched(case, knobs):
         return [v / b for v, b in zip(rates(fresh["batched"]), rates(fresh["target-only"]))]
 
     gates = case.gate(metrics, remeasure)
-    case.finish("batched", knobs.params(block_size=BLOCK_SIZE, groups=len(groups)), metrics, gates,
+    case.finish(knobs.params(block_size=BLOCK_SIZE, groups=len(groups)), metrics, gates,
                 max_new_tokens=max_new)

@@ -16,4 +16,4 @@ def test_block_size(case, block_size):
         pytest.skip(f"the draft was trained for block sizes up to {case.draft_block_size}")
     variant = Variant(f"bs={block_size}", block_size=block_size, use_draft=block_size > 1)
     _, metrics, gates = case.measure(variant)
-    case.finish("block_size", {"block_size": block_size}, metrics, gates)
+    case.finish({"block_size": block_size}, metrics, gates)

@@ -31,4 +31,4 @@ def test_candidate_diversity(case, knobs):
     variant = Variant(f"diversity {knobs.id}", block_size=block_size, method="candidate_diversity",
                       knobs=knobs.knobs())
     _, metrics, gates = case.measure(variant, extra=lambda c: protocol_costs(c.variant))
-    case.finish("candidate_diversity", knobs.params(block_size=block_size), metrics, gates)
+    case.finish(knobs.params(block_size=block_size), metrics, gates)

@@ -28,11 +28,9 @@ CASES = ([Policy(f"fixed-{r.name}", f"fixed-{r.name}") for r in RUNGS]
 @pytest.mark.ablation("cascade")
 @pytest.mark.parametrize("policy", as_params(CASES))
 def test_cascade(cascade_case, policy):
-    table, result = cascade_case.outcome(policy.name, policy.lam)
-    metrics = cascade_case.metrics(table, result)
-    gates = cascade_case.outcome_gates(metrics)
-    cascade_case.finish("cascade", {"policy": policy.name, "lam": policy.lam, "queries": table.size}, metrics,
-                        gates, lossless=False)
+    metrics, gates = cascade_case.measure(policy.name, policy.lam)
+    queries = len(metrics["per_query"]["qids"])
+    cascade_case.finish({"policy": policy.name, "lam": policy.lam, "queries": queries}, metrics, gates)
 
 
 @pytest.mark.gpu
@@ -41,7 +39,7 @@ def test_gpu_cascade_profile_collects_and_replays(tmp_path):
     line of skip reason where CUDA, the weights or GSM8K are missing. Not gated: no GPU baseline exists yet."""
     from dflash.cascade import evaluate as ev
     from dflash.cascade.collect import collect, read_table
-    from dflash.cascade.profiles import get_profile
+    from dflash.profiles import get_ladder as get_profile
     from dflash.cascade.replay import build_table
     profile = get_profile("gpu-cascade-qwen3")
     reason = profile.unavailable()

@@ -46,4 +46,4 @@ def test_dynamic_scheduler(case, scheduler):
     # The schedulers pick block sizes from measured cycle times, so their tau depends on the machine's load
     # (measured: up to 9% between two recordings on this machine). Tau is reported; throughput is gated.
     _, metrics, gates = case.measure(variant, others=fixed, extra=dynamic_metrics, gate_tau=False)
-    case.finish("dynamic", {"scheduler": scheduler.id, "candidates": list(candidates)}, metrics, gates)
+    case.finish({"scheduler": scheduler.id, "candidates": list(candidates)}, metrics, gates)

@@ -40,20 +40,23 @@ SCORING = [Scoring("loglik")] + [Scoring(f"loglik-k{k}-{subset}", reuse_k=k, sub
 @pytest.mark.ablation("fastdllm")
 @pytest.mark.parametrize("settings", as_params(THRESHOLD_CACHE + SUB_BLOCK + REUSE + BATCH))
 def test_fastdllm_decoding(fastdllm_case, settings):
-    fastdllm_case.run_decoding(settings)
+    params, metrics, gates = fastdllm_case.measure_decoding(settings)
+    fastdllm_case.finish(params, metrics, gates)
 
 
 @pytest.mark.ablation("fastdllm")
 @pytest.mark.parametrize("settings", as_params(SCORING[:1]))
 def test_fastdllm_loglik(fastdllm_case, settings):
-    fastdllm_case.run_scoring(settings)
+    params, metrics, gates = fastdllm_case.measure_scoring(settings)
+    fastdllm_case.finish(params, metrics, gates)
 
 
 @pytest.mark.ablation("fastdllm", gated=False)
 @pytest.mark.parametrize("settings", as_params(SCORING[1:]))
 def test_fastdllm_loglik_reuse_not_applicable(fastdllm_case, settings):
     """Reported as not applicable, never as a table of identical accuracies (the research notes' MMLU table)."""
-    fastdllm_case.not_applicable(settings, NOT_APPLICABLE)
+    params, metrics, gates = fastdllm_case.not_applicable(settings, NOT_APPLICABLE)
+    fastdllm_case.finish(params, metrics, gates)
 
 
 @pytest.mark.gpu
@@ -63,7 +66,7 @@ def test_gpu_fastdllm_v2_7b(settings, record_property):
     pass@1 in a subprocess, MMLU 5-shot by log-likelihood): the same cases through the same measurement, one line
     of skip reason where CUDA, the weights or the data are missing. Reported, not gated: no GPU baseline yet."""
     from dflash.blockdiffusion.ablation import decoding_metrics, environment, scoring_metrics
-    from dflash.blockdiffusion.profiles import get_profile
+    from dflash.profiles import get_block_diffusion_model as get_profile
     profile = get_profile("gpu-fastdllm-v2-7b")
     reason = profile.unavailable()
     if reason:

@@ -16,4 +16,4 @@ def test_full_length(case, block_size):
     variant = Variant(f"bs={block_size}", block_size=block_size, use_draft=block_size > 1)
     _, metrics, gates = case.measure(variant, max_new_tokens=max_new)
     metrics["max_new_tokens"] = max_new
-    case.finish("full_length", {"block_size": block_size, "max_new_tokens": max_new}, metrics, gates)
+    case.finish({"block_size": block_size, "max_new_tokens": max_new}, metrics, gates)

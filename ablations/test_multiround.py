@@ -26,4 +26,4 @@ def test_multiround(case, knobs):
     block_size = min(max(knobs.round_block_sizes), case.draft_block_size)
     variant = Variant(f"multiround {knobs.id}", block_size=block_size, method="multiround", knobs=knobs.knobs())
     _, metrics, gates = case.measure(variant, extra=lambda c: protocol_costs(c.variant))
-    case.finish("multiround", knobs.params(block_size=block_size), metrics, gates)
+    case.finish(knobs.params(block_size=block_size), metrics, gates)

@@ -37,8 +37,7 @@ def test_peers(case, dtype):
         float_ties=metrics["modes"][best]["float_ties"])
     params = {"prompts": len(prompts), "max_new_tokens": profile.max_new_tokens, "target_dtype": dtype,
               "draft_dtype": str(next(draft.parameters()).dtype).removeprefix("torch.")}
-    record = case.finish("peers", params, metrics,
-                         gates=[], lossless=True)
+    record = case.finish(params, metrics, gates=[])
     broken = {name: row["mismatched_prompts"] for name, row in record["metrics"]["modes"].items()
               if name != "hf-prompt-lookup" and set(map(str, row["mismatched_prompts"])) - set(row["float_ties"])}
     assert not broken, f"project modes differ from transformers greedy (not float ties): {broken}"

@@ -30,4 +30,4 @@ def test_refinement(case, knobs):
     block_size = min(BLOCK_SIZE, case.draft_block_size)
     variant = Variant(f"refinement {knobs.id}", block_size=block_size, method="refinement", knobs=knobs.knobs())
     _, metrics, gates = case.measure(variant, extra=lambda c: protocol_costs(c.variant))
-    case.finish("refinement", knobs.params(block_size=block_size), metrics, gates)
+    case.finish(knobs.params(block_size=block_size), metrics, gates)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from dflash.harness.profiles import PROFILES, get_profile, load_prompts, unavailable_reason
+from dflash.profiles import PROFILES, get_profile, unavailable_reason
+from dflash.prompts import load_prompts
 from dflash.backends import sglang as sg
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]  # the full GPU tier: hours of serving sweeps

@@ -29,4 +29,4 @@ def test_suffix_recycling(case, knobs):
     block_size = min(BLOCK_SIZE, case.draft_block_size)
     variant = Variant(f"suffix {knobs.id}", block_size=block_size, method="suffix_recycling", knobs=knobs.knobs())
     _, metrics, gates = case.measure(variant, extra=lambda c: protocol_costs(c.variant))
-    case.finish("suffix_recycling", knobs.params(block_size=block_size), metrics, gates)
+    case.finish(knobs.params(block_size=block_size), metrics, gates)

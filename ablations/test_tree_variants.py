@@ -120,4 +120,4 @@ def test_tree_variant(case, tree):
     plain = Variant(PLAIN, block_size=block_size)
     _, metrics, gates = case.measure(variant, extra=tree_metrics, others=(plain,))
     metrics["verify_s_by_packed_nodes"] = verify_cost_sweep(case.models.target, case.prompts(1)[0])
-    case.finish("tree_variants", tree.params(block_size=block_size), metrics, gates)
+    case.finish(tree.params(block_size=block_size), metrics, gates)

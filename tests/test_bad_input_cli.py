@@ -182,7 +182,7 @@ CASES = [
              r"include layers outside the target's 6 decoder layers"),
     BadInput("train-out-is-a-file", ("train", "--target", "tiny", "--prompts", "tiny-heldout", "--out", "{x}"),
              r"--out .* is a file", prompts_file("x")),
-    BadInput("train-device-on-tiny", ("train", "tiny", "--device", "cpu"), r"--device applies to the draft recipe"),
+    BadInput("train-device-on-tiny", ("train", "tiny", "--device", "cpu"), r"unrecognized arguments: --device cpu"),
     BadInput("train-device-without-cuda", (*TRAIN, "--prompts", "tiny-heldout", "--device", "cuda"), r"needs CUDA"),
     BadInput("bench-dtype-unknown", ("bench", "--dtype", "int8"), r"--dtype"),
     BadInput("bench-threads-zero", ("bench", "--threads", "0"), r"--threads: must be an integer"),

@@ -46,7 +46,7 @@ BASE_ARGS = ("-p", "no:xdist", "-p", "no:cacheprovider", "-p", "no:randomly", "-
              "--reports-dir", "reports", "--baselines-dir", "baselines", "-k", "math")
 USAGE_ERROR = pytest.ExitCode.USAGE_ERROR  # 4
 
-CONFTEST = 'pytest_plugins = ["dflash.harness.plugin"]\n'
+CONFTEST = 'pytest_plugins = ["dflash.plugin"]\n'
 ABLATION = '''
 import json
 import os
@@ -61,7 +61,7 @@ PARAM = json.loads(os.environ.get("BAD_PARAM", '"plain"'))
 @pytest.mark.parametrize("p", [pytest.param(PARAM, id=os.environ.get("BAD_ID") or None)])
 def test_case(case, p):
     metrics = {"per_prompt_tau": TAUS, "speedup_samples": [1.0] * 12}
-    case.finish("wire", {"p": p}, metrics, case.gate(metrics))  # reads the baseline file, if there is one
+    case.finish({"p": p}, metrics, case.gate(metrics))  # reads the baseline file, if there is one
 '''
 CASE_ID = "wire/test_case[tiny-math-plain]"
 
@@ -389,7 +389,7 @@ EVIL = "a|b\r\nc <script>alert(1)</script> & `x` [l](javascript:y)"
 
 
 def test_render_escapes_markdown_and_html_in_every_cell_and_heading():
-    record = {"id": f"evil/{EVIL}", "experiment": "evil", "group": f"g\n# {EVIL}", "params": {"p": EVIL, EVIL: 1},
+    record = {"id": f"evil/{EVIL}", "ablation_family": "decode", "experiment": "evil", "group": f"g\n# {EVIL}", "params": {"p": EVIL, EVIL: 1},
               "metrics": {"note": EVIL}, "status": "skipped", "reason": EVIL}
     text = render_summary([record], {"profile": "tiny", "hardware": EVIL}, announced=[record["id"], f"gone`{EVIL}"],
                           skipped={"x": EVIL})
@@ -432,7 +432,8 @@ def _recording(tmp_path, case_id: str) -> Path:
     identity = {"profile": "tiny", "target": "tiny", "draft": "tiny", "overrides": [], "code": "abc",
                 "options": {"update_baselines": True}}
     from dflash.harness.runs import identity_digest
-    record = {"id": "block_size/ok", "ablation": "block_size", "profile": "tiny", "dataset": "math",
+    record = {"id": "block_size/ok", "ablation": "block_size", "ablation_family": "decode", "profile": "tiny",
+              "dataset": "math",
               "metrics": {"per_prompt_tau": [2.0], "speedup_samples": [1.0]}, "outcome": "passed", "recording": True,
               "identity": identity_digest(identity), "fingerprint": {"testbed": "cpu-a", "code": "abc"}}
     run_dir = tmp_path / "reports" / "tiny-1"

@@ -135,12 +135,12 @@ def test_bad_input_is_a_clear_error(pair, kwargs, message):
 
 
 def test_batched_report_table():
-    from dflash.harness.render import RENDERERS
+    from dflash.harness.decode_tables import batched_table
     record = {"id": "batched/test_batched[tiny-math-batch2]", "params": {"batch_size": 2, "compact": False},
               "metrics": {"speedup_samples": [2.0, 2.2], "speedup_vs_unbatched_samples": [1.4, 1.5],
                           "target_batched_speedup_samples": [1.5, 1.7], "per_prompt_tau": [4.0, 5.0, 4.5, 4.5],
                           "rows_per_cycle": 1.7, "verify_s_per_cycle": 0.01, "padding_fraction": 0.2,
                           "exact_match": [True, True, True, False]}, "gates": []}
-    text = RENDERERS["batched"]([record])
+    text = batched_table([record])
     row = text.splitlines()[2]
     assert "| 2 | mask-only |" in row and "3/4 (75.0%)" in row and "4.50" in row

@@ -1,15 +1,14 @@
-"""The Fast-dLLM v2 summary table (harness.render.fastdllm_table) and plot from hand-made records: the seed's
+"""The Fast-dLLM v2 summary table (dflash.blockdiffusion.report.fastdllm_table) and plot from hand-made records: the seed's
 reuse table against the k = 1 control with the exact McNemar p, the dual cache's agreement with the exact
 decoder, and log-likelihood reuse cases shown as not applicable, never as accuracies."""
 from scipy.stats import binomtest
 
-from dflash.harness.plots import plot_accuracy_vs_speed
-from dflash.harness.render import fastdllm_table
+from dflash.blockdiffusion.report import fastdllm_table, plot_accuracy_vs_speed
 
 
 def record(case_id, params, correct, digests=None, ratios=(1.5, 1.6), reuse=None):
     n = len(correct)
-    return {"id": f"fastdllm/test_fastdllm_decoding[tiny-{case_id}]", "experiment": "fastdllm",
+    return {"id": f"fastdllm/test_fastdllm_decoding[tiny-{case_id}]", "ablation_family": "fastdllm", "experiment": "fastdllm",
             "params": {"task": "generative", "threshold": 0.9, "sub_block_size": 8, "batch": 1, "reuse_k": None,
                        "subset": "middle", "mode": "output", **params},
             "metrics": {"per_query": {"qids": [f"q{i}" for i in range(n)], "correct": correct, "cost": [0.6] * n},
@@ -29,7 +28,7 @@ def test_table_pairs_reuse_with_its_control_and_dual_with_the_exact_decoder(tmp_
                       [1, 0, 1, 1, 1, 1])
     prefix = record("t0.9-prefix", {"cache": "prefix"}, [1] * 6, digests=list("abcdef"))
     dual = record("t0.9-dual", {"cache": "dual"}, [1] * 6, digests=list("abcxyz"))
-    na = {"id": "fastdllm/test_fastdllm_loglik_reuse_not_applicable[tiny-loglik-k2-first]", "experiment": "fastdllm",
+    na = {"id": "fastdllm/test_fastdllm_loglik_reuse_not_applicable[tiny-loglik-k2-first]", "ablation_family": "fastdllm", "experiment": "fastdllm",
           "params": {"task": "loglik", "applicable": False}, "metrics": {"not_applicable": "no denoising steps"}}
     text = fastdllm_table([control, reused, residual, prefix, dual, na])
     p = binomtest(2, 2, 0.5).pvalue

@@ -13,7 +13,8 @@ from dflash import loading, standins
 from dflash.blockdiffusion import tasks
 from dflash.blockdiffusion.loglik import (batched_continuation_logprobs, choice_logits, continuation_logprobs,
                                           loglik_input)
-from dflash.blockdiffusion.profiles import PROFILES, TINY_MODEL
+from dflash.blockdiffusion.convert import DEFAULT_OUT as TINY_MODEL
+from dflash.profiles import BLOCK_DIFFUSION_MODELS as PROFILES
 from dflash.errors import DFlashError
 
 BLOCK, MASK, EOS = 32, 4, 1  # the ladder tokenizer's <|MASK|> and <|end|>

@@ -8,7 +8,7 @@ import pytest
 
 from dflash.harness import baselines
 from dflash.harness.recording import baseline_payload
-from dflash.harness.render import cascade_table
+from dflash.cascade.report import cascade_table
 from dflash.harness.runs import holm_over, record_problem
 from dflash.harness.stats import IMPROVEMENT, PASS, REGRESSION, accuracy_gate
 
@@ -72,6 +72,7 @@ def test_cascade_baseline_entries_are_validated_and_round_trip(tmp_path):
 def test_a_cascade_record_becomes_a_cascade_baseline_and_its_gates_reach_holm(tmp_path):
     gate = accuracy_gate([1, 1, 0], [1, 0, 0], case_id="x").to_dict()
     record = {"id": "cascade/test_cascade[tiny-router-lam0.1]", "profile": "tiny", "ablation": "cascade",
+              "ablation_family": "cascade",
               "dataset": "ladder", "recording": True, "fingerprint": FINGERPRINT, "identity": "i", "gates": [gate],
               "params": {"policy": "router", "lam": 0.1}, "outcome": "passed", "failures": [],
               "metrics": {"per_query": {**cascade_entry()["per_query"], "cost": COST}, "stage_usage": [0, 0, 0.5, 0.5]}}
@@ -97,7 +98,7 @@ def test_the_run_table_is_collected_once_by_the_workers_together_with_one_report
 
     from dflash.cascade import ablation, report
     from dflash.cascade.collect import StageRow
-    from dflash.cascade.profiles import CascadeProfile
+    from dflash.cascade.ladder_profile import CascadeProfile
 
     queries = [SimpleNamespace(qid=f"q{i}", family=("story", "expression")[i % 2], difficulty=1 + i % 3)
                for i in range(8)]

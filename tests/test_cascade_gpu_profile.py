@@ -8,7 +8,8 @@ import pytest
 from dflash import loading, standins
 from dflash.cascade import replay
 from dflash.cascade.collect import collect, read_table
-from dflash.cascade.profiles import MathQuery, get_profile
+from dflash.cascade.ladder_profile import MathQuery
+from dflash.profiles import get_ladder as get_profile
 
 PROFILE = get_profile("gpu-cascade-qwen3")
 

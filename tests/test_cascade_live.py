@@ -10,7 +10,7 @@ import pytest
 from dflash.cascade import replay
 from dflash.cascade.collect import collect, read_table
 from dflash.cascade.live import run_live
-from dflash.cascade.profiles import get_profile
+from dflash.profiles import get_ladder as get_profile
 
 PROFILE = get_profile("tiny")
 

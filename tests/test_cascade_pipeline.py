@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from dflash.cascade.profiles import get_profile
+from dflash.profiles import get_ladder as get_profile
 
 
 def test_collect_resume_and_report(tmp_path):

@@ -86,7 +86,8 @@ def test_bad_input():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from dflash.harness.profiles import get_profile, load_prompts
+    from dflash.profiles import get_profile
+    from dflash.prompts import load_prompts
     profile, tokenizer = get_profile("tiny"), load_tokenizer("tiny")
     prompts = [p for name in ("math", "code", "chat") for p in load_prompts(profile, profile.dataset(name),
                                                                             tokenizer, 2)]

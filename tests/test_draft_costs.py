@@ -118,7 +118,7 @@ def test_a_peer_row_converts_a_copy_of_the_target_and_a_wider_draft(tiny):
 
 
 def test_the_smol_profile_drafts_in_bf16_beside_its_fp32_target():
-    from dflash.harness.profiles import get_profile
+    from dflash.profiles import get_profile
     profile = get_profile("smol")
     assert (profile.dtype, profile.draft_dtype) == ("float32", "bfloat16")
     assert profile.prompts >= 20

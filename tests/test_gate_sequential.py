@@ -1,6 +1,6 @@
 """The gates' error rates by simulation: the sequential tau flow (looks at 12, 24 and 48 prompts; alpha spent
 at the last look, or split equally over the looks) keeps its type-I error at or below alpha under no change,
-the uncorrected flow (alpha at every look) does not, and the power at a 10% drop is what the README quotes; the
+the uncorrected flow (alpha at every look) does not, and the power at a 10% drop is what docs/gates.md quotes; the
 paired throughput gate is calibrated at the timing noise measured in the committed baselines.
 
 Baselines come from `baselines/tiny/`: per-prompt taus of the block-size sweep (48 prompts) and, for the timing

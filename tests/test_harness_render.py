@@ -22,7 +22,7 @@ BASE_TAU = [3.2, 3.6, 3.4, 3.5, 3.7, 3.3]
 
 
 def sweep(bs, taus, speedups, **extra):
-    return {"id": f"block_size/aime25/bs={bs}", "experiment": "block_size", "group": "AIME25, max_new_tokens=256",
+    return {"id": f"block_size/aime25/bs={bs}", "ablation_family": "decode", "experiment": "block_size", "group": "AIME25, max_new_tokens=256",
             "params": {"block_size": bs}, "metrics": {"per_prompt_tau": taus, "speedup_samples": speedups}, **extra}
 
 
@@ -36,27 +36,27 @@ def synthetic_records():
         sweep(4, BASE_TAU, [2.82, 2.85, 3.05, 2.89], verdict="pass"),
         sweep(8, dropped, [4.35, 4.57, 4.46], gates=[tau_gate(BASE_TAU, dropped).to_dict()]),
         sweep(24, [5.04], [4.01], gates=[tau_gate([5.9], [5.04]).to_dict()]),
-        {"id": "full_length/baseline", "experiment": "full_length", "params": {"block_size": 1, "max_new_tokens": 2048},
+        {"id": "full_length/baseline", "ablation_family": "decode", "experiment": "full_length", "params": {"block_size": 1, "max_new_tokens": 2048},
          "metrics": {"per_prompt_tau": [1.0, 1.0, 1.0], "tpot_s": [0.0461, 0.0463, 0.0462],
                      "ttft_s": [0.110, 0.111, 0.109], "tokens_per_s": [21.6, 21.7, 21.65],
                      "output_tokens": [2048, 1437, 2048]}},
-        {"id": "full_length/bs=16", "experiment": "full_length", "params": {"block_size": 16, "max_new_tokens": 2048},
+        {"id": "full_length/bs=16", "ablation_family": "decode", "experiment": "full_length", "params": {"block_size": 16, "max_new_tokens": 2048},
          "metrics": {"per_prompt_tau": [7.4, 7.5, 7.5], "tpot_s": [0.0078, 0.0079, 0.0079],
                      "ttft_s": [0.22, 0.23, 0.226], "tokens_per_s": [127.1, 128.0, 127.9],
                      "output_tokens": [2048, 1209, 2048], "exact_match": [True, True, False]},
          "gates": [tau_gate([7.5, 7.5, 7.5], [7.4, 7.5, 7.5]).to_dict()]},
-        {"id": "dynamic/ewma", "experiment": "dynamic", "params": {"scheduler": "ewma(alpha=0.10)"},
+        {"id": "dynamic/ewma", "ablation_family": "decode", "experiment": "dynamic", "params": {"scheduler": "ewma(alpha=0.10)"},
          "metrics": {"per_prompt_tau": [6.5, 6.6, 6.55], "block_usage": {"8": 826, "12": 1219, "16": 894},
                      "switches": 945, "transitions": 2939,
                      "realized_tokens_per_s": {"8": 104.25, "12": 133.63, "16": 150.81},
                      "speedup_vs_best_fixed": [0.93, 0.95, 0.94]}, "verdict": "pass"},
-        {"id": "profiling/bs=16", "experiment": "profiling",
+        {"id": "profiling/bs=16", "ablation_family": "decode", "experiment": "profiling",
          "metrics": {"time_s": {"draft": 12.0, "verify": 30.0, "other": 6.0}, "cycles": 1000,
                      "tau_by_bucket": {"1024-2047": [7.0, 7.2, 6.9], "0-1023": [7.8, 7.6, 7.7, 7.9]}}},
-        {"id": "suffix_seed/dense", "experiment": "suffix_seed", "params": {"seed_max_tokens": -1},
+        {"id": "suffix_seed/dense", "ablation_family": "decode", "experiment": "suffix_seed", "params": {"seed_max_tokens": -1},
          "metrics": {"per_prompt_tau": [2.5, 2.6, 2.46], "seeded_tokens_per_cycle": 13.442},
          "verdict": "improvement"},
-        {"id": "gpu/bs=32", "experiment": "suffix_seed", "status": "skipped", "reason": "needs CUDA"},
+        {"id": "gpu/bs=32", "ablation_family": "decode", "experiment": "suffix_seed", "status": "skipped", "reason": "needs CUDA"},
     ]
 
 
@@ -137,7 +137,7 @@ def test_a_bad_metric_shows_as_invalid_instead_of_losing_the_summary():
 
 
 def test_a_family_display_name_titles_its_section():
-    record = {"id": "fastdllm/test_fastdllm_loglik[tiny-loglik]", "experiment": "fastdllm", "group": "graded",
+    record = {"id": "fastdllm/test_fastdllm_loglik[tiny-loglik]", "ablation_family": "fastdllm", "experiment": "fastdllm", "group": "graded",
               "title": "Fast-dLLM v2", "params": {"task": "loglik"},
               "metrics": {"per_query": {"qids": ["q0", "q1"], "correct": [1, 0], "cost": [1.0, 1.0]}}}
     text = render_summary([record], FINGERPRINT)

@@ -224,7 +224,7 @@ def test_baselines_recovered_from_a_killed_recording_run(tmp_path):
                 "options": {"update_baselines": True}}
 
     def record(case_id, taus, outcome="passed", of=identity):
-        return {"id": case_id, "ablation": "block_size", "profile": "tiny", "dataset": "math",
+        return {"id": case_id, "ablation": "block_size", "ablation_family": "decode", "profile": "tiny", "dataset": "math",
                 "metrics": {"per_prompt_tau": taus, "speedup_samples": [1.5] * len(taus), "cycles": 9},
                 "outcome": outcome, "recording": of["options"]["update_baselines"], "identity": identity_digest(of),
                 "fingerprint": {"hardware": "cpu", "torch": "2", "transformers": "5", "python": "3", "git_sha": "0",
@@ -263,8 +263,9 @@ def test_baselines_recovered_from_a_killed_recording_run(tmp_path):
 
 def test_recording_on_another_testbed_keeps_every_testbeds_throughput(tmp_path):
     """--update-baselines replaces the case's tau part and only the recording testbed's throughput: a second
-    machine's recording adds its own samples beside the first machine's, and re-recording one testbed leaves the
-    other as it was. The tau part gates on every testbed."""
+    machine's recording adds its own samples beside the first machine's, and re-recording one testbed with the
+    same taus leaves the other as it was; once the case's taus change, the other testbed's timings describe other
+    work and are dropped, saying so. The tau part gates on every testbed."""
     from dflash.harness.baselines import write_baseline_payloads
 
     def payload(testbed, samples, taus):
@@ -275,10 +276,14 @@ def test_recording_on_another_testbed_keeps_every_testbeds_throughput(tmp_path):
     stored = load_baselines(baseline_path(tmp_path, "cpu-tiny", "block_size")).get("bs=8")
     assert stored.samples_on("cpu-a") == [1.5, 1.6] and stored.samples_on("cpu-b") == [1.1, 1.2]
     assert stored.samples_on("cpu-c") is None
-    diff = write_baseline_payloads(tmp_path, [payload("cpu-b", [1.3, 1.4], [5.0, 7.0])])
+    diff = write_baseline_payloads(tmp_path, [payload("cpu-b", [1.3, 1.4], [5.0, 6.0])])
     assert "changed: throughput on cpu-b" in diff and "cpu-a" not in diff
     stored = load_baselines(baseline_path(tmp_path, "cpu-tiny", "block_size")).get("bs=8")
     assert stored.samples_on("cpu-a") == [1.5, 1.6] and stored.samples_on("cpu-b") == [1.3, 1.4]
+    diff = write_baseline_payloads(tmp_path, [payload("cpu-b", [1.2, 1.3], [5.0, 7.0])])
+    assert "throughput dropped (the case's recorded behaviour changed" in diff and "bs=8 on cpu-a" in diff
+    stored = load_baselines(baseline_path(tmp_path, "cpu-tiny", "block_size")).get("bs=8")
+    assert stored.samples_on("cpu-a") is None and stored.samples_on("cpu-b") == [1.2, 1.3]
     assert stored.per_prompt_tau == [5.0, 7.0]
 
 

@@ -61,7 +61,7 @@ import torch
 
 torch.set_num_threads(1)
 
-pytest_plugins = ["dflash.harness.plugin"]
+pytest_plugins = ["dflash.plugin"]
 """
 
 # Shared head of every generated ablation file: a real DFlash decode with a planted change and a call log.
@@ -108,7 +108,7 @@ def planted(default=8, slow=""):
 def measured_case(case, slow=""):
     variant, params = planted(slow=slow)
     _, metrics, gates = case.measure(variant)
-    return case.finish("wire", params, metrics, gates)
+    return case.finish(params, metrics, gates)
 '''
 
 # Hand-built per-prompt taus for the cases that only exercise the wiring after measurement (`case.finish`).
@@ -238,7 +238,7 @@ NEW = {{"small": {SMALL_DROP!r}, "moderate": {MODERATE_DROP!r}}}
 @pytest.mark.parametrize("drop", ["small", "moderate"])
 def test_holm(case, drop):
     gate = tau_gate({BASE_TAUS!r}, NEW[drop], margin=0.03, alpha=0.05, case_id=case.experiment_id)
-    case.finish("wire", {{"drop": drop}}, {{"per_prompt_tau": NEW[drop]}}, [gate])
+    case.finish({{"drop": drop}}, {{"per_prompt_tau": NEW[drop]}}, [gate])
 ''')
     result = run(wire)
     result.assert_outcomes(passed=2)  # per case: Bonferroni over the family of 4 lets both through
@@ -291,14 +291,14 @@ def _ran(name):
 def test_ok(case):
     _ran("ok")
     taus = {BASE_TAUS!r}
-    case.finish("wire", {{}}, {{"per_prompt_tau": taus}}, [tau_gate(taus, taus, case_id=case.experiment_id)])
+    case.finish({{}}, {{"per_prompt_tau": taus}}, [tau_gate(taus, taus, case_id=case.experiment_id)])
 
 
 @pytest.mark.ablation("wire")
 def test_tau_drop(case):
     _ran("tau_drop")
     gate = tau_gate({BASE_TAUS!r}, {LARGE_DROP!r}, case_id=case.experiment_id)
-    case.finish("wire", {{}}, {{"per_prompt_tau": {LARGE_DROP!r}}}, [gate])
+    case.finish({{}}, {{"per_prompt_tau": {LARGE_DROP!r}}}, [gate])
 '''
 
 
@@ -618,7 +618,7 @@ class Timed(Variant):
 @pytest.mark.ablation("wire", prompts_cap=12)
 def test_ab(case):
     _, metrics, gates = case.measure(Timed("bs=8", block_size=8))
-    case.finish("wire", {{"block_size": 8}}, metrics, gates)
+    case.finish({{"block_size": 8}}, metrics, gates)
 """
 
 

@@ -163,7 +163,8 @@ def test_smol_prompt_sets_disjoint():
 
 
 def test_smol_heldout_is_the_benchmark_prompts_and_disjoint_from_training():
-    from dflash.harness.profiles import benchmark_prompt_texts, get_profile, prompt_turns
+    from dflash.profiles import get_profile
+    from dflash.prompts import benchmark_prompt_texts, prompt_turns
     from dflash.training.prompt_sets import training_prompts
     profile = get_profile("smol")
     heldout = benchmark_prompt_texts(profile, 20)
@@ -197,7 +198,7 @@ def test_smol_without_optional_group_skips_with_one_line(monkeypatch, tmp_path):
     import importlib.util
 
     from dflash import smol
-    from dflash.harness.profiles import get_profile, unavailable_reason
+    from dflash.profiles import get_profile, unavailable_reason
     monkeypatch.setenv("DFLASH_CACHE", str(tmp_path))  # no converted copy either
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -236,7 +237,7 @@ def test_chat_prompts_are_the_same_for_train_generate_and_profiles():
 
     import dflash
     from dflash.cli import _prompt_ids
-    from dflash.harness.profiles import encode_turns
+    from dflash.prompts import encode_turns
     from dflash.loading import chat_prompt_ids
     from dflash.training.recipe import tokenize_prompts
     tokenizer = _qwen3_style_tokenizer()

@@ -113,7 +113,7 @@ def cycle_trace(cycles: int, seed: int = 0, block_size: int = 16) -> dict:
 
 
 def profiling_record(dataset: str, cycles: int) -> dict:
-    return {"id": f"profiling/test_cycle_profile[tiny-{dataset}]", "experiment": "profiling",
+    return {"id": f"profiling/test_cycle_profile[tiny-{dataset}]", "ablation_family": "decode", "experiment": "profiling",
             "group": f"{dataset}, max_new_tokens=64", "params": {"block_size": 16},
             "metrics": {"time_s": {"draft": 1.0, "verify": 2.0, "other": 0.5}, "cycles": cycles,
                         "cycle_trace": cycle_trace(cycles, seed=cycles)}}
@@ -121,7 +121,7 @@ def profiling_record(dataset: str, cycles: int) -> dict:
 
 def sweep_record(block_size: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    return {"id": f"block_size/test_block_size[tiny-math-bs{block_size}]", "experiment": "block_size",
+    return {"id": f"block_size/test_block_size[tiny-math-bs{block_size}]", "ablation_family": "decode", "experiment": "block_size",
             "group": "math, max_new_tokens=64", "params": {"block_size": block_size},
             "metrics": {"per_prompt_tau": rng.uniform(1, 3, 8).tolist(),
                         "speedup_samples": rng.uniform(0.8, 1.6, 8).tolist()}}
@@ -144,7 +144,7 @@ def fastdllm_records(queries: int = 20) -> list[dict]:
     for case, knobs in FASTDLLM_CASES:
         params = {"task": "generative", "threshold": 0.9, "cache": "dual", "sub_block_size": 8, "batch": 1,
                   "reuse_k": None, "subset": "middle", "mode": "output", **knobs}
-        records.append({"id": f"fastdllm/test_fastdllm_decoding[tiny-{case}]", "experiment": "fastdllm",
+        records.append({"id": f"fastdllm/test_fastdllm_decoding[tiny-{case}]", "ablation_family": "fastdllm", "experiment": "fastdllm",
                         "group": "graded, max_new_tokens=48", "params": params,
                         "metrics": {"tokens_per_s": float(rng.uniform(800, 950)),
                                     "per_query": {"qids": [f"q{i}" for i in range(queries)],
@@ -177,7 +177,7 @@ def test_every_cascade_report_picture_shows_its_data_legibly(tmp_path, checked):
 
 def old_rolling_plot(trace: dict, path, window: int = 50):
     """The rolling plot before issue 28: a 50-cycle window clamped to the trace, the rolling mean alone."""
-    figure, (top, bottom) = plots._figure(2)
+    figure, (top, bottom) = plots.new_figure(2)
     for axis, values in ((top, trace["tau"]), (bottom, np.asarray(trace["cycle_s"]) * 1000)):
         x = np.asarray(values, dtype=float)
         size = max(1, min(window, x.size))

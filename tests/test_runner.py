@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dflash.errors import DFlashError
-from dflash.harness.profiles import get_profile
+from dflash.profiles import get_profile
 from dflash.harness.runs import merge_runs, run_profile
 
 pytest_plugins = ["pytester"]
@@ -26,7 +26,7 @@ TAUS = [4.0 + 0.25 * i for i in range(12)]
 @pytest.mark.parametrize("k", [pytest.param(k, id=f"k{k}") for k in range(5)])
 def test_case(case, k):
     taus = [t + k for t in TAUS]
-    case.finish("shards", {"k": k}, {"per_prompt_tau": taus}, [tau_gate(taus, taus, case_id=case.experiment_id)])
+    case.finish({"k": k}, {"per_prompt_tau": taus}, [tau_gate(taus, taus, case_id=case.experiment_id)])
 '''
 
 
@@ -35,7 +35,7 @@ def project(pytester, monkeypatch):
     for name in ("CI", "GITHUB_STEP_SUMMARY", "PYTEST_PLUGINS"):
         monkeypatch.delenv(name, raising=False)
     pytester.makefile(".ini", pytest="[pytest]\n")
-    pytester.makeconftest('pytest_plugins = ["dflash.harness.plugin"]\n')
+    pytester.makeconftest('pytest_plugins = ["dflash.plugin"]\n')
     pytester.makepyfile(test_shards=CASES)
     return pytester
 

@@ -47,7 +47,8 @@ def test_both_formats_load_the_same_draft(converted):
 
 def test_engine_outputs_and_taus_identical_from_both_formats(converted):
     from dflash import load_tokenizer
-    from dflash.harness.profiles import get_profile, load_prompts
+    from dflash.profiles import get_profile
+    from dflash.prompts import load_prompts
     target, zlab, spec = load_target("tiny"), load_draft("tiny"), load_draft(str(converted))
     profile, tokenizer = get_profile("tiny"), load_tokenizer("tiny")
     prompts = [load_prompts(profile, profile.dataset(name), tokenizer, 1)[0] for name in ("math", "code", "chat")]

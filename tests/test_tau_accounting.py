@@ -31,7 +31,8 @@ def test_full_tail_blocks_give_the_same_output_and_count_past_the_budget(pair, b
 def test_the_knob_is_live_on_a_short_budget(pair):
     """With a budget shorter than a block, cut verifies fewer positions and counts fewer tokens (on held-out
     math prompts, where the tiny draft is accepted far)."""
-    from dflash.harness.profiles import get_profile, load_prompts
+    from dflash.profiles import get_profile
+    from dflash.prompts import load_prompts
     from dflash.loading import load_tokenizer
     profile = get_profile("tiny")
     prompts = load_prompts(profile, profile.dataset("math"), load_tokenizer("tiny"), 6)

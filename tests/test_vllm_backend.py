@@ -195,7 +195,8 @@ def tiny():
     every server the module starts is stopped at its end."""
     from dflash import load_draft, load_target, load_tokenizer
     from dflash.conformance.compare import reference_runs
-    from dflash.harness.profiles import get_profile, load_prompts
+    from dflash.profiles import get_profile
+    from dflash.prompts import load_prompts
     from dflash.loading import KNOWN_MODELS
     profile, tokenizer = get_profile("tiny"), load_tokenizer("tiny")
     prompts = [p for name in ("math", "code", "chat") for p in load_prompts(profile, profile.dataset(name),

@@ -1,5 +1,5 @@
-"""The README's "Add your own idea" example (examples/first_k/) run end to end, so it cannot rot: the variant is
-lossless, its knob is live, and its ablation records baselines, gates against them under CI and reports."""
+"""The "Add your own idea" example of docs/extending.md (examples/first_k/) run end to end, so it cannot rot: the
+variant is lossless, its knob is live, and its ablation records baselines, gates against them under CI and reports."""
 import importlib
 import json
 import os
@@ -26,7 +26,8 @@ def first_k():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from dflash.harness.profiles import get_profile, load_prompts
+    from dflash.profiles import get_profile
+    from dflash.prompts import load_prompts
     from dflash.loading import load_draft, load_target, load_tokenizer
     profile, tokenizer = get_profile("tiny"), load_tokenizer("tiny")
     prompts = [p for name in ("math", "code") for p in load_prompts(profile, profile.dataset(name), tokenizer, 4)]

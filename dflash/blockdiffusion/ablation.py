@@ -1,5 +1,5 @@
-"""Fast-dLLM v2 settings as ablation cases, gated like every other ablation (the `fastdllm_case` fixture of
-ablations/conftest.py).
+"""Fast-dLLM v2 settings as ablation cases, gated like every other ablation (the `fastdllm_case` fixture of the
+Fast-dLLM v2 family, dflash.blockdiffusion.family).
 
 A generative case decodes the profile's held-out queries with the block-diffusion model under its settings and,
 on the same queries in the same process, interleaved (the order alternates per group) after a warm-up, with the
@@ -21,7 +21,6 @@ import torch
 
 from ..engine.loop import clock
 from ..harness.case import OutcomesCase
-from ..harness.profiles import DatasetSpec
 from .decode import generate
 from .reuse import LayerReuse
 
@@ -211,32 +210,27 @@ def scoring_metrics(env: Environment) -> dict:
 
 class FastDLLMCase(OutcomesCase):
     """One Fast-dLLM v2 setting of a profile: measured outcomes, gates against the baseline (accuracy, and the
-    speed ratio to AR: one sample per batch group), the record."""
-    family_dataset = DatasetSpec("graded", "fastdllm", chat=False)
-    display_name = "Fast-dLLM v2"
+    speed ratio to AR: one sample per batch group). Each `measure_*` returns the case's params, metrics and
+    gates for `finish`."""
+    dataset_name = "graded"
 
-    def run_decoding(self, settings) -> dict:
+    @property
+    def budget(self) -> int:
+        return self.family_profile.max_new_tokens
+
+    def measure_decoding(self, settings) -> tuple[dict, dict, list]:
         env = environment(self.family_profile)
         metrics, measure = decoding_metrics(env, settings, self.family_profile.max_new_tokens, self.clock)
         gates = self.outcome_gates(metrics, speedups=metrics["speed_ratio_samples"], stride=settings.batch,
                                    remeasure=lambda: measure()["group_ratios"])
-        return self.finish("fastdllm", settings.params(task="generative", queries=len(env.queries)), metrics,
-                           gates, lossless=False, max_new_tokens=self.family_profile.max_new_tokens)
+        return settings.params(task="generative", queries=len(env.queries)), metrics, gates
 
-    def run_scoring(self, settings) -> dict:
+    def measure_scoring(self, settings) -> tuple[dict, dict, list]:
         env = environment(self.family_profile)
         metrics = scoring_metrics(env)
-        gates = self.outcome_gates(metrics, speed=False)
-        return self.finish("fastdllm", settings.params(task="loglik", queries=len(env.questions)), metrics,
-                           gates, lossless=False, max_new_tokens=self.family_profile.max_new_tokens)
+        return settings.params(task="loglik", queries=len(env.questions)), metrics, \
+            self.outcome_gates(metrics, speed=False)
 
-    def not_applicable(self, settings, reason: str) -> dict:
+    def not_applicable(self, settings, reason: str) -> tuple[dict, dict, list]:
         """A setting whose knob cannot act on this task: recorded as such (no accuracy is reported for it)."""
-        return self.finish("fastdllm", settings.params(task="loglik", applicable=False), {"not_applicable": reason},
-                           [], lossless=False, max_new_tokens=self.family_profile.max_new_tokens)
-
-
-def fastdllm_profiles(names) -> list[str]:
-    """The Fast-dLLM v2 profiles among a run's profiles (same name: `tiny`)."""
-    from .profiles import PROFILES
-    return [name for name in names if name in PROFILES]
+        return settings.params(task="loglik", applicable=False), {"not_applicable": reason}, []

@@ -16,7 +16,7 @@ Tiny profile (the graded arithmetic world, dflash.cascade.tasks, its held-out qu
 
 GPU profile (the upstream eval_script.sh tasks):
 * "gsm8k": GSM8K test, 0-shot, with the step-by-step `\\boxed{}` instruction, graded by `MathQuery.grade`
-  (dflash.cascade.profiles; upstream replaces lm-eval's trailing "Answer:" with the same instruction).
+  (dflash.cascade.ladder_profile; upstream replaces lm-eval's trailing "Answer:" with the same instruction).
 * "mmlu": cais/mmlu "all", 5-shot, in lm-eval's layout under `--apply_chat_template --fewshot_as_multiturn`:
   the subject's description as the system turn, the first 5 dev questions of the same subject as user /
   assistant turns (answer "A".."D"), then the test question ("<question>\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:"),
@@ -39,12 +39,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cascade.profiles import PROFILES as CASCADE_PROFILES
-from ..cascade.profiles import MathQuery
+from ..cascade.ladder import Budget
+from ..cascade.ladder_profile import MathQuery, arithmetic_queries as ladder_queries, math_queries
 from ..cascade.tasks import Query
+from ..datasets import GPU_DATASETS, DatasetSpec, dataset_rows, dataset_unavailable_reason
 from ..errors import DFlashError
-from ..harness.profiles import (GPU_DATASETS, DatasetSpec, dataset_rows, dataset_unavailable_reason,
-                                encode_turns, fill_template)
+from ..prompts import encode_turns, fill_template
 from ..loading import chat_prompt_ids
 from .loglik import batched_continuation_logprobs
 
@@ -83,7 +83,8 @@ def _question(qid: str, context_ids, options, gold: int, tokenizer) -> ChoiceQue
 
 def arithmetic_queries(per_family: int | None = None) -> list[Query]:
     """The held-out graded queries of both families, as the tiny cascade profile takes them."""
-    return CASCADE_PROFILES["tiny"].queries(per_family)
+    pool = Budget().n_heldout
+    return ladder_queries(pool if per_family is None else per_family, pool)
 
 
 def wrong_results(query: Query, seed: int = 0) -> list[int]:
@@ -130,7 +131,7 @@ def arithmetic_choices(tokenizer, per_family: int | None = None, seed: int = 0) 
 
 def gsm8k_queries(count: int | None = None) -> list[MathQuery]:
     """GSM8K test questions (file order) with integer answers, asked 0-shot with the \\boxed{} instruction."""
-    return CASCADE_PROFILES["gpu-cascade-qwen3"].queries(count)
+    return math_queries(GSM8K, count)
 
 
 def _selection(rows, count: int | None, seed: int = SELECTION_SEED) -> list[int]:

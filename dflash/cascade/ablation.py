@@ -1,5 +1,5 @@
-"""Cascade policies as ablation cases, gated like every other ablation (the `cascade_case` fixture of
-ablations/conftest.py).
+"""Cascade policies as ablation cases, gated like every other ablation (the `cascade_case` fixture of the cascade
+family, dflash.cascade.family).
 
 A run collects a fresh table of the profile's first `ABLATION_QUERIES` queries per family (every rung, once per
 run: the xdist workers share the collection and the table), replays every policy on it by the cross-fitted
@@ -24,10 +24,8 @@ import pytest
 from ..harness.baselines import locked
 from ..harness.case import OutcomesCase
 from ..harness.fileio import atomic_write_text
-from ..harness.profiles import DatasetSpec
 from . import evaluate as ev
 from .collect import collect, read_table
-from .profiles import PROFILES, get_profile
 from .replay import build_table, fixed
 
 ABLATION_QUERIES = 50  # per family: the run and its baselines replay the same queries
@@ -82,12 +80,11 @@ def run_table(profile, directory: Path, report: bool = False):
     return table
 
 
-def evaluation(profile_name: str, directory: Path, report: bool = False):
-    """The profile's run table (`run_table`) and every policy's replayed outcome, once per process."""
-    key = (profile_name, directory)
+def evaluation(ladder, directory: Path, report: bool = False):
+    """The ladder's run table (`run_table`) and every policy's replayed outcome, once per process."""
+    key = (ladder.name, directory)
     if key not in _EVALUATIONS:
-        profile = get_profile(profile_name)
-        table = run_table(profile, directory, report)
+        table = run_table(ladder, directory, report)
         results = ev.evaluate_policies(table, lambdas=ABLATION_LAMBDAS).results
         problems = ev.invariants(results)
         for k in range(table.stages):  # fixed-k is the stage itself
@@ -102,17 +99,16 @@ def evaluation(profile_name: str, directory: Path, report: bool = False):
 class CascadeCase(OutcomesCase):
     """One policy (at one lam) of a cascade profile: replayed outcomes, gates against the baseline (accuracy,
     and cost as per-query speedup over the largest model), the record."""
-    family_dataset = DatasetSpec("ladder", "cascade", chat=False)
+    dataset_name = "ladder"
     cost_not_gated = ("a policy's per-query costs come from one per-rung cost model fitted to one table collection "
                       "(replay.Table.token_normalised), not from independent per-query measurements: two "
                       "collections of unchanged code on one machine differed by 9-12% at p < 1e-16 (measured "
                       "2026-12-07), so no per-query paired test of two tables is valid; accuracy is gated, cost "
                       "is reported")
-    display_name = "Adaptive cascades"
 
     def outcome(self, policy: str, lam: float | None):
         directory = Path(self.state.results(self.profile.name).path).parent
-        table, results, problems = evaluation(self.profile.name, directory, self._option("report"))
+        table, results, problems = evaluation(self.family_profile, directory, self._option("report"))
         if problems:
             pytest.fail(f"{self.experiment_id}: replay invariants broken: " + "; ".join(problems), pytrace=False)
         if (policy, lam) not in results:
@@ -125,13 +121,12 @@ class CascadeCase(OutcomesCase):
         return [nodeid for nodeid, info in self.state.collected.items()
                 if info["ablation"] == self.ablation and info["profile"] == self.profile.name]
 
-    def metrics(self, table, result) -> dict:
-        return {"accuracy": result.accuracy, "mean_cost": result.mean_cost,
-                "stage_usage": [float((result.stop == k).mean()) for k in range(table.stages)],
-                "per_query": {"qids": list(table.qids), "correct": result.correct.astype(int).tolist(),
-                              "cost": [float(c) for c in result.cost]}}
-
-
-def cascade_profiles(names) -> list[str]:
-    """The cascade profiles among a run's profiles (same name: `tiny`)."""
-    return [name for name in names if name in PROFILES]
+    def measure(self, policy: str, lam: float | None) -> tuple[dict, list]:
+        """The policy's replayed outcomes on the run's table: metrics (accuracy, mean cost, stage usage, per-query
+        correctness and cost) and the gates against the baseline."""
+        table, result = self.outcome(policy, lam)
+        metrics = {"accuracy": result.accuracy, "mean_cost": result.mean_cost,
+                   "stage_usage": [float((result.stop == k).mean()) for k in range(table.stages)],
+                   "per_query": {"qids": list(table.qids), "correct": result.correct.astype(int).tolist(),
+                                 "cost": [float(c) for c in result.cost]}}
+        return metrics, self.outcome_gates(metrics)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..harness.render import fmt, mean_ci_cell, metrics_of, params_of, table, verdict_cell
 from . import evaluate as ev
 from .online import epsilon_greedy, exp3
 from .replay import (REPLY_FEATURES, StagePredictors, Table, cascade_outcome, expected_calibration_error, fixed, predictor_quality,
@@ -207,3 +208,19 @@ def write_plots(summary: dict, evaluation, table: Table, out_dir: Path) -> list[
     figure.savefig(paths[-1], dpi=110)
     return paths
 
+
+def cascade_table(records: list[dict]) -> str:
+    """Cascade policies (dflash.cascade): accuracy and cost over the same queries, with 95% CIs, stage usage."""
+    rows = []
+    for r in sorted(records, key=lambda r: (params_of(r).get("policy", ""), params_of(r).get("lam") or 0)):
+        m, per_query = metrics_of(r), metrics_of(r).get("per_query") or {}
+        usage = " / ".join(f"{100 * u:.0f}%" for u in m.get("stage_usage") or [])
+        lam = params_of(r).get("lam")
+        rows.append([r["id"].split("[")[-1].rstrip("]"), "-" if lam is None else fmt(lam),
+                     str(len(per_query.get("qids") or [])), mean_ci_cell(per_query.get("correct")),
+                     mean_ci_cell(per_query.get("cost")), usage, verdict_cell(r)])
+    return ("Cost: token-normalised seconds, the largest model's median query = 1; a cascade pays every stage it "
+            "ran. The full cascade report of this run's table (frontier, lam table, calibration and regret "
+            "plots) is in cascade-<profile>/summary.md next to this file.\n\n"
+            + table(["Case", "lam", "queries", "accuracy", "cost", "stage usage (cheapest first)", "Verdict"], rows,
+                    numeric=[False, True, True, True, True, False, False]))

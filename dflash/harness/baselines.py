@@ -17,7 +17,7 @@ results), because a speedup ratio is a property of the machine that measured it:
                 "reference": {"tau": 6.5, "source": "DFlash paper, Table 1"}   # optional
                }, ...]}
 
-A case of a method that is not lossless (kind "outcomes": cascades, Fast-dLLM v2) keeps `per_query` {"qids",
+A case of a method that is not lossless (kind "outcomes") keeps `per_query` {"qids",
 "correct"} instead of taus, and its per-testbed throughput as "cost" (each query's price relative to the family's
 reference, measured on that testbed) instead of "speedup_samples".
 
@@ -433,6 +433,11 @@ def coverage(baselines_dir: str | os.PathLike, profile: str, expected: Mapping[s
     return {"missing": missing, "orphaned": orphaned, "unreadable": unreadable, "testbeds": testbeds}
 
 
+def _behaviour(case: dict):
+    """What a baseline entry says the case does, apart from timing: per-prompt taus, or per-query correctness."""
+    return case.get("per_query", {}).get("correct") if case.get("kind") == "outcomes" else case.get("per_prompt_tau")
+
+
 def write_baseline_payloads(baselines_dir: Path, payloads: list[dict], *, dry_run: bool = False,
                             written: list[Path] | None = None) -> str:
     """Merge case payloads into their baseline files under the directory's lock (an unreadable old file is
@@ -452,16 +457,26 @@ def write_baseline_payloads(baselines_dir: Path, payloads: list[dict], *, dry_ru
                     cases = {k: v.to_json() for k, v in old.cases.items()}
                 except BaselineError:
                     pass  # write_baselines notes that it replaced an unreadable file
+            dropped = []
             for payload in payloads:
                 case = {k: v for k, v in payload.items() if k not in ("profile", "ablation")}
                 if case.get("reference") is None:
                     case.pop("reference", None)
-                kept = cases.get(payload["id"], {}).get("throughput", {})  # other testbeds' throughput stays
-                case["throughput"] = {**kept, **case["throughput"]}
+                old_case = cases.get(payload["id"], {})
+                kept = old_case.get("throughput", {})
+                if kept and _behaviour(old_case) != _behaviour(case):
+                    # Other testbeds measured a case that now behaves differently (other taus or per-query
+                    # outcomes): their timings describe other work, so they go; those testbeds take the A/B path.
+                    dropped += [f"{payload['id']} on {t}" for t in kept if t not in case["throughput"]]
+                    kept = {}
+                case["throughput"] = {**kept, **case["throughput"]}  # other testbeds' throughput stays
                 cases[payload["id"]] = case
             data = {"schema_version": SCHEMA_VERSION, "profile": profile, "ablation": ablation,
                     "cases": [cases[k] for k in sorted(cases)]}
             diffs.append(write_baselines(path, data, dry_run=dry_run))
+            if dropped:
+                diffs.append(f"  throughput dropped (the case's recorded behaviour changed, so another testbed's "
+                             f"timings no longer describe it): {', '.join(dropped)}")
             if written is not None and not dry_run:
                 written.append(path)
     return "\n".join(diffs)

@@ -1,5 +1,7 @@
-"""One ablation case (the `case` fixture's object): its models (loaded once per profile and process), prompts,
-interleaved measurement against target-only, statistical gates against its baseline entry, and its record."""
+"""The record side of every ablation case, whatever its family: baseline lookup, throughput references (stored or
+A/B), gates, the verdict, the record and --resume's replay (`CaseRecord`); and `OutcomesCase`, the case of a
+method that is not lossless, gated on per-query outcomes. How a case measures is its family's: decode cases
+(dflash.harness.decode_case) compare a variant with target-only on prompts; other families build their own."""
 from __future__ import annotations
 
 import json
@@ -10,15 +12,10 @@ from typing import Callable
 
 import pytest
 
-from ..errors import DFlashError
 from . import baselines as baseline_store
-from .measure import (TARGET_ONLY, Variant, compare, comparison_metrics, extend, per_prompt_tau, speedup_samples,
-                      warm_up)
-from .profiles import DatasetSpec, load_prompts
 from .reference import ReferenceUnavailable
 from .runs import RunState, identity_digest
-from .stats import (REGRESSION, accuracy_gate, confirm, not_gated_throughput, sequential_tau_gate, tau_gate,
-                    throughput_gate)
+from .stats import REGRESSION, accuracy_gate, confirm, not_gated_throughput, throughput_gate
 
 RECORD_KEY = "dflash_record"
 
@@ -36,163 +33,39 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
-@dataclass
-class Models:
-    target: object
-    draft: object
-    tokenizer: object
-    stop_ids: list
+class CaseRecord:
+    """One ablation case of a family (`family`: its FamilySpec): the case id, its baseline entry, the throughput
+    gate's reference on this testbed, the decision and the record. A family's case adds how it measures; every
+    ablation test reads the same way: build the thing the case measures, measure it, `finish`."""
+    dataset_name = "outcomes"  # the record's dataset, and its report group ("<dataset>, max_new_tokens=<budget>")
 
-
-def cached_models(state: RunState, profile) -> Models:
-    """The model cache: target, draft and tokenizer of a profile, loaded once per process (--target / --draft
-    apply); `RunState.release_models` empties it."""
-    if profile.name not in state.models:
-        from ..loading import load_draft, load_target, load_tokenizer
-        target = state.config.getoption("dflash_target") or profile.target
-        draft = state.config.getoption("dflash_draft") or profile.draft
-        tokenizer = load_tokenizer(target)
-        state.models[profile.name] = Models(
-            load_target(target, device=profile.device, dtype=profile.dtype),
-            load_draft(draft, device=profile.device, dtype=profile.draft_dtype or profile.dtype), tokenizer,
-            [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-    return state.models[profile.name]
-
-
-class Case:
-    """One ablation case: measures variant against target-only on the case's prompts, gates, records."""
-    display_name: str | None = None  # a family's name: its report section's title (else the experiment's)
-
-    def __init__(self, request, state: RunState, profile, dataset: str):
-        self.request, self.state, self.profile = request, state, profile
-        self.spec = self._dataset(profile, dataset)
+    def __init__(self, request, state: RunState, profile, family):
+        self.request, self.state, self.profile, self.family = request, state, profile, family
         self.ablation = request.node.get_closest_marker("ablation").args[0]
         self.experiment_id = f"{self.ablation}/{request.node.name}"  # e.g. block_size/test_sweep[tiny-math-bs8]
         self.update = state.update
         self.recorded: dict | None = None  # --resume: this case's record from the run being continued
-        self._warmed = False
-        self._models: Models | None = None
 
-    def _dataset(self, profile, dataset: str):
-        return profile.dataset(dataset)
-
-    @property
-    def models(self) -> Models:
-        if self._models is None:
-            self._models = cached_models(self.state, self.profile)
-        return self._models
+    def unavailable(self) -> str | None:
+        """Why this case cannot run here (one line: the skip reason), or None."""
+        raise NotImplementedError
 
     @property
-    def prompts_cap(self) -> int:
-        """Prompts a baseline records (and a run may gather up to): the profile's cap, or a lower one that an
-        expensive ablation sets with `@pytest.mark.ablation(name, prompts_cap=N)`."""
-        cap = self.request.node.get_closest_marker("ablation").kwargs.get("prompts_cap")
-        return min(cap, self.profile.prompts_cap) if cap else self.profile.prompts_cap
-
-    @property
-    def start_prompts(self) -> int:
-        """Prompts a case measures first: all of the cap when recording a baseline, else the profile's count
-        (never more than the cap)."""
-        return self.prompts_cap if self.update else min(self.profile.prompts, self.prompts_cap)
-
-    @property
-    def draft_block_size(self) -> int:
-        return self.models.draft.block_size
+    def budget(self) -> int | None:
+        """The token budget a case reports when its params name none (None: a family that decodes no tokens)."""
+        return self.profile.max_new_tokens
 
     @property
     def clock(self) -> str:
         return self.profile.clock
 
-    def prompts(self, count: int) -> list[list[int]]:
-        key = (self.profile.name, self.spec.name)
-        cached = self.state.prompts.get(key, [])
-        if len(cached) < count:
-            cached = load_prompts(self.profile, self.spec, self.models.tokenizer, count, answer=self._answer)
-            self.state.prompts[key] = cached
-        return cached[:count]
+    def invariant_failures(self, metrics: dict) -> list[str]:
+        """What the case's measurement broke that must hold whatever the baseline (a lossless method's output)."""
+        return []
 
-    def _answer(self, prompt: list[int]) -> str:
-        """The target's greedy answer to an earlier turn (multi-turn datasets): what every lossless variant
-        answers too, so the next turn's prompt is the same for baseline and variant."""
-        from ..engine import generate
-        models = self.models
-        result = generate(models.target, None, prompt, max_new_tokens=self.profile.max_new_tokens,
-                          stop_token_ids=models.stop_ids)
-        return models.tokenizer.decode([t for t in result.output_ids if t not in models.stop_ids],
-                                       skip_special_tokens=True)
-
-    def compare(self, variant: Variant, *, max_new_tokens: int | None = None, count: int | None = None,
-                others: tuple[Variant, ...] = (), first: int = 0):
-        """Interleaved baseline/variant runs on prompts first..count-1 (all of them when recording baselines,
-        so later runs can gather more prompts up to the cap against it)."""
-        count = count or self.start_prompts
-        prompts = self.prompts(count)
-        variant, others = self._accounted(variant), tuple(self._accounted(o) for o in others)
-        if not self._warmed:
-            warm_up(self.models, prompts[0], [TARGET_ONLY, variant, *others], self.models.stop_ids)
-            self._warmed = True
-        return compare(self.models, prompts[first:], variant, stop_ids=self.models.stop_ids,
-                       max_new_tokens=max_new_tokens or self.profile.max_new_tokens, others=others,
-                       repeats=self.profile.timing_repeats, label=self.experiment_id, first_index=first,
-                       clock=self.clock)
-
-    def _accounted(self, variant: Variant) -> Variant:
-        """--tau-accounting upstream: plain-DFlash variants keep full-size tail blocks (research variants decode
-        through their own loops and keep the engine's accounting; their records say "engine")."""
-        from dataclasses import replace
-        upstream = self._option("tau_accounting") == "upstream" and variant.method is None
-        return replace(variant, tail_blocks="full") if upstream else variant
-
-    def measure(self, variant: Variant, *, max_new_tokens: int | None = None, extra=None,
-                others: tuple[Variant, ...] = (), gate_tau: bool = True):
-        """Compare, then gate. Tau: `stats.sequential_tau_gate`, which looks again at more prompts (doubling,
-        only the new prompts are run) while the evidence is unclear, up to what the baseline holds; only the last
-        look spends alpha, and an inconclusive case there is reported, never failed or retried.
-        Throughput: `gate_throughput`, re-measured once when it reads as a regression. `gate_tau=False`: tau
-        is reported only (no tau gate, so no prompts are gathered for it)."""
-        max_new = max_new_tokens or self.profile.max_new_tokens
-        count = self.start_prompts
-        comparison = self.compare(variant, max_new_tokens=max_new, count=count, others=others)
-        baseline = self.baseline()
-        gates = []
-        if baseline is not None:
-            if gate_tau:
-                def new_taus(n: int) -> list[float]:
-                    nonlocal comparison
-                    if n > len(comparison.variant):
-                        comparison = extend(comparison, self.compare(
-                            variant, max_new_tokens=max_new, count=n, others=others, first=len(comparison.variant)))
-                    return per_prompt_tau(comparison.variant)
-                gates.append(sequential_tau_gate(
-                    baseline.per_prompt_tau, new_taus, start=count, family=self.family,
-                    margin=self._option("tau_margin"), alpha=self._option("gate_alpha"), case_id=self.experiment_id))
-            n = len(comparison.variant)
-
-            def remeasure() -> list[float]:
-                fresh = self.compare(variant, max_new_tokens=max_new, count=n)
-                return speedup_samples(fresh.variant, fresh.baseline, self.clock)
-            gates.append(self.gate_throughput(baseline, speedup_samples(comparison.variant, comparison.baseline,
-                                                                        self.clock), remeasure))
-        metrics = comparison_metrics(comparison, max_new, self.clock)
-        if extra is not None:
-            metrics.update(extra(comparison))
-        metrics["float_ties"] = self._float_ties(comparison)
-        return comparison, metrics, gates
-
-    def gate(self, metrics: dict, remeasure=None) -> list:
-        """Gates of a case that measures itself (one look, no gathering): tau on `per_prompt_tau`, throughput on
-        `speedup_samples`; `remeasure()` returns fresh speedup samples of the same prompts for the confirmation
-        step (without it a throughput regression stands unconfirmed)."""
-        baseline = self.baseline()
-        if baseline is None:
-            return []
-        n = len(metrics["per_prompt_tau"])
-        if len(baseline.per_prompt_tau) < n:
-            raise DFlashError(f"baseline of {self.experiment_id} has {len(baseline.per_prompt_tau)} prompts, the "
-                              f"run has {n}: re-record with --update-baselines")
-        tau = tau_gate(baseline.per_prompt_tau[:n], metrics["per_prompt_tau"], margin=self._option("tau_margin"),
-                       alpha=self._option("gate_alpha"), case_id=self.experiment_id)
-        return [tau, self.gate_throughput(baseline, metrics["speedup_samples"], remeasure)]
+    def references(self, params: dict, budget: int) -> list:
+        """Published figures that describe this case."""
+        return []
 
     def gate_throughput(self, baseline, samples: list[float], remeasure=None, *,
                         as_speedups: Callable[[list[float]], list[float]] = list):
@@ -273,19 +146,9 @@ class Case:
     def fingerprint(self) -> dict:
         return self.state.fingerprint(self.profile.name)
 
-    def _float_ties(self, comparison) -> dict:
-        """Greedy outputs that differ from target-only, each proven a float tie ({prompt index: explanation});
-        `finish` fails on any other difference."""
-        from .evaluation import float_ties
-        if comparison.variant and comparison.variant[0].temperature > 0:
-            return {}
-        blocks = [r.block_size or max((c.block_size for c in r.trace), default=16) for r in comparison.variant]
-        return float_ties(self.models.target, self.prompts(len(comparison.variant)),
-                          [r.output_ids for r in comparison.baseline], [r.output_ids for r in comparison.variant],
-                          blocks)
-
     @property
-    def family(self) -> int:
+    def gate_family(self) -> int:
+        """The run's gate family (every gate of every gated case that runs): the Bonferroni factor of a case."""
         return max(1, self.state.family)
 
     def baseline(self):
@@ -312,40 +175,31 @@ class Case:
                             "--update-baselines` (on the baseline machine) and commit it.", pytrace=False)
         return self._baseline
 
-    def finish(self, experiment: str, params: dict, metrics: dict, gates, *, lossless: bool = True,
-               max_new_tokens: int | None = None) -> dict:
+    def finish(self, params: dict, metrics: dict, gates, *, max_new_tokens: int | None = None) -> dict:
         """Decide, record (results file + user_properties), then fail on a lost invariant or a regression.
-        The record carries the outcome, so `--resume` re-applies it. `max_new_tokens`: the budget the case
-        decoded with (its group and published references); default: `params["max_new_tokens"]` when the case
-        reports one, else the profile's."""
-        budget = max_new_tokens or params.get("max_new_tokens") or self.profile.max_new_tokens
-        failures = []
-        ties = metrics.get("float_ties", {})
-        bad = [i for i, ok in enumerate(metrics.get("exact_match", [])) if not ok and str(i) not in ties]
-        if lossless and bad:
-            failures.append(f"{self.experiment_id}: greedy output differs from target-only on prompts {bad} (not "
-                            "float ties): the lossless invariant is broken")
-        family = self.family
+        The record carries the outcome, so `--resume` re-applies it; its experiment is the ablation's name.
+        `max_new_tokens`: the budget the case decoded with (its group and published references); default:
+        `params["max_new_tokens"]` when the case reports one, else `self.budget`."""
+        budget = max_new_tokens or params.get("max_new_tokens") or self.budget
+        failures = self.invariant_failures(metrics)
+        family = self.gate_family
         for gate in gates:
             # Bonferroni within the case test (it implies Holm); Holm over the whole run runs at session end.
             if gate.gated and gate.verdict == REGRESSION and gate.p_value * family < gate.alpha:
                 failures.append(regression_message(gate.to_dict(), family))
         gated = bool(self.request.node.get_closest_marker("ablation").kwargs.get("gated", True))
-        references = self.profile.references_for(self.spec.name, params.get("block_size"),
-                                                 budget,
-                                                 params.get("temperature", 0.0))
-        record = {"id": self.experiment_id, "experiment": experiment, "ablation": self.ablation, "family": family,
+        references = self.references(params, budget)
+        record = {"id": self.experiment_id, "experiment": self.ablation, "ablation": self.ablation,
+                  "ablation_family": self.family.name, "family": family,
                   "tau_accounting": self._option("tau_accounting"),
-                  "group": f"{self.spec.name}, max_new_tokens={budget}",
-                  "profile": self.profile.name, "dataset": self.spec.name, "params": params,
+                  "group": self.dataset_name + (f", max_new_tokens={budget}" if budget else ""),
+                  "profile": self.profile.name, "dataset": self.dataset_name, "params": params,
                   "metrics": metrics, "status": "done", "gates": [g.to_dict() for g in gates],
                   "outcome": "failed" if failures else "passed", "failures": failures,
                   "recording": self.update and gated, "identity": identity_digest(self.state.identities[self.profile.name]),
                   "fingerprint": self.fingerprint, "references": [asdict(r) for r in references]}
         if gated and not gates and not self.update:
             record["verdict"] = NO_BASELINE
-        if self.display_name:
-            record["title"] = self.display_name
         record = json.loads(json.dumps(record))  # plain types only: records cross process boundaries (xdist)
         results = self.state.results(self.profile.name)
         try:
@@ -372,21 +226,28 @@ class Case:
         pytest.skip(f"{self.experiment_id} already recorded in {path} (--resume)")
 
 
-class OutcomesCase(Case):
-    """A case of a method that is not lossless and runs on a profile of its own family (cascades, Fast-dLLM v2):
-    per-query outcomes (`metrics["per_query"]`: qids, correct, cost) gated against a baseline of kind
-    "outcomes", paired over the same queries. `display_name` names the family in skip reasons and titles its
-    section of the report (the record's "title")."""
-    family_dataset = DatasetSpec("outcomes", "outcomes", chat=False)
+class OutcomesCase(CaseRecord):
+    """A case of a method that is not lossless: per-query outcomes (`metrics["per_query"]`: qids, correct,
+    cost) gated against a baseline of kind "outcomes", paired over the same queries. `family_profile`: the
+    family's own part of the run profile (the models and queries it measures)."""
     cost_not_gated: str | None = None  # why a family's per-query costs admit no paired test (reported instead)
-    display_name = "Outcomes"
 
-    def __init__(self, request, state, profile, family_profile):
-        super().__init__(request, state, profile, dataset=None)
+    def __init__(self, request, state, profile, family, family_profile):
+        super().__init__(request, state, profile, family)
         self.family_profile = family_profile
 
-    def _dataset(self, profile, dataset):
-        return self.family_dataset
+    @classmethod
+    def on_part(cls, part: str):
+        """A FamilySpec.make_case for a family whose cases measure the run profile's `part` (dflash.profiles:
+        the models and queries the family names there)."""
+        def make(request, state, family, param):
+            profile = state.profile(param.profile)
+            return cls(request, state, profile, family, getattr(profile, part))
+        return make
+
+    def unavailable(self) -> str | None:
+        reason = self.family_profile.unavailable()
+        return f"{self.family.display_name} profile {self.profile.name}: {reason}" if reason else None
 
     def outcome_gates(self, metrics: dict, *, speedups: list[float] | None = None, stride: int = 1,
                       remeasure=None, speed: bool = True) -> list:

@@ -36,9 +36,10 @@ from ..engine import DFlashDrafter, generate
 from ..errors import DFlashError
 from ..provenance import PROJECT_ROOT, collect_fingerprint
 from ..loading import load_draft, load_target, load_tokenizer
+from ..profiles import get_profile
+from ..prompts import load_prompts
 from .baselines import baseline_path, load_baselines
 from .measure import per_prompt_tau, speedup_samples
-from .profiles import get_profile, load_prompts
 from .stats import REGRESSION, binomial_rate, bonferroni, confirm, sequential_tau_gate, throughput_gate
 
 BLOCK_SIZES = (4, 8, 16)

@@ -20,8 +20,9 @@ from ..argtypes import bounded_int
 from ..errors import DFlashError
 from ..loading import enforce_offline
 from . import baselines as baseline_store
-from .case import NO_BASELINE, RECORD_KEY, Case
-from .profiles import PROFILES
+from .case import NO_BASELINE, RECORD_KEY, CaseRecord
+from .family import FAMILIES, FamilyParam, FamilySpec, family_of_fixtures, on_register, remove_listener
+from ..profiles import PROFILES
 from .recording import baseline_payload
 from .results import id_problem
 from .runs import RunState, holm_over, identity_digest, incomplete_cases, remove_if_unused, writable_problem
@@ -127,6 +128,9 @@ def pytest_addoption(parser):
     group.addoption("--ab-cases", type=_regex_option, default="", metavar="REGEX", help="the cases (by case id, "
                     "re.search) that may take the A/B path when this testbed has no stored throughput; others "
                     "are reported NOT GATED with the reason (default: every case)")
+    group.addoption("--session", default=None, metavar="NAME", help="run only the ablations of the families "
+                    "whose FamilySpec.session is NAME (make test runs each session in a pytest process of its own; "
+                    "`dflash sessions` lists them)")
     group.addoption("--shard", type=_shard_option, default=None, metavar="I/N", help="run the I-th of N "
                     "disjoint shares of the selected cases (a CI matrix: one runner per share); the gate family "
                     "stays that of the whole selection, and `dflash report --merge` joins the shards' runs")
@@ -143,6 +147,11 @@ def pytest_configure(config):
         raise pytest.UsageError(f"unknown --profile {name!r}; choose one of {', '.join(PROFILES)}")
     state = RunState(config)
     config.stash[STATE] = state
+
+    def add_fixture(spec: FamilySpec) -> None:
+        config.pluginmanager.register(_family_fixture(spec), f"dflash-family-{spec.name}")
+    state.family_listener = add_fixture
+    on_register(add_fixture)
     config.pluginmanager.register(Selection(state), "dflash-selection")
     if not hasattr(config, "workerinput"):
         _check_options(config, state)
@@ -157,6 +166,7 @@ def pytest_unconfigure(config):
     state = config.stash.get(STATE, None)
     if state is not None:
         state.close_references()
+        remove_listener(state.family_listener)
 
 
 def _check_options(config, state: "RunState") -> None:
@@ -196,40 +206,33 @@ def pytest_configure_node(node):
 
 
 def pytest_generate_tests(metafunc):
-    """Cases that take `case` are parametrized over (profile, dataset); GPU profiles carry the gpu marker."""
-    if "case" not in metafunc.fixturenames:
-        return
+    """A test that takes a family's fixture is parametrized over that family's parameters for the run's profiles
+    (the decode family: (profile, dataset), GPU profiles marked gpu; a family with profiles of its own: those)."""
     state = metafunc.config.stash[STATE]
-    params = []
-    for name in state.profiles:
-        profile = PROFILES[name]
-        marks = [pytest.mark.gpu] if profile.needs_cuda else []
-        params += [pytest.param((name, spec.name), id=f"{name}-{spec.name}", marks=marks)
-                   for spec in profile.datasets]
-    metafunc.parametrize("case", params, indirect=True)
+    for spec in FAMILIES.values():
+        if spec.fixture in metafunc.fixturenames:
+            params = spec.params(state.profiles)
+            metafunc.parametrize(spec.fixture, [pytest.param(p, id=p.id, marks=p.marks) for p in params],
+                                 indirect=True)
 
 
-# Fixtures of ablation families whose cases run on profiles of their own (ablations/conftest.py)
-FAMILY_FIXTURES = ("cascade_case", "fastdllm_case")
 ABLATION_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # it names a file: baselines/<profile>/<name>.json
 
 
 def ablation_case(item) -> dict | None:
-    """{"id", "profile", "ablation", "gated"} of a collected ablation case; None for any other test."""
+    """{"id", "profile", "dataset", "ablation", "gated", "family"} of a collected ablation case; None for any other
+    test."""
     marker = item.get_closest_marker("ablation")
     callspec = getattr(item, "callspec", None)
-    if marker is None or callspec is None or not {"case", *FAMILY_FIXTURES} & set(callspec.params):
+    spec = family_of_fixtures(callspec.params) if callspec is not None else None
+    if marker is None or spec is None:
+        return None
+    param = callspec.params[spec.fixture]
+    if not isinstance(param, FamilyParam):  # no such profile in this run: pytest's empty-parameter skip
         return None
     name = marker.args[0] if marker.args else ""
-    if "case" in callspec.params:
-        profile, dataset = callspec.params["case"]
-    else:  # a family with profiles of its own (cascade, Fast-dLLM v2): the profile's models, no decode dataset
-        profile = next(callspec.params[f] for f in FAMILY_FIXTURES if f in callspec.params)
-        dataset = None
-        if not isinstance(profile, str):  # no such profile in this run: pytest's empty-parameter skip
-            return None
-    return {"id": f"{name}/{item.name}", "profile": profile, "dataset": dataset, "ablation": name,
-            "gated": marker.kwargs.get("gated", True)}
+    return {"id": f"{name}/{item.name}", "profile": param.profile, "dataset": param.dataset, "ablation": name,
+            "gated": marker.kwargs.get("gated", True), "family": spec.name}
 
 
 def ablation_problem(item) -> str | None:
@@ -278,7 +281,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
-GATES_PER_CASE = 2  # tau and throughput (cascades: accuracy and cost): the family counts both per gated case
+GATES_PER_CASE = 2  # tau and throughput (outcomes: accuracy and cost): the family counts both per gated case
 
 
 class Selection:
@@ -292,6 +295,9 @@ class Selection:
         """The family is two gates per gated case of the whole selection (every shard's) whose profile can run
         here: a case that will skip for want of CUDA, weights or data is not a look, so it costs no alpha."""
         state = self.state
+        session = config.getoption("session")
+        if session is not None:
+            _keep_session(config, items, session)
         cases = [info for item in items if (info := ablation_case(item)) is not None and not ablation_problem(item)]
         state.family = GATES_PER_CASE * sum(1 for info in cases if info["gated"]
                                             and state.unavailable(info["profile"], info["dataset"]) is None)
@@ -303,6 +309,30 @@ class Selection:
             if dropped:
                 config.hook.pytest_deselected(items=dropped)
             items[:] = keep
+
+
+def _keep_session(config, items: list, session: str) -> None:
+    """--session NAME: deselect the tests of families in other sessions. A test that takes no family fixture goes
+    with the family of the case tests in its module (a GPU-only test beside its family's ablation)."""
+    known = {spec.session for spec in FAMILIES.values()}
+    if session not in known:
+        raise pytest.UsageError(f"--session {session!r} is no family's session; the sessions are: "
+                                f"{', '.join(sorted(known))}")
+    by_module = {}
+    for item in items:
+        if (info := ablation_case(item)) is not None:
+            by_module.setdefault(item.nodeid.split("::")[0], FAMILIES[info["family"]].session)
+    default = FAMILIES[next(iter(FAMILIES))].session
+
+    def session_of(item) -> str:
+        info = ablation_case(item)
+        if info is not None:
+            return FAMILIES[info["family"]].session
+        return by_module.get(item.nodeid.split("::")[0], default)
+    dropped = [item for item in items if session_of(item) != session]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if session_of(item) == session]
 
 
 def pytest_collection_finish(session):
@@ -349,33 +379,43 @@ def _check_baselines(session, state: RunState) -> None:
     state.coverage_problems = problems
 
 
-@pytest.fixture
-def case(request):
+def family_case(request, spec: FamilySpec) -> CaseRecord:
+    """The object a family's fixture gives an ablation test: checked marker, --resume's record, or a one-line
+    skip where the case cannot run here."""
     state = request.config.stash[STATE]
-    profile_name, dataset = request.param
-    profile = state.profile(profile_name)
     if request.node.get_closest_marker("ablation") is None:
-        pytest.fail(f"{request.node.nodeid} uses the `case` fixture without @pytest.mark.ablation(name): the name "
-                    "says which baseline file (baselines/<profile>/<name>.json) gates it", pytrace=False)
+        pytest.fail(f"{request.node.nodeid} uses the `{spec.fixture}` fixture without @pytest.mark.ablation(name): "
+                    "the name says which baseline file (baselines/<profile>/<name>.json) gates it", pytrace=False)
     problem = ablation_problem(request.node)
     if problem:
         pytest.fail(f"{request.node.nodeid!r}: {problem}", pytrace=False)
-    made = Case(request, state, profile, dataset)
+    made = spec.make_case(request, state, spec, request.param)
     if request.config.getoption("resume"):
-        made.recorded = state.recorded(profile_name).get(made.experiment_id)
+        made.recorded = state.recorded(made.profile.name).get(made.experiment_id)
         if made.recorded is not None:
             return made  # pytest_pyfunc_call re-applies its verdict instead of measuring
-    reason = state.unavailable(profile_name, dataset)
+    reason = made.unavailable()
     if reason:
         pytest.skip(reason)
     return made
 
 
+def _family_fixture(spec: FamilySpec):
+    """A plugin object holding the family's fixture (pytest reads fixtures of plugins registered at any time
+    before the tests that use them are collected)."""
+    def fixture(self, request):
+        return family_case(request, spec)
+    fixture.__name__ = spec.fixture
+    fixture.__doc__ = f"A case of the {spec.display_name} ablation family (dflash.harness.family.FamilySpec)."
+    return type(f"{spec.name}_family_fixture", (), {spec.fixture: pytest.fixture(fixture, name=spec.fixture)})()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem):
     """--resume: a recorded case is not measured again; its recorded verdict is re-applied."""
-    made = next((pyfuncitem.funcargs[f] for f in ("case", *FAMILY_FIXTURES) if f in pyfuncitem.funcargs), None)
-    if isinstance(made, Case) and made.recorded is not None:
+    made = next((pyfuncitem.funcargs[s.fixture] for s in FAMILIES.values() if s.fixture in pyfuncitem.funcargs),
+                None)
+    if isinstance(made, CaseRecord) and made.recorded is not None:
         made.replay()
         return True
     return None

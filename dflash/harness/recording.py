@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import DFlashError
 from .baselines import PER_QUERY_KEYS, THROUGHPUT_SAMPLES, write_baseline_payloads
+from .family import get_family
 from .results import ResultsFile, latest_by_id
 from .runs import RUN_FILE, identity_digest, record_problem
 
@@ -17,11 +18,12 @@ def baseline_payload(record: dict) -> dict:
     describe this case (GPU profiles), and its throughput samples under the testbed that measured them."""
     metrics, references, fingerprint = record["metrics"], record.get("references") or [], record["fingerprint"]
     recorded = time.strftime("%F %T")
-    outcomes = "per_query" in metrics
+    kind = get_family(record["ablation_family"]).baseline_kind
+    outcomes = kind == "outcomes"
     samples = metrics["per_query"]["cost"] if outcomes else metrics["speedup_samples"]
     common = {"profile": record["profile"], "ablation": record["ablation"], "id": record["id"],
               "code": fingerprint["code"], "fingerprint": fingerprint,
-              "throughput": {fingerprint["testbed"]: {THROUGHPUT_SAMPLES["outcomes" if outcomes else "decode"]: samples,
+              "throughput": {fingerprint["testbed"]: {THROUGHPUT_SAMPLES[kind]: samples,
                                                       "fingerprint": fingerprint, "code": fingerprint["code"],
                                                       "recorded": recorded}}}
     provenance = {"command": "pytest ablations --update-baselines", "recorded": recorded,

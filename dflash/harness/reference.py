@@ -6,7 +6,7 @@ re-recording to be gated honestly.
 The reference runs its own test code, unchanged: a worker process per pytest process runs, in a checkout of the
 reference commit of the repository under test (whose `dflash`, when it has one, is the one imported), the same case (`pytest <nodeid>`, in that checkout, against an empty
 baselines directory) when the current case asks for it, right after the current case measured itself; the
-samples come from the reference's own record. So every family (decode, cascade, Fast-dLLM v2, batched) and every
+samples come from the reference's own record. So every family (decode, outcomes, batched) and every
 past commit whose case ids still match can be the reference, with no measurement protocol shared between
 commits. The two sides alternate case by case on the same prompts (paired by prompt index); within each side,
 variant and target-only are interleaved per prompt as always, so the speedup ratios cancel slow drift.

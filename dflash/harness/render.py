@@ -4,8 +4,8 @@ Case record layout (all keys but `id` optional):
 
     {"id": "block_size/bs=8",              # unique case id
      "experiment": "block_size",           # block_size | full_length | dynamic | profiling | any other name
+     "ablation_family": "decode",          # the family that wrote it (dflash.harness.family): it renders it
      "group": "AIME25, max_new_tokens=256",# one table per (experiment, group)
-     "title": "Fast-dLLM v2",              # its section's title (a family's display name); default from TITLES
      "params": {"block_size": 8},
      "metrics": {...},                     # per experiment, below
      "status": "done",                     # done | skipped | error (skipped: "not run", never "passed")
@@ -13,14 +13,8 @@ Case record layout (all keys but `id` optional):
      "verdict": "pass",                    # overall; defaults to the worst of the gates' verdicts
      "gates": [GateResult.to_dict(), ...]}
 
-Metrics read per experiment (lists are per prompt unless said otherwise):
-  block_size:  per_prompt_tau, speedup_samples
-  full_length: per_prompt_tau, tpot_s, ttft_s, tokens_per_s, output_tokens, exact_match (bools vs
-               target-only); params: block_size (1 = baseline) or mode, max_new_tokens
-  dynamic:     per_prompt_tau, block_usage {block size: cycles}, switches, transitions,
-               realized_tokens_per_s {block size: tokens/s}, speedup_vs_best_fixed; params: scheduler
-  profiling:   time_s {"draft": s, "verify": s, "other": s}, cycles, tau_by_bucket {"0-255": [per-cycle tau]}
-  anything else goes to a generic table (lists of numbers as mean [CI]).
+What each experiment's table reads is its family's (the decode family's tables: dflash.harness.decode_tables).
+Here: the cells every table is built from, the run header, and the summary.
 
 Every mean is shown with n and a 95% Student-t interval. If announced cases have no record (or there are
 no records at all) the summary starts with "INCOMPLETE: k of n cases".
@@ -30,17 +24,14 @@ from __future__ import annotations
 import math
 import os
 import re
-import statistics
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from ..errors import DFlashError
+from .family import FAMILIES, get_family
 from .fileio import atomic_write_text
 from .stats import mcnemar_exact, mean_ci, worst_verdict
 
-TITLES = {"block_size": "Block-size sweep", "full_length": "Full-length runs",
-          "peers": "Peer benchmark (transformers greedy / prompt lookup / target-only / DFlash)",
-          "dynamic": "Dynamic block-size scheduling", "profiling": "Per-cycle profiling"}
 FINGERPRINT_ORDER = ("profile", "testbed", "hardware", "torch", "transformers", "python", "dtype", "git_sha", "code",
                      "seeds")
 FINGERPRINT_DETAIL = ("cpu", "gpu")  # shown as one line by "hardware"
@@ -83,7 +74,7 @@ def mean_ci_cell(samples: Sequence[float] | None, scale: float = 1.0) -> str:
     return f"{fmt(mean, places)} [{interval}]"
 
 
-def _range_cell(samples: Sequence[float]) -> str:
+def range_cell(samples: Sequence[float]) -> str:
     """"2.82 to 3.05"; a dash when empty, "invalid data" when not all numbers."""
     if not samples:
         return DASH
@@ -92,7 +83,7 @@ def _range_cell(samples: Sequence[float]) -> str:
     return f"{fmt(min(samples))} to {fmt(max(samples))}"
 
 
-def _ratio(k: int, n: int) -> str:
+def ratio_cell(k: int, n: int) -> str:
     return f"{k}/{n} ({k / n:.1%})" if n else DASH
 
 
@@ -187,35 +178,12 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeric: Sequen
 # Per-experiment tables
 
 
-def _metrics(record: dict) -> dict:
+def metrics_of(record: dict) -> dict:
     return record.get("metrics") or {}
 
 
-def _params(record: dict) -> dict:
+def params_of(record: dict) -> dict:
     return record.get("params") or {}
-
-
-def _block_size(record: dict) -> float:
-    value = _params(record).get("block_size")
-    return value if isinstance(value, (int, float)) else math.inf
-
-
-def _is_baseline(record: dict) -> bool:
-    return _params(record).get("mode") == "baseline" or _params(record).get("block_size") == 1
-
-
-def block_size_table(records: list[dict]) -> str:
-    rows = []
-    for r in sorted(records, key=lambda r: (_block_size(r), r["id"])):
-        m = _metrics(r)
-        speedups, taus = m.get("speedup_samples") or [], m.get("per_prompt_tau") or []
-        spread = _range_cell(speedups)
-        rows.append([str(_params(r).get("block_size", r["id"])), str(len(taus)), str(len(speedups)),
-                     mean_ci_cell(speedups), spread, mean_ci_cell(tpot_speedups(m)), mean_ci_cell(taus),
-                     verdict_cell(r)])
-    headers = ["Block size", "Prompts (n)", "Speedup runs (n)", "Speedup mean [95% CI]", "Speedup range",
-               "TPOT speedup mean [95% CI]", "Tau mean [95% CI]", "Verdict"]
-    return table(headers, rows, [True] * 7 + [False])
 
 
 def tpot_speedups(metrics: dict) -> list[float]:
@@ -225,98 +193,17 @@ def tpot_speedups(metrics: dict) -> list[float]:
     return [b / v for b, v in zip(metrics.get("baseline_tpot_s") or [], metrics.get("tpot_s") or []) if b and v]
 
 
-def _mode(record: dict) -> str:
-    params = _params(record)
-    if params.get("mode"):
-        return str(params["mode"])
-    return "baseline (bs=1)" if _is_baseline(record) else f"bs={params.get('block_size', '?')}"
-
-
-def full_length_table(records: list[dict]) -> str:
-    base = next((r for r in records if _is_baseline(r) and _metrics(r).get("tpot_s")), None)
-    base_tpot = sum(_metrics(base)["tpot_s"]) / len(_metrics(base)["tpot_s"]) if base else None
-    rows = []
-    for r in sorted(records, key=lambda r: (not _is_baseline(r), _block_size(r), r["id"])):
-        m = _metrics(r)
-        outputs, cap = m.get("output_tokens") or [], _params(r).get("max_new_tokens")
-        hit_cap = _ratio(sum(o >= cap for o in outputs), len(outputs)) if outputs and cap else DASH
-        matches = m.get("exact_match")
-        exact = _ratio(sum(bool(x) for x in matches), len(matches)) if matches else DASH
-        if matches and m.get("float_ties"):
-            exact += f" (+{len(m['float_ties'])} float tie{'s' if len(m['float_ties']) > 1 else ''})"
-        tpot = m.get("tpot_s") or []
-        speedup = f"{base_tpot / (sum(tpot) / len(tpot)):.2f}x" if base_tpot and tpot and sum(tpot) > 0 else DASH
-        n = len(m.get("per_prompt_tau") or tpot or outputs)
-        rows.append([_mode(r), str(n), mean_ci_cell(tpot, 1000), mean_ci_cell(m.get("ttft_s"), 1000),
-                     mean_ci_cell(m.get("tokens_per_s")), mean_ci_cell(m.get("per_prompt_tau")),
-                     mean_ci_cell(outputs), hit_cap, exact, speedup, verdict_cell(r)])
-    headers = ["Mode", "n", "TPOT ms [95% CI]", "TTFT ms [95% CI]", "Tokens/s [95% CI]", "Tau [95% CI]",
-               "Avg output tokens [95% CI]", "Hit cap", "Exact match vs target-only", "TPOT speedup", "Verdict"]
-    return table(headers, rows, [False] + [True] * 9 + [False])
-
-
-def _by_block_size(mapping: dict, value: Callable[[float], str], order: str) -> str:
-    if not mapping:
-        return DASH
-    items = list(mapping.items())
-    if order == "share":
-        items.sort(key=lambda kv: (-kv[1], _numeric_key(kv[0])))
-    else:
-        items.sort(key=lambda kv: _numeric_key(kv[0]))
-    return ", ".join(f"{k}: {value(v)}" for k, v in items)
-
-
-def _numeric_key(text) -> tuple:
+def numeric_key(text) -> tuple:
     match = re.match(r"\s*(-?\d+(?:\.\d+)?)", str(text))
     return (0, float(match.group(1)), str(text)) if match else (1, 0.0, str(text))
 
 
-def dynamic_table(records: list[dict]) -> str:
-    rows = []
-    for r in sorted(records, key=lambda r: (str(_params(r).get("scheduler", "")), r["id"])):
-        m = _metrics(r)
-        usage = m.get("block_usage") or {}
-        total = sum(usage.values())
-        shares = {k: v / total for k, v in usage.items()} if total else {}
-        switches, transitions = m.get("switches"), m.get("transitions")
-        switch_rate = (f"{switches / transitions:.1%} ({switches}/{transitions})"
-                       if switches is not None and transitions else DASH)
-        taus = m.get("per_prompt_tau") or []
-        rows.append([str(_params(r).get("scheduler", r["id"])), str(len(taus)), mean_ci_cell(taus),
-                     _by_block_size(shares, lambda s: f"{s:.1%}", "share"), switch_rate,
-                     _by_block_size(m.get("realized_tokens_per_s") or {}, fmt, "size"),
-                     mean_ci_cell(m.get("speedup_vs_best_fixed")), verdict_cell(r)])
-    headers = ["Scheduler", "n", "Tau [95% CI]", "Block usage (cycles)", "Switch rate",
-               "Realized tokens/s by block size", "Speedup vs best fixed [95% CI]", "Verdict"]
-    return table(headers, rows, [False, True, True, False, True, False, True, False])
-
-
-def profiling_tables(records: list[dict]) -> str:
-    shares, buckets = [], []
-    for r in sorted(records, key=lambda r: r["id"]):
-        m = _metrics(r)
-        times = m.get("time_s") or {}
-        total = sum(times.get(k, 0.0) for k in ("draft", "verify", "other"))
-        cycles = m.get("cycles")
-        share = [f"{times.get(k, 0.0) / total:.1%}" if total else DASH for k in ("draft", "verify", "other")]
-        per_cycle = f"{1000 * total / cycles:.2f}" if total and cycles else DASH
-        shares.append([r["id"], str(cycles if cycles is not None else DASH), *share, per_cycle, verdict_cell(r)])
-        for bucket, taus in sorted((m.get("tau_by_bucket") or {}).items(), key=lambda kv: _numeric_key(kv[0])):
-            buckets.append([r["id"], str(bucket), str(len(taus)), mean_ci_cell(taus)])
-    parts = [table(["Case", "Cycles", "Draft time", "Verify time", "Other time", "Mean cycle ms", "Verdict"],
-                   shares, [False] + [True] * 5 + [False])]
-    if buckets:
-        parts += ["Tau by token-index bucket (n = cycles):",
-                  table(["Case", "Token index", "n", "Tau [95% CI]"], buckets, [False, False, True, True])]
-    return "\n\n".join(parts)
-
-
-def _generic_value(value) -> str:
+def generic_value(value) -> str:
     if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                  for v in value):
         return f"{mean_ci_cell(value)} (n={len(value)})"
     if isinstance(value, dict):
-        return ", ".join(f"{k}: {_generic_value(v)}" for k, v in value.items()) or DASH
+        return ", ".join(f"{k}: {generic_value(v)}" for k, v in value.items()) or DASH
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return fmt(value)
     return DASH if value is None else str(value)
@@ -324,239 +211,28 @@ def _generic_value(value) -> str:
 
 def generic_table(records: list[dict], skip: Sequence[str] = ("cycle_trace",)) -> str:
     """Any other experiment: case id, every param and metric (union over the records), verdict."""
-    param_keys = sorted({k for r in records for k in _params(r)})
-    metric_keys = sorted({k for r in records for k in _metrics(r)} - set(skip))
-    rows = [[r["id"], *(_generic_value(_params(r).get(k)) for k in param_keys),
-             *(_generic_value(_metrics(r).get(k)) for k in metric_keys), verdict_cell(r)]
+    param_keys = sorted({k for r in records for k in params_of(r)})
+    metric_keys = sorted({k for r in records for k in metrics_of(r)} - set(skip))
+    rows = [[r["id"], *(generic_value(params_of(r).get(k)) for k in param_keys),
+             *(generic_value(metrics_of(r).get(k)) for k in metric_keys), verdict_cell(r)]
             for r in sorted(records, key=lambda r: r["id"])]
     return table(["Case", *param_keys, *metric_keys, "Verdict"], rows)
 
 
-def batched_table(records: list[dict]) -> str:
-    """Batched prompts: throughput ratios per group of prompts (all against target-only, one prompt at a time),
-    what batching costs per batch cycle, and per-prompt tau and exact match."""
-    rows = []
-    for r in sorted(records, key=lambda r: r["id"]):
-        m, p = _metrics(r), _params(r)
-        exact = m.get("exact_match") or []
-        rows.append([r["id"], str(p.get("batch_size")), "compact" if p.get("compact") else "mask-only",
-                     mean_ci_cell(m.get("speedup_samples")), mean_ci_cell(m.get("speedup_vs_unbatched_samples")),
-                     mean_ci_cell(m.get("target_batched_speedup_samples")), mean_ci_cell(m.get("per_prompt_tau")),
-                     fmt(m.get("rows_per_cycle")), fmt(m.get("verify_s_per_cycle")), fmt(m.get("padding_fraction")),
-                     _ratio(sum(exact), len(exact)), verdict_cell(r)])
-    headers = ["Case", "Batch", "Cache", "Speedup vs target-only [95% CI]", "vs unbatched DFlash",
-               "Target-only batched vs target-only", "Tau mean [95% CI]", "Rows/cycle", "Verify s/cycle",
-               "Masked cache share", "Exact match", "Verdict"]
-    return table(headers, rows, [False, True, False] + [True] * 8 + [False])
-
-
-def peers_table(records: list[dict]) -> str:
-    """Peer benchmark (dflash.harness.peers): one row per decoding mode of each case, against transformers greedy."""
-    def mode_order(mode: str) -> tuple:  # peers first, then DFlash by block size, the scheduler last
-        fixed = {"hf-greedy": 0, "hf-prompt-lookup": 1, "target-only": 2, "dflash scheduler": 99}
-        return (fixed.get(mode, 3), _numeric_key(mode.rpartition("=")[2]))
-
-    rows = []
-    for r in sorted(records, key=lambda r: r["id"]):
-        modes = _metrics(r).get("modes") or {}
-        for mode in sorted(modes, key=mode_order):
-            m = modes[mode]
-            ties = len(m.get("float_ties") or {})
-            milliseconds = [fmt(1e3 * m[k]) if k in m else DASH for k in ("t1_s", "t_verify_s", "t_draft_s")]
-            rows.append([r["id"], mode, fmt(m.get("tokens_per_s")), fmt(m.get("ratio_to_hf_greedy")),
-                         fmt(m.get("tau")), _ratio(m.get("identical_to_hf_greedy", 0), m.get("n", 0)) +
-                         (f" ({ties} float ties)" if ties else ""), *milliseconds, fmt(m.get("ceiling")),
-                         fmt(m.get("efficiency")), fmt(m.get("efficiency_vs_target_only")), verdict_cell(r)])
-    headers = ["Case", "Mode", "Tokens/s", "Ratio to HF greedy", "Tau", "Identical to HF greedy", "T(1) ms",
-               "T(verify) ms", "T(draft) ms", "Ceiling tau*T(1)/(T(verify)+T(draft))", "Efficiency (ratio / ceiling)",
-               "Efficiency vs own target-only", "Verdict"]
-    return table(headers, rows, [False, False] + [True] * 10 + [False])
-
-
-def protocol_variant_table(records: list[dict], full_ids: bool = False) -> str:
-    """Backlog variants through the engine protocol (multiround, suffix_recycling, refinement,
-    candidate_diversity, the tree variants): knobs, tau, throughput and speedup vs target-only (and vs plain
-    DFlash where the case measured it), and what the variant costs per cycle (the `*_per_cycle` metrics of
-    dflash.engine.protocol_costs). A verify-time-vs-packed-nodes sweep, when recorded, follows the table."""
-    costs = sorted({k for r in records for k in _metrics(r) if k.endswith("_per_cycle")}
-                   - {"draft_s_per_cycle", "verify_s_per_cycle"})  # seconds get their own ms columns
-    versus_dflash = any("speedup_vs_dflash_samples" in _metrics(r) for r in records)
-    rows = []
-    for r in sorted(records, key=lambda r: r["id"]):
-        m, p = _metrics(r), _params(r)
-        exact = m.get("exact_match") or []
-        knobs = ", ".join(f"{k}={_generic_value(v) if not isinstance(v, list) else tuple(v)}" for k, v in p.items())
-        rows.append([r["id"] if full_ids else r["id"].split("[")[-1].rstrip("]"), knobs, str(len(m.get("per_prompt_tau") or [])),
-                     mean_ci_cell(m.get("per_prompt_tau")), fmt(m.get("tokens_per_s_total")),
-                     mean_ci_cell(m.get("speedup_samples")),
-                     *([mean_ci_cell(m.get("speedup_vs_dflash_samples"))] if versus_dflash else []),
-                     _ratio(sum(bool(x) for x in exact), len(exact)),
-                     fmt(1e3 * m["draft_s_per_cycle"]) if "draft_s_per_cycle" in m else DASH,
-                     fmt(1e3 * m["verify_s_per_cycle"]) if "verify_s_per_cycle" in m else DASH,
-                     *(fmt(m.get(k)) if k in m else DASH for k in costs), verdict_cell(r)])
-    headers = ["Case", "Knobs", "Prompts (n)", "Tau mean [95% CI]", "Tokens/s", "Speedup vs target-only [95% CI]",
-               *(["Speed vs plain DFlash [95% CI]"] if versus_dflash else []), "Exact match", "Draft ms/cycle",
-               "Verify ms/cycle", *(k.removesuffix("_per_cycle").replace("_", " ") + "/cycle" for k in costs),
-               "Verdict"]
-    text = table(headers, rows, [False, False] + [True] * (7 + versus_dflash + len(costs)) + [False])
-    sweeps = [m["verify_s_by_packed_nodes"] for m in map(_metrics, records) if m.get("verify_s_by_packed_nodes")]
-    if sweeps:
-        nodes = sorted({k for sweep in sweeps for k in sweep}, key=_numeric_key)
-        cells = [f"{inline(k)}: {fmt(1e3 * statistics.median(s[k] for s in sweeps if k in s))} ms" for k in nodes]
-        text += (f"\n\nTarget verify time by packed node count (median over {len(sweeps)} cases): "
-                 + ", ".join(cells) + ".")
-    return text
-
-
-def cascade_table(records: list[dict]) -> str:
-    """Cascade policies (dflash.cascade): accuracy and cost over the same queries, with 95% CIs, stage usage."""
-    rows = []
-    for r in sorted(records, key=lambda r: (_params(r).get("policy", ""), _params(r).get("lam") or 0)):
-        m, per_query = _metrics(r), _metrics(r).get("per_query") or {}
-        usage = " / ".join(f"{100 * u:.0f}%" for u in m.get("stage_usage") or [])
-        lam = _params(r).get("lam")
-        rows.append([r["id"].split("[")[-1].rstrip("]"), "-" if lam is None else fmt(lam),
-                     str(len(per_query.get("qids") or [])), mean_ci_cell(per_query.get("correct")),
-                     mean_ci_cell(per_query.get("cost")), usage, verdict_cell(r)])
-    return ("Cost: token-normalised seconds, the largest model's median query = 1; a cascade pays every stage it "
-            "ran. The full cascade report of this run's table (frontier, lam table, calibration and regret "
-            "plots) is in cascade-<profile>/summary.md next to this file.\n\n" + table(["Case", "lam", "queries", "accuracy", "cost", "stage usage (cheapest first)",
-                                 "Verdict"], rows, numeric=[False, True, True, True, True, False, False]))
-
-
-def _mcnemar_cell(control: list[int], new: list[int]) -> str:
+def mcnemar_cell(control: list[int], new: list[int]) -> str:
     """Accuracy change against a control on the same queries: difference, lost/gained and the exact two-sided
     McNemar p (binomial on the discordant queries)."""
     lost, gained, p = mcnemar_exact(control, new)
     return f"{(gained - lost) / len(new):+.3f} (-{lost}/+{gained}, p {p:.2g})"
 
 
-def _geomean_ci_cell(samples: Sequence[float] | None) -> str:
+def geomean_ci_cell(samples: Sequence[float] | None) -> str:
     """Geometric mean with the 95% t interval of the log samples ("1.52x [1.40, 1.65]")."""
     if not samples:
         return DASH
     centre, low, high = (math.exp(v) for v in mean_ci([math.log(x) for x in samples]))
     interval = "n/a" if math.isnan(low) else f"{low:.2f}, {high:.2f}"
     return f"{centre:.2f}x [{interval}]"
-
-
-def fastdllm_table(records: list[dict]) -> str:
-    """Fast-dLLM v2 (dflash.blockdiffusion): threshold x cache, sub-block, batch; the layer-reuse table of the
-    research notes (config, k, subset, accuracy, tokens/s, total time) with the trade-off against the k = 1
-    control; log-likelihood scoring, where layer reuse is not applicable."""
-    decoding = [r for r in records if _params(r).get("task") == "generative" and "per_query" in _metrics(r)]
-    key = lambda p: (p.get("threshold"), p.get("sub_block_size"), p.get("batch"))  # noqa: E731
-    exact = {key(_params(r)): r for r in decoding
-             if _params(r).get("cache") == "prefix" and _params(r).get("reuse_k") is None}
-    rows = []
-    for r in decoding:
-        p, m = _params(r), _metrics(r)
-        if p.get("reuse_k") is not None:
-            continue
-        outputs = m.get("outputs") or {}
-        reference = exact.get(key(p))
-        same = DASH
-        if p.get("cache") == "dual" and reference is not None:
-            theirs = (_metrics(reference).get("outputs") or {}).get("output_digest") or []
-            mine = outputs.get("output_digest") or []
-            same = _ratio(sum(a == b for a, b in zip(mine, theirs)), len(mine))
-        rows.append([r["id"].split("[")[-1].rstrip("]"), fmt(p.get("threshold")), str(p.get("cache")),
-                     str(p.get("sub_block_size")), str(p.get("batch")), str(len(m["per_query"]["qids"])),
-                     mean_ci_cell(m["per_query"]["correct"]), fmt(m.get("tokens_per_s")),
-                     fmt(m.get("ar_tokens_per_s")), _geomean_ci_cell(m.get("speed_ratio_samples")),
-                     mean_ci_cell(outputs.get("forwards_per_token")), mean_ci_cell(outputs.get("tokens")),
-                     _ratio(sum(outputs.get("agrees_with_ar") or []), len(outputs.get("agrees_with_ar") or [])),
-                     same, verdict_cell(r)])
-    text = ("Speed ratio: block-diffusion tokens/s over the AR base's (transformers greedy at the same batch "
-            "size), measured interleaved on the same queries, one ratio per batch group, geometric mean "
-            "[95% CI]; tokens/s columns are wall-clock. 'Same as exact': outputs identical to the prefix-cache "
-            "(exact) decoder's with the same threshold, sub-block and batch (the dual cache is approximate).\n\n"
-            + table(["Case", "threshold", "cache", "sub-block", "batch", "queries", "accuracy [95% CI]",
-                     "tokens/s", "AR tokens/s", "speed ratio to AR", "forwards/token", "output tokens",
-                     "same as AR", "same as exact", "Verdict"], rows,
-                    [False, True, False, True, True, True, True, True, True, True, True, True, True, True, False]))
-    reuse = [r for r in decoding if _params(r).get("reuse_k") is not None]
-    control = next((r for r in reuse if _params(r)["reuse_k"] == 1), None)
-    if reuse:
-        rows = []
-        base = _metrics(control) if control else {}
-        for r in sorted(reuse, key=lambda r: (_params(r)["reuse_k"], _params(r)["subset"], _params(r)["mode"])):
-            p, m = _params(r), _metrics(r)
-            outputs = m.get("outputs") or {}
-            staleness = ((m.get("reuse") or {}).get("staleness") or {})
-            versus = DASH if r is control or not base else _mcnemar_cell(base["per_query"]["correct"],
-                                                                          m["per_query"]["correct"])
-            speed = DASH if r is control or not base else fmt(
-                math.exp(statistics.mean(map(math.log, m["speed_ratio_samples"]))
-                         - statistics.mean(map(math.log, base["speed_ratio_samples"]))), 2) + "x"
-            longer = DASH if r is control or not base else f"{statistics.mean(outputs['tokens']) / statistics.mean((base.get('outputs') or {})['tokens']) - 1:+.0%}"
-            config = "k1 (control)" if r is control else f"k{p['reuse_k']}_{p['subset']}_{p['mode']}"
-            rows.append([config, str(p["reuse_k"]), DASH if r is control else p["subset"],
-                         DASH if r is control else p["mode"], mean_ci_cell(m["per_query"]["correct"]),
-                         fmt(m.get("tokens_per_s")), fmt(m.get("total_seconds")), versus, speed, longer,
-                         mean_ci_cell(outputs.get("repetition")),
-                         ", ".join(f"L{layer} {value:.3g}" for layer, value in staleness.items()) or DASH,
-                         verdict_cell(r)])
-        by_config = {(_params(r)["reuse_k"], _params(r)["subset"], _params(r)["mode"]): r for r in reuse}
-        pairs = [[f"k{k}_{subset}", _mcnemar_cell(_metrics(r)["per_query"]["correct"],
-                                                  _metrics(by_config[k, subset, "residual"])["per_query"]["correct"])]
-                 for (k, subset, mode), r in sorted(by_config.items())
-                 if mode == "output" and k > 1 and (k, subset, "residual") in by_config]
-        text += ("\n\nLayer reuse (dual cache, threshold and sub-block as the control): the research notes' "
-                 "table with the trade-off against the k = 1 control on the same queries (accuracy change with "
-                 "the exact McNemar p; speed: ratio of the two cases' speed ratios to AR; output length change). "
-                 "Staleness: relative L2 of a reused output against fresh computation, per span layer (output "
-                 "mode) or for the span (residual mode, at its first layer), on a few queries.\n\n"
-                 + table(["Config", "k", "subset", "mode", "accuracy [95% CI]", "tokens/s", "total time (s)",
-                          "accuracy vs k=1", "speed vs k=1", "output length vs k=1", "repetition (3-gram)",
-                          "staleness", "Verdict"], rows,
-                         [False, True, False, False, True, True, True, True, True, True, True, False, False]))
-        if pairs:
-            text += ("\n\nResidual (DeepCache-style) against output reuse (the fork's) at the same k and subset, "
-                     "paired over queries: accuracy change of residual, lost/gained, exact McNemar p.\n\n"
-                     + table(["k, subset", "residual - output"], pairs, [False, True]))
-        timings = [(_params(r)["reuse_k"], _params(r)["subset"], _params(r)["mode"], (_metrics(r).get("reuse") or {}))
-                   for r in reuse if (_metrics(r).get("reuse") or {}).get("seconds_per_computed_layer_call")]
-        if timings:
-            text += ("\n\nLayer call times on sub-block steps (staleness run): "
-                     + "; ".join(f"k{k}_{subset}_{mode}: computed {1e6 * t['seconds_per_computed_layer_call']:.0f} us,"
-                                 f" reused {1e6 * t['seconds_per_reused_layer_call']:.0f} us, "
-                                 f"{t['layer_calls_skipped']} calls skipped"
-                                 for k, subset, mode, t in timings if t.get("seconds_per_reused_layer_call")) + ".")
-    scoring = [r for r in records if _params(r).get("task") == "loglik"]
-    if scoring:
-        rows, reasons = [], set()
-        for r in scoring:
-            m = _metrics(r)
-            if "not_applicable" in m:
-                reasons.add(m["not_applicable"])
-                rows.append([r["id"].split("[")[-1].rstrip("]"), "not applicable", "not applicable"])
-            else:
-                rows.append([r["id"].split("[")[-1].rstrip("]"), mean_ci_cell(m["per_query"]["correct"]),
-                             verdict_cell(r)])
-        text += ("\n\nLog-likelihood scoring (multiple choice, one forward per choice):\n\n"
-                 + table(["Case", "accuracy [95% CI]", "Verdict"], rows, [False, False, False])
-                 + "".join(f"\n\nNot applicable: {reason}." for reason in sorted(reasons)))
-    return text
-
-
-RENDERERS = {"block_size": block_size_table, "full_length": full_length_table, "dynamic": dynamic_table,
-             "profiling": profiling_tables, "batched": batched_table, "peers": peers_table, "cascade": cascade_table,
-             "fastdllm": fastdllm_table,
-             **dict.fromkeys(("multiround", "suffix_recycling", "refinement", "candidate_diversity",
-                              "tree_variants"), protocol_variant_table)}
-
-
-def default_renderer(records: list[dict]):
-    """A new ablation without a table of its own: the variant table when its cases measured tau and speedup
-    against target-only (`case.measure`), with full case ids, else every metric."""
-    measured = all({"per_prompt_tau", "speedup_samples", "exact_match", "tokens_per_s_total"} <= set(_metrics(r))
-                   for r in records)
-    return (lambda group: protocol_variant_table(group, full_ids=True)) if measured else generic_table
-
-
-# --------------------------------------------------------------------------------------------------
-# Summary
 
 
 def _dedupe(records: Sequence[dict]) -> list[dict]:
@@ -598,7 +274,7 @@ def _header(records: list[dict], fingerprint: dict, announced: Sequence[str] | N
     keys = [k for k in FINGERPRINT_ORDER if k in fingerprint] + sorted(set(fingerprint) - set(FINGERPRINT_ORDER)
                                                                         - set(FINGERPRINT_DETAIL))
     rows = [[k.replace("_", " "), str(fingerprint[k])] for k in keys]
-    prompts = sorted({len(_metrics(r).get("per_prompt_tau") or []) for r in records} - {0})
+    prompts = sorted({len(metrics_of(r).get("per_prompt_tau") or []) for r in records} - {0})
     n = f"{len(records)} cases"
     if prompts:
         n += f", {prompts[0]}" + (f"-{prompts[-1]}" if len(prompts) > 1 else "") + " prompts per case"
@@ -622,7 +298,7 @@ def references_table(records: list[dict]) -> str:
     budget and temperature), measured tau and speedups against the figure's tau and TPOT speedup."""
     rows = []
     for record in records:
-        metrics = _metrics(record)
+        metrics = metrics_of(record)
         for ref in record.get("references") or []:
             rows.append([record.get("id", "?"), mean_ci_cell(metrics.get("per_prompt_tau")),
                          mean_ci_cell(tpot_speedups(metrics)),
@@ -637,20 +313,32 @@ def render_summary(records: Sequence[dict], fingerprint: dict, *, announced: Seq
                    skipped: dict[str, str] | None = None,
                    title: str = "DFlash ablation summary") -> str:
     """Markdown: header (fingerprint, n, verdict counts, INCOMPLETE banner when cases are missing), then one
-    table per (experiment, group): known experiments first in a fixed order, others alphabetically."""
+    table per (experiment, group), rendered by the family that wrote the records (dflash.harness.family):
+    families in registration order, each family's experiments in the order of its renderers, others after
+    them alphabetically. A record of an unregistered family, or an experiment its family has no table for, is
+    an error (DFlashError), never a table of some other shape."""
     records = _dedupe(records)
     lines = _header(records, fingerprint, announced, title, skipped)
-    order = {name: i for i, name in enumerate(RENDERERS)}
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple[str, str, str], list[dict]] = {}
     for record in records:
-        key = (str(record.get("experiment", "other")), str(record.get("group", "")))
+        family = record.get("ablation_family")
+        if not isinstance(family, str):
+            raise DFlashError(f"record {record.get('id')!r} names no ablation family (ablation_family): it was "
+                              "written before families were recorded; measure it again")
+        key = (family, str(record.get("experiment", "other")), str(record.get("group", "")))
         groups.setdefault(key, []).append(record)
-    for experiment, group in sorted(groups, key=lambda k: (order.get(k[0], len(order)), k)):
-        heading = next((r["title"] for r in groups[(experiment, group)] if isinstance(r.get("title"), str)),
-                       TITLES.get(experiment, experiment.replace("_", " ").capitalize()))
-        lines += [f"## {inline(heading)}" + (f": {inline(group)}" if group else ""), ""]
-        render = RENDERERS.get(experiment, default_renderer(groups[(experiment, group)]))
-        lines += [render(groups[(experiment, group)]), ""]
+    families = {name: get_family(name) for name in {family for family, _, _ in groups}}
+    order = {name: k for k, name in enumerate(FAMILIES)}
+
+    def position(key):
+        family, experiment, group = key
+        known = list(families[family].renderers)
+        return (order[family], known.index(experiment) if experiment in known else len(known), experiment, group)
+    for key in sorted(groups, key=position):
+        family, experiment, group = key
+        spec = families[family]
+        lines += [f"## {inline(spec.title(experiment))}" + (f": {inline(group)}" if group else ""), ""]
+        lines += [spec.renderer(experiment, groups[key])(groups[key]), ""]
     if published := references_table(records):
         lines += ["## Published figures for these cases", "", published, ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from ..errors import DFlashError
+from ..profiles import PROFILES, get_profile, unavailable_reason
 from ..provenance import code_identity, collect_fingerprint
-from . import baselines as baseline_store
+from .family import FAMILIES
 from .fileio import atomic_write_text
-from .profiles import PROFILES, get_profile, unavailable_reason
 from .reference import ReferenceUnavailable, ReferenceWorker, resolve_commit
 from .results import ResultsFile, ResultsFileError, latest_by_id
 from .stats import GATE_KINDS, apply_holm
@@ -71,6 +71,7 @@ class RunState:
         self.baseline_diff = ""
         self.exitstatus = 0
         self.coverage_problems = 0
+        self.family_listener = None  # the plugin's FamilySpec listener (dflash.harness.family.on_register)
         self.errors: list[str] = []  # session-end failures, one paragraph each (printed in the terminal summary)
         self._recorded: dict[str, dict] = {}
         self._unavailable: dict[tuple[str, str], str | None] = {}
@@ -123,7 +124,7 @@ class RunState:
 
     def unavailable(self, name: str, dataset: str | None) -> str | None:
         """Why a profile's cases on `dataset` cannot run here (CUDA, weights, the dataset; one line, checked
-        once), or None. dataset None: the profile itself (a cascade case, whose ladder its fixture checks)."""
+        once), or None. dataset None: the profile itself (a case of a family whose own models its case checks)."""
         if (name, dataset) not in self._unavailable:
             self._unavailable[name, dataset] = unavailable_reason(self.profile(name),
                                                                   datasets=[] if dataset is None else [dataset])
@@ -280,8 +281,12 @@ def record_problem(record: dict) -> str | None:
             return f"gate #{index} ({gate['kind']}) lacks numeric {', '.join(bad) or 'fields'} or its case_id/verdict"
     if record.get("recording"):
         metrics = record.get("metrics")
-        cascade = isinstance(metrics, dict) and "per_query" in metrics
-        for key in (("per_query",) if cascade else ("per_prompt_tau", "speedup_samples")):
+        family = FAMILIES.get(record.get("ablation_family"))
+        if family is None:
+            return (f"a recording must name a registered ablation family (ablation_family), got "
+                    f"{record.get('ablation_family')!r} (registered: {', '.join(FAMILIES)})")
+        outcomes = family.baseline_kind == "outcomes"
+        for key in (("per_query",) if outcomes else ("per_prompt_tau", "speedup_samples")):
             values = metrics.get(key) if isinstance(metrics, dict) else None
             if key == "per_query":
                 if not isinstance(values, dict) or not all(isinstance(values.get(k), list) for k in

@@ -199,7 +199,7 @@ class ThroughputGateResult(GateResult):
 
 @dataclass(frozen=True)
 class AccuracyGateResult(GateResult):
-    """Paired per-query correctness (a non-lossless method: a cascade). `baseline`/`new` are accuracies;
+    """Paired per-query correctness (a method that is not lossless). `baseline`/`new` are accuracies;
     `lost`/`gained`: queries right in the baseline and wrong now, and the reverse."""
     margin: float = 0.01  # accuracy points a change must exceed to count
     lost: int = 0

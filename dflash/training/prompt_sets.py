@@ -209,7 +209,7 @@ def load_prompt_texts(spec: str, *, per_category: int) -> dict[str, list[str]]:
         return training_prompts(per_category)
     if spec == "smol-heldout":
         raise DFlashError("smol-heldout is the smol profile's benchmark prompts: read them with "
-                          "dflash.harness.profiles.benchmark_prompt_texts.")
+                          "dflash.prompts.benchmark_prompt_texts.")
     if spec == "tiny-train":  # the tiny build's distillation prompts (corpus windows + fresh code headers)
         from ..loading import load_tokenizer
         from ..tinyworld.build import tiny_distillation_prompts

@@ -20,4 +20,4 @@ def test_first_k(case, knobs):
     block_size = min(16, case.draft_block_size)
     variant = Variant(f"first_k {knobs.id}", block_size=block_size, method="first_k", knobs=knobs.knobs())
     _, metrics, gates = case.measure(variant, extra=lambda c: protocol_costs(c.variant))  # + cost per cycle
-    case.finish("first_k", knobs.params(block_size=block_size), metrics, gates)
+    case.finish(knobs.params(block_size=block_size), metrics, gates)

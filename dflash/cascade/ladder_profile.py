@@ -1,14 +1,16 @@
-"""Cascade profiles: which ladder answers which queries. `tiny` is the embedded default (the package's ladder on
-the graded arithmetic tasks' held-out queries); `gpu-cascade-qwen3` is Qwen3-0.6B / 1.7B / 4B / 8B on GSM8K in
-bf16, through the same collect -> replay path, skipping with one line where weights, data or CUDA are missing."""
+"""A cascade profile (a ladder): which models, cheapest first, answer which queries. The profiles themselves are in
+dflash.profiles: `tiny`'s ladder is the package's (the graded arithmetic tasks' held-out queries);
+`gpu-cascade-qwen3` is Qwen3-0.6B / 1.7B / 4B / 8B on GSM8K in bf16, through the same collect -> replay path,
+skipping with one line where weights, data or CUDA are missing."""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..datasets import DatasetSpec
 from ..errors import DFlashError
-from .ladder import LADDER_DIR, RUNGS, SEED, Budget
+from .ladder import LADDER_DIR, SEED
 from .tasks import FAMILIES, build_task_set
 
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
@@ -34,7 +36,7 @@ class MathQuery:
     difficulty: int  # what the question shows of it: the count of numbers in the question (a router may read it)
 
     def prompt_ids(self, tokenizer) -> list[int]:
-        from ..harness.profiles import MATH_SUFFIX
+        from ..datasets import MATH_SUFFIX
         from ..loading import chat_prompt_ids
         return chat_prompt_ids(tokenizer, [{"role": "user", "content": self.question + MATH_SUFFIX}])
 
@@ -54,7 +56,7 @@ class CascadeProfile:
     max_new_tokens: int
     device: str = "cpu"
     dtype: str | None = None
-    dataset: str | None = None  # a GPU profile's dataset (dflash.harness.profiles); None: the graded tasks
+    dataset: DatasetSpec | None = None  # a GPU profile's dataset; None: the graded tasks
 
     @property
     def rung_names(self) -> tuple[str, ...]:
@@ -71,20 +73,8 @@ class CascadeProfile:
     def queries(self, per_family: int | None = None) -> list:
         count = self.query_count(per_family)
         if self.dataset is None:
-            heldout = build_task_set(SEED, n_train=0, n_heldout=self.queries_per_family).heldout
-            return [q for family in FAMILIES for q in heldout[family][:count]]
-        from ..harness.profiles import GPU_DATASETS, dataset_rows
-        spec = next(d for d in GPU_DATASETS if d.name == self.dataset)
-        rows = dataset_rows(spec)
-        queries = []
-        for index, row in enumerate(rows):
-            if len(queries) == count:
-                break
-            answer = number_in(row["answer"].rpartition("####")[2])
-            if answer is not None:
-                queries.append(MathQuery(f"{self.dataset}-{index}", self.dataset, row["question"], answer,
-                                         len(NUMBER.findall(row["question"]))))
-        return queries
+            return arithmetic_queries(count, self.queries_per_family)
+        return math_queries(self.dataset, count)
 
     def unavailable(self) -> str | None:
         if self.dataset is None:
@@ -95,7 +85,7 @@ class CascadeProfile:
             return None
         import torch
 
-        from ..harness.profiles import GPU_DATASETS, dataset_unavailable_reason
+        from ..datasets import dataset_unavailable_reason
         from ..loading import resolve
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             return f"profile {self.name} needs CUDA, which this machine does not have"
@@ -105,24 +95,26 @@ class CascadeProfile:
             except DFlashError:
                 return (f"profile {self.name}: weights {model} are not in the local Hugging Face cache (run "
                         f"`hf download {model}` where there is network)")
-        reason = dataset_unavailable_reason(next(d for d in GPU_DATASETS if d.name == self.dataset))
+        reason = dataset_unavailable_reason(self.dataset)
         return f"profile {self.name}: {reason}" if reason else None
 
 
-PROFILES = {
-    "tiny": CascadeProfile("tiny", "the embedded ladder (four tiny Qwen3 models) on held-out graded arithmetic, "
-                           "two families (story, expression)",
-                           tuple((r.name, str(LADDER_DIR / r.name)) for r in RUNGS), Budget().n_heldout,
-                           Budget().max_new_tokens),
-    "gpu-cascade-qwen3": CascadeProfile(
-        "gpu-cascade-qwen3", "Qwen3-0.6B / 1.7B / 4B / 8B (thinking off, bf16) on GSM8K test",
-        tuple((m.split("/")[-1], m) for m in ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-4B",
-                                              "Qwen/Qwen3-8B")),
-        1319, 512, device="cuda", dtype="bfloat16", dataset="gsm8k"),
-}
+def arithmetic_queries(per_family: int, pool: int) -> list:
+    """The first `per_family` held-out graded arithmetic queries of each family, from a held-out pool of `pool`
+    per family (the tiny ladder's queries, and the tiny block-diffusion model's)."""
+    heldout = build_task_set(SEED, n_train=0, n_heldout=pool).heldout
+    return [q for family in FAMILIES for q in heldout[family][:per_family]]
 
 
-def get_profile(name: str) -> CascadeProfile:
-    if name not in PROFILES:
-        raise DFlashError(f"Unknown cascade profile {name!r}; choose one of {', '.join(PROFILES)}.")
-    return PROFILES[name]
+def math_queries(spec: DatasetSpec, count: int | None) -> list[MathQuery]:
+    """The first `count` questions of a GSM8K-style dataset (file order) with an integer answer after "####"."""
+    from ..datasets import dataset_rows
+    queries = []
+    for index, row in enumerate(dataset_rows(spec)):
+        if len(queries) == count:
+            break
+        answer = number_in(row["answer"].rpartition("####")[2])
+        if answer is not None:
+            queries.append(MathQuery(f"{spec.name}-{index}", spec.name, row["question"], answer,
+                                     len(NUMBER.findall(row["question"]))))
+    return queries
