@@ -49,6 +49,7 @@ class Run:
     output_ids: list[int]
     counters: SpecCounters
     steps: list[int] | None = None
+    wall_s: float = math.nan  # the decode's wall seconds (speedups; not compared)
 
     @property
     def tau(self) -> float:
@@ -57,12 +58,13 @@ class Run:
 
 def from_engine(result) -> Run:
     """A reference GenerationResult (decoded with tail_blocks="full") as a Run."""
-    return Run(list(result.output_ids), engine_counters(result), [a - 1 for a in result.acceptance_lengths])
+    return Run(list(result.output_ids), engine_counters(result), [a - 1 for a in result.acceptance_lengths],
+               result.wall_s)
 
 
 def from_served(served) -> Run:
     """A backend answer (dflash.backends.vllm.ServedResult) as a Run."""
-    return Run(list(served.output_ids), served.counters, served.per_step_accepted)
+    return Run(list(served.output_ids), served.counters, served.per_step_accepted, served.wall_s)
 
 
 def first_difference(a: Sequence, b: Sequence) -> int | None:
