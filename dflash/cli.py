@@ -1,4 +1,5 @@
-"""Command line: `dflash generate`, `models`, `train`, `bench`, `gate-quality`, `baselines`, `report`, `cascade`."""
+"""Command line: `dflash generate`, `models`, `train`, `bench`, `gate-quality`, `baselines`, `report`, `cascade`,
+`convert-draft`."""
 from __future__ import annotations
 
 import argparse
@@ -291,6 +292,29 @@ def cmd_cascade_report(args) -> int:
     return 0
 
 
+def cmd_convert_draft(args) -> int:
+    """A draft checkpoint in another format: `--to speculators` (vLLM's speculators layout, dflash.speculators)
+    or `--to zlab`. DST must not exist yet (nothing is overwritten)."""
+    from pathlib import Path
+
+    from .loading import KNOWN_MODELS, load_draft
+    out = Path(args.dst)
+    if out.exists():
+        raise DFlashError(f"{out} already exists; give a new directory for the converted draft.")
+    draft = load_draft(args.src, dtype="float32" if args.dtype is None else args.dtype)
+    if args.to == "zlab":
+        draft.save_pretrained(out)
+    else:
+        from .speculators import save_speculators
+        verifier = args.verifier or (KNOWN_MODELS[args.src].location("target") if args.src in KNOWN_MODELS else None)
+        if verifier is None:
+            raise DFlashError("The speculators format names the target it drafts for: pass --verifier <target "
+                              "directory or hub id>.")
+        save_speculators(draft, out, verifier=verifier)
+    print(f"dflash convert-draft: {args.src} -> {out} ({args.to})")
+    return 0
+
+
 def cmd_sessions(args) -> int:
     """The pytest sessions of `make test`'s ablations (FamilySpec.session), one per line, each with its share of
     the error rate when --alpha is split evenly over them."""
@@ -446,6 +470,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="output directory (default: reports/<profile>-merged-<time>)")
     r.add_argument("--reports-dir", default="reports")
     r.set_defaults(func=cmd_report)
+
+    v = sub.add_parser("convert-draft", help="write a draft checkpoint in another format (speculators: vLLM's "
+                       "DFlashSpeculatorConfig layout; zlab: the z-lab layout)")
+    v.add_argument("--to", required=True, choices=["speculators", "zlab"])
+    v.add_argument("src", help="draft: known name (e.g. tiny), local directory or cached hub id (either format)")
+    v.add_argument("dst", help="new output directory")
+    v.add_argument("--verifier", default=None, help="speculators: the target it drafts for (default: a known "
+                   "name's target)")
+    v.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights' dtype (default float32)")
+    v.set_defaults(func=cmd_convert_draft)
 
     s = sub.add_parser("sessions", help="the pytest sessions make test runs the ablations in (one per line)")
     s.add_argument("--alpha", type=finite_float(0.0, low_open=True), default=None,

@@ -186,7 +186,7 @@ def load_target(name_or_path: str, *, device: str = "cpu", dtype=None):
 
 
 def load_draft(name_or_path: str, *, device: str = "cpu", dtype=None) -> DFlashDraftModel:
-    """A DFlash draft in the z-lab checkpoint format."""
+    """A DFlash draft in the z-lab checkpoint format or vLLM's speculators format (dflash.speculators)."""
     torch_dtype, device = _dtype(dtype, device), check_device(device)
     return DFlashDraftModel.from_pretrained(resolve(name_or_path, "draft"), dtype=torch_dtype, device=device)
 

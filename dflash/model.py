@@ -4,7 +4,8 @@ It has no embedding table and no LM head: it borrows the target's. One forward p
 `[anchor, MASK, ..., MASK]`; the block attends non-causally to itself and to context keys/values computed from
 fused target features of all committed positions before the anchor. Checkpoints use the z-lab format
 (`config.json` with `block_size`, `num_target_layers`, `dflash_config`; safetensors keys `fc`, `hidden_norm`,
-`layers.*`, `norm`) so the public `z-lab/*-DFlash-*` drafts load unchanged.
+`layers.*`, `norm`) so the public `z-lab/*-DFlash-*` drafts load unchanged; vLLM's speculators format (the same
+tensors, other config fields; dflash.speculators) loads too.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
 from .errors import DFlashError
+from .speculators import check_token_map, is_speculators, to_zlab_config
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -162,7 +164,16 @@ class DFlashDraftModel(nn.Module):
             state = {}
             for file in weights:
                 state.update(load_file(str(file)))
+            if is_speculators(read_config(path / "config.json", "draft config")):
+                check_token_map(state, int(config.vocab_size), path)
+                own = sorted(k for k in state if k.split(".")[0] in ("lm_head", "embed_tokens"))
+                if own:
+                    raise DFlashError(f"Draft weights in {path} ship their own {', '.join(own)}: vLLM would use "
+                                      "them, while this engine borrows the target's embeddings and LM head, so the "
+                                      "two would run different drafts. Use a draft without them.")
             missing, unexpected = model.load_state_dict(state, strict=False)
+        except DFlashError:
+            raise
         except Exception as error:  # unreadable file or tensors of the wrong shape
             raise DFlashError(f"Draft weights in {path} do not match the z-lab DFlash layout for its config.json: "
                               f"{str(error).strip().splitlines()[-1]}") from None
@@ -249,6 +260,8 @@ def load_draft_config(path: Path) -> Qwen3Config:
     if not config_file.is_file():
         raise DFlashError(f"No config.json in draft directory {path}.")
     raw = read_config(config_file, "draft config")
+    if is_speculators(raw):  # vLLM's speculators format: the same model, other field names (dflash.speculators)
+        raw = to_zlab_config(raw, config_file)
 
     def bad(key, expected):
         return DFlashError(f"Draft config {config_file}: '{key}' must be {expected}, got {raw.get(key)!r}.")

@@ -4,5 +4,6 @@ family outside the package registers when its ablation file imports its module (
 from .harness import decode_family  # noqa: F401
 from .cascade import family as cascade_family  # noqa: F401
 from .blockdiffusion import family as blockdiffusion_family  # noqa: F401
+from .conformance import family as conformance_family  # noqa: F401
 
 pytest_plugins = ["dflash.harness.plugin"]
