@@ -319,10 +319,10 @@ def cmd_sessions(args) -> int:
     """The pytest sessions of `make test`'s ablations (FamilySpec.session), one per line, each with its share of
     the error rate when --alpha is split evenly over them."""
     from . import plugin  # noqa: F401  (registers the families)
-    from .harness.family import sessions
-    names = sessions()
-    for name in names:
-        print(f"{name} {args.alpha / len(names):.6g}" if args.alpha is not None else name)
+    from .harness.family import alpha_shares, sessions
+    shares = alpha_shares(args.alpha) if args.alpha is not None else {}
+    for name in sessions():
+        print(f"{name} {shares[name]:.6g}" if args.alpha is not None else name)
     return 0
 
 

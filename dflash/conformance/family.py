@@ -192,6 +192,6 @@ CONFORMANCE = register_family(FamilySpec(
     make_case=lambda request, state, family, param: ConformanceCase(request, state, state.profile(param.profile),
                                                                     family, param.value),
     renderers={"conformance": conformance_table}, titles={"conformance": "Conformance: backends vs the reference"},
-    plots=conformance_plots, baseline_kind="decode", session="conformance",
+    plots=conformance_plots, baseline_kind="decode", session="conformance", spends_alpha=False,
     description="a serving engine's DFlash (vLLM) against the reference engine: outputs, verify steps, "
                 "per-position curve, tau"))

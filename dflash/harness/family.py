@@ -53,6 +53,7 @@ class FamilySpec:
     plots: Plotter | None = None
     baseline_kind: str = "decode"  # what its baseline entries hold (dflash.harness.baselines)
     session: str = "main"  # the pytest session of `make test` it runs in (families sharing cores share one)
+    spends_alpha: bool = True  # its gates are corrected over the run (so its session takes a share of the error rate)
     description: str = ""
 
     def __post_init__(self):
@@ -125,6 +126,14 @@ def family_of_fixtures(fixtures) -> FamilySpec | None:
 def sessions() -> list[str]:
     """The pytest sessions of `make test`, in registration order of their first family."""
     return list(dict.fromkeys(spec.session for spec in FAMILIES.values()))
+
+
+def alpha_shares(alpha: float) -> dict[str, float]:
+    """Each session's --gate-alpha when `alpha` is make test's error rate: split evenly over the sessions whose
+    families spend it (a session of families that spend none, e.g. one that checks a backend against the
+    reference measured in the same case, runs at `alpha` and takes no share)."""
+    spending = [s for s in sessions() if any(f.spends_alpha for f in FAMILIES.values() if f.session == s)]
+    return {s: alpha / len(spending) if s in spending else alpha for s in sessions()}
 
 
 def remove_listener(listener) -> None:
