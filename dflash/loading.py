@@ -209,9 +209,9 @@ def load_tokenizer(name_or_path: str):
 
 def chat_prompt_ids(tokenizer, messages: list[dict], *, enable_thinking: bool = False) -> list[int]:
     """Token ids of a chat prompt: the messages through the tokenizer's chat template, with the assistant's
-    generation prompt; thinking disabled unless `enable_thinking` (a Qwen3 template then leaves the model to think
-    first; with it off, it prefixes the answer with an empty think block; templates without a thinking switch
-    ignore the flag). The one place the package renders a chat template: `dflash generate --chat`,
+    generation prompt. Thinking is off unless `enable_thinking`: with it off a Qwen3 template prefixes the answer
+    with an empty think block, with it on it leaves the model to think first; templates without a thinking switch
+    ignore the flag. The one place the package renders a chat template: `dflash generate --chat`,
     `dflash train --chat` and the ablation profiles' chat datasets (`DatasetSpec.thinking`) all tokenize
     through it."""
     return [int(i) for i in tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,

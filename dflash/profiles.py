@@ -5,8 +5,9 @@ that name its part. Family-only profiles (a GPU ladder, the 7B block-diffusion m
 BLOCK_DIFFUSION_MODELS for their commands and GPU tests.
 
 `tiny` (default) runs the embedded models on the CPU. `gpu-qwen3-4b` / `gpu-qwen3-8b` run the real checkpoints
-in bf16 on CUDA with the datasets and prompt templates of the research repo (spec section 4); they are skipped
-with one line when CUDA, the weights or the datasets are not on the machine.
+in bf16 on CUDA with the datasets and prompt templates of the research repo (spec section 4, Qwen3's thinking
+off), plus the same single-turn prompts with thinking on (`<dataset>-think`, dflash.datasets.GPU_THINKING_ON);
+they are skipped with one line when CUDA, the weights or the datasets are not on the machine.
 """
 from __future__ import annotations
 
