@@ -231,13 +231,12 @@ def chat_template_identity(tokenizer) -> str:
 
 def has_thinking_switch(tokenizer) -> bool:
     """Whether the tokenizer's chat template renders a prompt differently with enable_thinking on and off
-    (Qwen3's does; most templates ignore the flag). Renders a probe message both ways."""
+    (Qwen3's does; most templates ignore the flag). Renders a probe message both ways (chat_prompt_ids: the
+    package's one rendering site)."""
     if not getattr(tokenizer, "chat_template", None):
         return False
     probe = [{"role": "user", "content": "2+2?"}]
-    on, off = (tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=False,
-                                             enable_thinking=flag) for flag in (True, False))
-    return on != off
+    return chat_prompt_ids(tokenizer, probe, enable_thinking=True) != chat_prompt_ids(tokenizer, probe)
 
 
 DIGEST_MAX_BYTES = 256 << 20  # hash file contents up to this total size; larger checkpoints: names and sizes
