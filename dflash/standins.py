@@ -94,16 +94,18 @@ def byte_ids(text: str) -> list[int]:
     return list(unicodedata.normalize("NFC", text).encode("utf-8"))
 
 
-def chat_ids(turns: list[str], *, answers: list[str] = ()) -> list[int]:
+def chat_ids(turns: list[str], *, answers: list[str] = (), thinking: bool = False) -> list[int]:
     """Ids the stand-in chat template gives for user turns (and the assistant answers between them) with
-    add_generation_prompt and enable_thinking=False, built by hand from the token ids (not by the tokenizer)."""
+    add_generation_prompt, built by hand from the token ids (not by the tokenizer): with enable_thinking=False
+    (`thinking` False) the assistant header is followed by an empty think block, with it on by nothing (the
+    model thinks first), as in Qwen3's template."""
     ids: list[int] = []
     for index, turn in enumerate(turns):
         ids += [IM_START_ID, *byte_ids("user\n" + turn), IM_END_ID, *byte_ids("\n")]
         if index < len(answers):
             ids += [IM_START_ID, *byte_ids("assistant\n" + answers[index]), IM_END_ID, *byte_ids("\n")]
-    return ids + [IM_START_ID, *byte_ids("assistant\n"), THINK_ID, *byte_ids("\n\n"), END_THINK_ID,
-                  *byte_ids("\n\n")]
+    ids += [IM_START_ID, *byte_ids("assistant\n")]
+    return ids if thinking else ids + [THINK_ID, *byte_ids("\n\n"), END_THINK_ID, *byte_ids("\n\n")]
 
 
 def repo_folder(hub_cache: Path, repo_id: str, repo_type: str = "model") -> Path:

@@ -7,6 +7,7 @@ HF_HOME: huggingface_hub and datasets read it at import, so the in-process tests
 clean environment (`dflash.standins.hf_env`)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -186,6 +187,84 @@ def test_enable_thinking_reaches_the_template(hub, tokenizer):
     assert 151667 not in thinking
     spec = PROFILE.dataset("mt-bench")
     assert load_prompts(PROFILE, spec, tokenizer, 1)[0][-6:] == [151667, 10, 10, 151668, 10, 10]
+
+
+# --- the thinking axis (issue 25, deliverable 5) --------------------------------------------------------------
+
+def test_thinking_on_and_off_render_differently_and_both_decode(hub, tokenizer):
+    """The same GSM8K prompts through the stand-in Qwen3 template with thinking off (gsm8k: the assistant header,
+    then an empty think block) and on (gsm8k-think: the header alone, the model thinks first), the expected ids
+    built by hand; the renderings differ, are named (template identity, flag), and both decode, losslessly, with
+    the stand-in target and draft."""
+    from dflash.engine import generate
+    from dflash.loading import chat_template_identity, load_draft, load_target
+    off, on = PROFILE.dataset("gsm8k"), PROFILE.dataset("gsm8k-think")
+    assert (off.thinking, on.thinking) == (False, True)
+    assert dataclasses.replace(on, name="gsm8k", thinking=False) == off  # the same prompts otherwise
+    texts = expected_texts("gsm8k", hub, 2)
+    off_ids, on_ids = load_prompts(PROFILE, off, tokenizer, 2), load_prompts(PROFILE, on, tokenizer, 2)
+    assert off_ids == [standins.chat_ids([t]) for t in texts]
+    assert on_ids == [standins.chat_ids([t], thinking=True) for t in texts]
+    assert all(a != b and a[:len(b)] == b and a[len(b):] == [151667, 10, 10, 151668, 10, 10]
+               for a, b in zip(off_ids, on_ids))
+    template = chat_template_identity(tokenizer)
+    assert template.startswith("chat:") and len(template) == len("chat:") + 12
+    assert dflash_prompts.prompt_rendering(off, tokenizer) == {"prompt_template": template, "thinking": "off"}
+    assert dflash_prompts.prompt_rendering(on, tokenizer) == {"prompt_template": template, "thinking": "on"}
+    target = load_target(PROFILE.target, device="cpu", dtype="float32")
+    draft = load_draft(PROFILE.draft, device="cpu", dtype="float32")
+    for ids in (off_ids[0], on_ids[0]):
+        plain = generate(target, None, ids, max_new_tokens=12)
+        speculative = generate(target, draft, ids, max_new_tokens=12, block_size=draft.block_size)
+        assert len(speculative.output_ids) == 12 and speculative.output_ids == plain.output_ids
+        assert speculative.acceptance_lengths
+
+
+def test_every_chat_dataset_says_thinking_and_the_template_must_agree(hub, tokenizer):
+    """Profiles carry the flag explicitly: every GPU dataset says on or off (Qwen3's template has the switch),
+    raw-text datasets say none; a chat dataset without the flag on a template with the switch, or thinking on
+    through a template without it, is refused with one line."""
+    assert all(d.thinking is not None for d in PROFILE.datasets)
+    think = [d.name for d in PROFILE.datasets if d.thinking]
+    assert think == ["aime25-think", "gsm8k-think", "humaneval-think", "mt-bench-think"]
+    assert [d.name for d in PROFILE.datasets][:5] == ["aime25", "gsm8k", "humaneval", "mt-bench", "mt-bench-turn2"]
+    assert all(d.thinking is None for p in ("tiny", "smol") for d in get_profile(p).datasets)
+    assert get_profile("gpu-qwen3-8b").datasets == PROFILE.datasets
+    assert loading.has_thinking_switch(tokenizer)
+    with pytest.raises(DFlashError, match="must say thinking=True or False"):
+        load_prompts(PROFILE, dataclasses.replace(PROFILE.dataset("gsm8k"), thinking=None), tokenizer, 1)
+    plain = copy.copy(tokenizer)
+    plain.chat_template = standins.QWEN3_STYLE_CHAT_TEMPLATE.split("{%- if enable_thinking")[0] + "{%- endif %}"
+    assert not loading.has_thinking_switch(plain)
+    with pytest.raises(DFlashError, match="has no thinking switch"):
+        load_prompts(PROFILE, PROFILE.dataset("gsm8k-think"), plain, 1)
+    assert dflash_prompts.prompt_rendering(PROFILE.dataset("gsm8k"), plain)["thinking"] == "none"
+    assert dflash_prompts.prompt_rendering(get_profile("tiny").dataset("math"), tokenizer) == {
+        "prompt_template": "raw", "thinking": "none"}
+    with pytest.raises(DFlashError, match="needs a chat dataset"):
+        dataclasses.replace(get_profile("tiny").dataset("math"), thinking=True)
+
+
+def test_published_figures_never_attach_to_thinking_on_cases():
+    """The published figures were measured with thinking off: a thinking-on case gets none, whatever its name."""
+    for name in ("gpu-qwen3-4b", "gpu-qwen3-8b"):
+        profile = get_profile(name)
+        assert profile.references and not any(r.thinking for r in profile.references)
+        for spec in profile.datasets:
+            base = spec.name.removesuffix("-think")
+            assert profile.references_for(base, 16, 2048, thinking=bool(spec.thinking)) == (
+                [] if spec.thinking else profile.references_for(base, 16, 2048))
+        assert profile.references_for("gsm8k", 16, 2048) and not profile.references_for("gsm8k", 16, 2048,
+                                                                                          thinking=True)
+
+
+def test_gpu_ci_tier_leaves_the_thinking_on_cases_to_the_full_tier():
+    """GPU_CI_CASES (see its comment in dflash/profiles.py): the thinking-on cases are full tier only."""
+    import re
+    tier = re.compile(profiles.GPU_CI_CASES)
+    assert tier.search("block_size/test_block_size[gpu-qwen3-4b-gsm8k-bs8]")
+    assert not any(tier.search(f"block_size/test_block_size[gpu-qwen3-4b-{d}-think-bs{b}]")
+                   for d in ("gsm8k", "humaneval") for b in (8, 16))
 
 
 def test_selection_is_the_research_shuffle(hub):

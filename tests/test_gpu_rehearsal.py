@@ -16,9 +16,9 @@ from dflash.standins import build_hub_standins, hf_env
 ROOT = Path(__file__).resolve().parents[1]
 SHRUNK = ["--profile", "gpu-qwen3-4b", "--device", "cpu", "--prompts", "2", "--max-new-tokens", "16",
           "-p", "no:cacheprovider", "-p", "no:randomly", "-q", "-n", "0"]
-# One case of every gated GPU ablation (GSM8K), selectable with -k since case ids have no '='. (The peer
-# benchmark runs on the smol profile only.)
-ONE_PER_ABLATION = ("gsm8k and (test_block_size and bs8] or test_full_length and bs8] or ewma] or profiling "
+# One case of every gated GPU ablation (GSM8K, thinking off), selectable with -k since case ids have no '='. (The
+# peer benchmark runs on the smol profile only; the thinking-on cases, gsm8k-think, have a test of their own.)
+ONE_PER_ABLATION = ("gsm8k and not think and (test_block_size and bs8] or test_full_length and bs8] or ewma] or profiling "
                     "or batch2] or ranks1] or rounds8] or steps2] or sparse-max2] or tree-K2]) "
                     "or mt-bench-turn2 and test_block_size and bs8]")
 
@@ -58,6 +58,26 @@ def test_one_case_of_every_gpu_ablation_runs_on_the_standins(hf_home, tmp_path, 
                for r in records)  # a CPU run says so
     summary = next((tmp_path / "reports").glob("gpu-qwen3-4b-*/summary.md")).read_text()
     assert "Block-size sweep" in summary or "block" in summary.lower()
+
+
+def test_thinking_on_and_off_cases_both_run_and_record_their_rendering(hf_home, tmp_path):
+    """The thinking axis end to end: the block-size case on GSM8K with thinking off and on (gsm8k-think) both
+    decode on the stand-ins; each record, and the report, carries the template's identity and the flag; the
+    thinking-on case gets no published figure."""
+    from dflash.loading import chat_template_identity, load_tokenizer
+    run, records = rehearse(hf_home, tmp_path, "--dtype", "float32", "-k",
+                            "test_block_size and (gsm8k-bs16] or gsm8k-think-bs16])", "--report")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    by_dataset = {r["dataset"]: r for r in records}
+    assert sorted(by_dataset) == ["gsm8k", "gsm8k-think"], sorted(by_dataset)
+    tokenizer = load_tokenizer(str(next((hf_home / "hub" / "models--Qwen--Qwen3-4B" / "snapshots").iterdir())))
+    template = chat_template_identity(tokenizer)
+    assert {d: (r["prompt_template"], r["thinking"]) for d, r in by_dataset.items()} == {
+        "gsm8k": (template, "off"), "gsm8k-think": (template, "on")}
+    assert all(len(r["metrics"]["per_prompt_tau"]) == 2 and r["outcome"] == "passed" for r in records)
+    assert not by_dataset["gsm8k-think"]["references"]
+    summary = next((tmp_path / "reports").glob("gpu-qwen3-4b-*/summary.md")).read_text()
+    assert f"{template} thinking off (gsm8k)" in summary and f"{template} thinking on (gsm8k-think)" in summary
 
 
 def test_gpu_ci_tier_bootstraps_baselines_then_gates_against_them(hf_home, tmp_path):

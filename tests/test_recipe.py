@@ -237,6 +237,7 @@ def test_chat_prompts_are_the_same_for_train_generate_and_profiles():
 
     import dflash
     from dflash.cli import _prompt_ids
+    from dflash.datasets import DatasetSpec
     from dflash.prompts import encode_turns
     from dflash.loading import chat_prompt_ids
     from dflash.training.recipe import tokenize_prompts
@@ -245,7 +246,8 @@ def test_chat_prompts_are_the_same_for_train_generate_and_profiles():
     expected = chat_prompt_ids(tokenizer, [{"role": "user", "content": text}])
     assert tokenize_prompts({"c": [text]}, tokenizer, chat=True)["c"] == [expected]
     assert _prompt_ids(argparse.Namespace(prompt_ids=None, prompt=text, chat=True), tokenizer) == expected
-    assert encode_turns(argparse.Namespace(name="chat", chat=True), tokenizer, [text]) == expected
+    # the profiles' chat datasets say thinking off, as train and generate render it (thinking on: gsm8k-think)
+    assert encode_turns(DatasetSpec("chat", "hub", thinking=False), tokenizer, [text]) == expected
     sites = []
     for path in sorted(Path(dflash.__file__).parent.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

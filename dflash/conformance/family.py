@@ -86,6 +86,15 @@ class ConformanceCase(CaseRecord):
     def invariant_failures(self, metrics: dict) -> list[str]:
         return [f"{self.experiment_id}: {line}" for line in metrics.get("failures", [])]
 
+    def prompt_rendering(self) -> dict:
+        """The renderings of the datasets the case's prompts come from, each value joined with "," where the
+        datasets differ."""
+        from ..harness.decode_case import cached_models
+        from ..prompts import prompt_rendering
+        tokenizer = cached_models(self.state, self.profile).tokenizer
+        found = [prompt_rendering(spec, tokenizer) for spec in self.profile.datasets[:DATASETS]]
+        return {key: ",".join(dict.fromkeys(r[key] for r in found)) for key in ("prompt_template", "thinking")}
+
     def measure(self) -> tuple[dict, list]:
         from ..engine import generate
         from ..harness.decode_case import cached_models

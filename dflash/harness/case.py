@@ -67,6 +67,12 @@ class CaseRecord:
         """Published figures that describe this case."""
         return []
 
+    def prompt_rendering(self) -> dict:
+        """How the case's prompts were rendered, written into its record: `prompt_template` ("raw", or the chat
+        template's identity) and `thinking` ("on", "off", "none"); see dflash.prompts.prompt_rendering. None
+        for both: a family whose prompts do not come from the profile's datasets."""
+        return {"prompt_template": None, "thinking": None}
+
     def gate_throughput(self, baseline, samples: list[float], remeasure=None, *,
                         as_speedups: Callable[[list[float]], list[float]] = list):
         """Paired speedup gate against this testbed's reference (`throughput_reference`: the stored baseline of
@@ -193,7 +199,8 @@ class CaseRecord:
                   "ablation_family": self.family.name, "family": family,
                   "tau_accounting": self._option("tau_accounting"),
                   "group": self.dataset_name + (f", max_new_tokens={budget}" if budget else ""),
-                  "profile": self.profile.name, "dataset": self.dataset_name, "params": params,
+                  "profile": self.profile.name, "dataset": self.dataset_name, **self.prompt_rendering(),
+                  "params": params,
                   "metrics": metrics, "status": "done", "gates": [g.to_dict() for g in gates],
                   "outcome": "failed" if failures else "passed", "failures": failures,
                   "recording": self.update and gated, "identity": identity_digest(self.state.identities[self.profile.name]),

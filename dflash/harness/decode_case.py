@@ -63,7 +63,19 @@ class DecodeCase(CaseRecord):
 
     def references(self, params: dict, budget: int) -> list:
         return self.profile.references_for(self.spec.name, params.get("block_size"), budget,
-                                           params.get("temperature", 0.0))
+                                           params.get("temperature", 0.0), thinking=bool(self.spec.thinking))
+
+    def prompt_rendering(self) -> dict:
+        """The dataset's template identity and thinking flag, from the tokenizer the prompts were rendered with
+        (the loaded models' when the case loaded them, else the target's tokenizer alone)."""
+        from ..prompts import prompt_rendering
+        models = self._models or self.state.models.get(self.profile.name)
+        if models is not None:
+            tokenizer = models.tokenizer
+        else:
+            from ..loading import load_tokenizer
+            tokenizer = load_tokenizer(self.state.config.getoption("dflash_target") or self.profile.target)
+        return prompt_rendering(self.spec, tokenizer)
 
     @property
     def models(self) -> Models:

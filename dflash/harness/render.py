@@ -243,6 +243,21 @@ def _dedupe(records: Sequence[dict]) -> list[dict]:
     return list(latest.values())
 
 
+def prompt_renderings(records: Sequence[dict]) -> str:
+    """The records' prompt renderings, each with its datasets: "chat:1a2b3c4d5e6f thinking off (gsm8k,
+    humaneval); chat:1a2b3c4d5e6f thinking on (gsm8k-think)"; "" when no record carries one."""
+    found: dict[tuple[str, str], list[str]] = {}
+    for record in records:
+        template, thinking = record.get("prompt_template"), record.get("thinking")
+        if template is None:
+            continue
+        datasets = found.setdefault((str(template), str(thinking)), [])
+        if str(record.get("dataset")) not in datasets:
+            datasets.append(str(record.get("dataset")))
+    return "; ".join(f"{template}" + (f" thinking {thinking}" if thinking not in ("none", "None") else "")
+                     + f" ({', '.join(datasets)})" for (template, thinking), datasets in found.items())
+
+
 def _header(records: list[dict], fingerprint: dict, announced: Sequence[str] | None, title: str,
             skipped: dict[str, str] | None = None) -> list[str]:
     lines = [f"# {inline(title)}", ""]
@@ -286,6 +301,8 @@ def _header(records: list[dict], fingerprint: dict, announced: Sequence[str] | N
     rows.append(["verdicts", ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or DASH])
     if sources := throughput_sources(records):
         rows.append(["throughput gated against", sources])
+    if renderings := prompt_renderings(records):
+        rows.append(["prompts rendered", renderings])
     lines += [table(["Run", ""], rows), "",
               "Mean [95% CI]: Student-t interval over n samples (prompts unless a column says otherwise); "
               "n/a when n = 1. Verdicts: regression fails; inconclusive, improvement and not gated are "
