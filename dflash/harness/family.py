@@ -1,20 +1,22 @@
 """The registry of ablation families: what kind of case an ablation test takes, which profiles it runs on, how
 its records are rendered and plotted, what its baselines hold, and which pytest session it shares.
 
-A family is one folder and one `FamilySpec`, registered by its own module (the package's families are listed in
-dflash/families.py; a family outside the package registers when its ablation file imports it, as the worked
-example in examples/ does). The plugin (dflash.harness.plugin) parametrizes, provides fixtures, renders and plots
-by iterating this registry, so adding a family touches no harness file.
+A family is one folder and one `FamilySpec`, registered by its own module (the package's families are listed one
+line each in dflash/plugin.py; a family outside the package registers when its ablation file imports it, as the
+worked example examples/majority_vote does). The plugin (dflash.harness.plugin) parametrizes, provides fixtures,
+renders and plots by iterating this registry, so adding a family touches no harness file.
 
     register_family(FamilySpec(
-        name="coin", display_name="Coin flips", fixture="coin_case",
-        params=lambda profiles: [FamilyParam(p, p) for p in profiles if p == "tiny"],
-        make_case=CoinCase, renderers={"coin": coin_table}, baseline_kind="outcomes"))
+        name="majority_vote", display_name="Majority vote (example)", fixture="vote_case",
+        params=lambda profiles: [FamilyParam(p, p, p) for p in profiles if p == "tiny"],
+        make_case=lambda request, state, family, param: VoteCase(request, state, state.profile(param.profile),
+                                                                 family, Toy()),
+        renderers={"majority_vote": vote_table}, baseline_kind="outcomes"))
 
-A family's ablation test takes `spec.fixture`; `make_case(request, state, param)` builds the case object (a
-dflash.harness.case.CaseRecord: baseline lookup, gates, finish, resume) for one parameter of `params`. The record
-a case writes names its family, and the family's `renderers` (experiment, i.e. ablation name -> markdown table)
-render it; an experiment no renderer knows is an error unless the family declares `default_renderer`.
+A family's ablation test takes `spec.fixture`; `make_case(request, state, family, param)` builds the case object
+(a dflash.harness.case.CaseRecord: baseline lookup, gates, finish, resume) for one `FamilyParam` of `params`. The
+record a case writes names its family, and the family's `renderers` (experiment, i.e. ablation name -> markdown
+table) render it; an experiment no renderer knows is an error unless the family declares `default_renderer`.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ class FamilySpec:
     display_name: str  # titles the family's report sections and its skip reasons
     fixture: str  # the fixture its ablation tests take
     params: Callable[[Sequence[str]], list[FamilyParam]]  # the run's profile names -> the fixture's parameters
-    make_case: Callable[..., object]  # (request, state, FamilyParam.value) -> a CaseRecord
+    make_case: Callable[..., object]  # (request, state, family, FamilyParam) -> a CaseRecord
     renderers: Mapping[str, Renderer]  # experiment (ablation name) -> markdown table, in report order
     titles: Mapping[str, str] = field(default_factory=dict)  # experiment -> section title (default: from its name)
     default_renderer: Callable[[list[dict]], Renderer] | None = None  # records of an unlisted experiment -> renderer
