@@ -1,11 +1,13 @@
-"""The pytest plugin behind `ablations/`: options, hooks and fixtures (`case`, `variant_<name>`); the controller's
-session end (Holm over the run, `--update-baselines`) and `--report`.
+"""The pytest plugin behind `ablations/`: options, hooks and fixtures (each registered family's fixture, e.g.
+`case`, and `variant_<name>`); the controller's session end (Holm over the run, `--update-baselines`) and
+`--report`.
 
-Loaded by the root conftest.py. Under pytest-xdist every worker measures and appends its finished cases to the
-run's JSONL results file; case records also travel to the controller in `user_properties`, where Holm's
-correction over the whole run, baseline updates and the markdown report happen once. What it builds on:
-`runs` (the run's state, identity, records and Holm), `case` (one case: models, measuring, gating, recording),
-`recording` (records to baseline entries) and `baselines` (the baseline files).
+Loaded through dflash/plugin.py (the harness plus the package's families). Under pytest-xdist every worker
+measures and appends its finished cases to the run's JSONL results file; case records also travel to the
+controller in `user_properties`, where Holm's correction over the whole run, baseline updates and the markdown
+report happen once. What it builds on: `family` (the registry of ablation families), `runs` (the run's state,
+identity, records and Holm), `case` (a case's record side: baseline, gates, finish, resume), `recording` (records
+to baseline entries) and `baselines` (the baseline files).
 """
 from __future__ import annotations
 
