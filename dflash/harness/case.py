@@ -134,15 +134,16 @@ class CaseRecord:
         return [self.request.node.nodeid]
 
     def reference_options(self) -> list[str]:
-        """The options of this run that change what a case measures, for the reference's session."""
-        options = ["--profile", self.profile.name]
+        """The options of this run that change what a case measures, for the reference's session, each as one
+        `--option=value` argument (dflash.harness.reference.ReferenceWorker.run_cases says why)."""
+        options = [f"--profile={self.profile.name}"]
         for name, flag in (("dflash_device", "--device"), ("dflash_dtype", "--dtype"), ("dflash_prompts", "--prompts"),
                            ("dflash_max_new_tokens", "--max-new-tokens"), ("dflash_target", "--target"),
                            ("dflash_draft", "--draft")):
             if self._option(name) is not None:
-                options += [flag, str(self._option(name))]
+                options.append(f"{flag}={self._option(name)}")
         if self._option("tau_accounting") != "engine":
-            options += ["--tau-accounting", self._option("tau_accounting")]
+            options.append(f"--tau-accounting={self._option('tau_accounting')}")
         return options
 
     def _option(self, name: str):

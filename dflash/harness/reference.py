@@ -158,8 +158,12 @@ class ReferenceWorker:
         reports = self.workdir / f"run-{self.calls:04d}"
         empty = self.workdir / "no-baselines"
         empty.mkdir(exist_ok=True)
-        args = [*nodeids, *options, "--reports-dir", str(reports), "--baselines-dir", str(empty),
-                "-p", "no:cacheprovider", "-p", "no:xdist", "-q"]
+        # Every option value joined to its option, and the rootdir and conftest cut-off pinned to the checkout:
+        # pytest reads the reference's plugin options only after its conftest is loaded, so a separate value such
+        # as this run's reports path would first be taken for a test path, and the conftest.py above it (this
+        # code's, not the reference's) loaded into the reference's session.
+        args = [*nodeids, *options, f"--reports-dir={reports}", f"--baselines-dir={empty}", f"--rootdir={self.tree}",
+                f"--confcutdir={self.tree}", "-p", "no:cacheprovider", "-p", "no:xdist", "-q"]
         started = time.monotonic()
         self.process.stdin.write((json.dumps({"args": args}) + "\n").encode())
         reply = self._reply(CASE_TIMEOUT_S)
