@@ -698,3 +698,28 @@ def test_a_foreign_testbed_is_gated_by_an_ab_against_the_baselines_commit(wire):
     assert slow.ret == 1, output(slow)
     assert re.search(re.escape(case_id("test_ab")) + r": throughput regression: baseline \d+\.\d+ -> new \d+\.\d+ "
                      r"\(-7\d\.\d%\).*confirmed by a re-measurement", slow.stdout.str()), output(slow)
+
+
+def test_the_ab_reference_runs_its_own_conftest_not_this_codes(wire):
+    """The reference session loads the reference commit's conftest.py only. This code's conftest loads a plugin
+    the reference commit lacks; the reference still runs (a run's reports path, an option value inside this
+    code's tree, was once taken for a test path, and this conftest loaded into the reference's session)."""
+    ablation_file(wire, AB_CASE.format(slowdown=1.0))
+    _git(wire.path, "init", "-q")
+    _git(wire.path, "add", "conftest.py", "pytest.ini", "test_wire.py")
+    _git(wire.path, "commit", "-q", "-m", "the reference")
+    sha = _git(wire.path, "rev-parse", "HEAD")
+    (wire.path / "plugin_only_in_this_code.py").write_text(
+        '"""A plugin the reference commit does not have: it fails outside its own tree."""\n'
+        "from pathlib import Path\n"
+        "if Path.cwd().resolve() != Path(__file__).resolve().parent:\n"
+        "    raise ImportError('this code\\'s plugin loaded into another tree\\'s session')\n")
+    conftest = wire.path / "conftest.py"
+    conftest.write_text(conftest.read_text().replace('pytest_plugins = ["dflash.plugin"]',
+                                                     'pytest_plugins = ["dflash.plugin", "plugin_only_in_this_code"]'))
+    assert run(wire, "--update-baselines", k="test_ab and math").ret == 0
+    _move_throughput_to(wire, "cpu-another-machine", code=sha)
+    gated = run(wire, k="test_ab and math")
+    assert gated.ret == 0, output(gated)
+    gate = gate_of(latest_records(wire)[case_id("test_ab")], "throughput")
+    assert gate["source"] == f"A/B reference {sha[:12]} (the baseline's code), measured here", output(gated)
