@@ -4,7 +4,10 @@ could observe or pay (`dflash cascade collect`).
 Per (query, rung) the table row holds: the greedy reply, its parsed answer and correctness; per-token log
 probabilities and entropies of the reply (one teacher-forced forward over prompt + reply); m samples at
 T = 0.7 (one batched sampling call, seeded by the query and rung) and their parsed answers; the measured cost:
-wall seconds and tokens of the batch-1 greedy decode (prefill included) and of the sampling call. Rows are
+seconds and tokens of the batch-1 greedy decode (prefill included) and of the sampling call, on the process's CPU
+clock on a CPU (one torch thread: the work done, whatever else the machine runs; lam-priced policies decide on
+these costs, so wall time under another process's load moved their accuracy by 70 points) and on the wall clock
+on CUDA. Rows are
 appended to a JSONL file as they finish (one line per row, flushed), after a header line with the provenance
 (git sha, hardware, versions, the ladder's manifest digest), so an interrupted collection resumes where it
 stopped and a table is never half a line.
@@ -12,6 +15,7 @@ stopped and a table is never half a line.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +30,7 @@ from .tasks import Query
 
 SAMPLES = 5
 SAMPLE_TEMPERATURE = 0.7
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: costs on the CPU clock on a CPU (1: wall clock)
 
 
 @dataclass
@@ -62,6 +66,14 @@ def reply_statistics(model, prompt_ids: list[int], reply_ids: list[int]) -> tupl
     return token_logp.tolist(), entropy.tolist()
 
 
+def stage_clock(device: torch.device) -> float:
+    """The cost clock of a stage: process CPU seconds on a CPU, wall seconds (synchronized) on CUDA."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return time.process_time()
+
+
 def sample_seed(qid: str, rung: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{qid}/{rung}".encode()).digest()[:8], "little") >> 1
 
@@ -69,16 +81,16 @@ def sample_seed(qid: str, rung: str) -> int:
 def sampled_answers(model, tokenizer, query: Query, prompt_ids: list[int], seed: int,
                     max_new_tokens: int) -> tuple[list[int | None], float]:
     """SAMPLES replies at SAMPLE_TEMPERATURE in one batched call (pure temperature sampling: no top-k/top-p),
-    seeded; their parsed answers and the call's wall seconds."""
+    seeded; their parsed answers and the call's seconds (`stage_seconds`)."""
     device = model.get_input_embeddings().weight.device
     ids = torch.tensor([prompt_ids] * SAMPLES, device=device)
-    begin = time.perf_counter()
+    begin = stage_clock(device)
     torch.manual_seed(seed)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
                              temperature=SAMPLE_TEMPERATURE, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    seconds = time.perf_counter() - begin
+    seconds = stage_clock(device) - begin
     replies = [tokenizer.decode(row[len(prompt_ids):], skip_special_tokens=True) for row in out.tolist()]
     return [query.grade(r)[0] for r in replies], seconds
 
@@ -94,7 +106,7 @@ def run_stage(model, tokenizer, query: Query, rung: str, *, max_new_tokens: int,
     logprobs, entropies = reply_statistics(model, prompt_ids, reply_ids)
     answer, correct = query.grade(reply)
     row = StageRow(query.qid, query.family, query.difficulty, rung, reply, answer, correct, logprobs, entropies,
-                   len(result.output_ids), result.wall_s)
+                   len(result.output_ids), result.wall_s if math.isnan(result.cpu_s) else result.cpu_s)
     if with_samples:
         row.sample_answers, row.sample_s = sampled_answers(model, tokenizer, query, prompt_ids,
                                                            sample_seed(query.qid, rung), max_new_tokens)
